@@ -1,0 +1,234 @@
+//! Pre-vote, vote and leadership transfer (DESIGN.md section 3, "Election",
+//! "Switchover, promotion").
+
+use std::collections::BTreeSet;
+
+use super::{Action, Campaign, ClientId, Engine};
+use crate::error::Error;
+use crate::message::{Envelope, Promote, PromoteAck, Request, Response, VoteRequest, VoteResponse};
+use crate::types::{MemberKind, NodeId, Role, Term};
+
+impl Engine {
+    /// The voters: data nodes and the witness (a learner is not one, but the config
+    /// does not know that; its refusals simply do not count).
+    pub(super) fn voters(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.cfg.peers.iter().map(|m| m.id).collect();
+        v.push(self.id);
+        v
+    }
+
+    pub(super) fn majority(&self) -> usize {
+        self.voters().len() / 2 + 1
+    }
+
+    /// A standby that missed the primary for its randomised timeout runs a pre-vote.
+    pub(super) fn follower_tick(&mut self) {
+        if self.kind != MemberKind::Data || !self.hs.voter {
+            return;
+        }
+        if self.now < self.election_deadline {
+            return;
+        }
+        // The deadline passed: the campaign (if any) is over either way.
+        if let Some(c) = self.campaign.take() {
+            if let Some(id) = c.admin {
+                self.emit(Action::AdminDone(id, Err(Error::Timeout)));
+            }
+            if self.role == Role::Candidate {
+                self.set_role(Role::Standby, None);
+            }
+        }
+        self.reset_election_deadline();
+        if self.failover_paused() || self.in_startup_window() {
+            return;
+        }
+        if self.witness_less_failover() {
+            // Two voters and no witness: nobody can win a majority once the primary
+            // is gone. The loudly named unsafe option promotes without one.
+            self.force_promote();
+            return;
+        }
+        self.start_campaign(true, false, None);
+    }
+
+    fn witness_less_failover(&self) -> bool {
+        self.cfg.witness().is_none() && self.cfg.unsafe_auto_failover_without_witness && self.cfg.auto_failover
+    }
+
+    pub(super) fn start_campaign(&mut self, pre_vote: bool, transfer: bool, admin: Option<ClientId>) {
+        let term = self.hs.current_term.next_for(self.id);
+        if !pre_vote {
+            self.hs.current_term = term;
+            self.hs.voted_for = Some(self.id);
+            self.persist_hard_state();
+            self.set_role(Role::Candidate, None);
+        }
+        let mut granted = BTreeSet::new();
+        granted.insert(self.id);
+        self.campaign = Some(Campaign { term, pre_vote, granted, transfer, admin });
+        self.reset_election_deadline();
+        let last = self.log.last();
+        for peer in self.cfg.peers.iter().map(|m| m.id).collect::<Vec<_>>() {
+            self.send(peer, Request::Vote(VoteRequest { pre_vote, campaign_term: term, last, transfer }));
+        }
+        self.check_campaign();
+    }
+
+    pub(super) fn on_vote_request(&mut self, env: &Envelope<Request>, v: VoteRequest) {
+        let (from, rid) = (env.from, env.request_id);
+        let granted = if v.pre_vote { self.decide_pre_vote(from, &v) } else { self.decide_vote(from, env.term, &v) };
+        self.respond(
+            from,
+            rid,
+            Response::Vote(VoteResponse { campaign_term: v.campaign_term, granted, pre_vote: v.pre_vote }),
+        );
+    }
+
+    /// Checks every rule a real vote checks, and changes nothing.
+    fn decide_pre_vote(&mut self, from: NodeId, v: &VoteRequest) -> bool {
+        if v.campaign_term.node != from || v.campaign_term <= self.hs.current_term {
+            return false;
+        }
+        self.may_vote_now(from) && self.candidate_up_to_date(from, v)
+    }
+
+    fn decide_vote(&mut self, from: NodeId, env_term: Term, v: &VoteRequest) -> bool {
+        if v.campaign_term != env_term || v.campaign_term.node != from {
+            return false;
+        }
+        let transfer_target = self.leader_state.as_ref().and_then(|ls| ls.transfer_target()) == Some(from);
+        if env_term < self.hs.current_term && !self.mutations.accept_stale_terms {
+            return false;
+        }
+        // A voter that heard from a live primary drops the request without adopting
+        // its term; only the primary handing over to this target votes at once.
+        if !transfer_target && !self.may_vote_now(from) {
+            return false;
+        }
+        if env_term > self.hs.current_term {
+            self.adopt_term(env_term);
+        }
+        if self.hs.voted_for.is_some_and(|n| n != from) {
+            return false;
+        }
+        if !transfer_target && !self.candidate_up_to_date(from, v) {
+            return false;
+        }
+        if self.hs.voted_for != Some(from) {
+            self.hs.voted_for = Some(from);
+            // Persisted before the reply leaves (actions run in order).
+            self.persist_hard_state();
+        }
+        self.reset_election_deadline();
+        true
+    }
+
+    /// The start-up window, the voter's membership and the lease rule.
+    fn may_vote_now(&self, candidate: NodeId) -> bool {
+        if !self.hs.voter || self.in_startup_window() {
+            return false;
+        }
+        if self.leader_state.is_some() {
+            return false;
+        }
+        if self.cfg.member(candidate).is_none_or(|m| m.kind != MemberKind::Data) {
+            return false;
+        }
+        match self.last_leader_contact {
+            Some(t) => self.now >= t.add(self.cfg.failover_timeout),
+            None => true,
+        }
+    }
+
+    /// A data node votes for a log at least as up to date as its own; the witness
+    /// for one that reached the candidate's floor.
+    fn candidate_up_to_date(&self, candidate: NodeId, v: &VoteRequest) -> bool {
+        match self.kind {
+            MemberKind::Data => self.mutations.vote_without_log_check || v.last >= self.log.last(),
+            MemberKind::Witness => self.mutations.witness_skips_floor_check || v.last >= self.hs.floor(candidate),
+        }
+    }
+
+    pub(super) fn on_vote_response(&mut self, from: NodeId, from_term: Term, v: VoteResponse) {
+        let Some(c) = self.campaign.as_mut() else { return };
+        if v.campaign_term != c.term || v.pre_vote != c.pre_vote || !v.granted {
+            return;
+        }
+        if !c.pre_vote && from_term != c.term {
+            return;
+        }
+        c.granted.insert(from);
+        self.check_campaign();
+    }
+
+    fn check_campaign(&mut self) {
+        let majority = self.majority();
+        let Some(c) = self.campaign.as_ref() else { return };
+        if c.granted.len() < majority {
+            return;
+        }
+        let (pre_vote, transfer, admin) = (c.pre_vote, c.transfer, c.admin);
+        self.campaign = None;
+        if pre_vote {
+            // The term may have moved while the pre-vote ran; campaign from the
+            // current one.
+            self.start_campaign(false, transfer, admin);
+        } else {
+            self.become_leader(false);
+            if let Some(id) = admin {
+                self.emit(Action::AdminDone(id, Ok(())));
+            }
+        }
+    }
+
+    /// Leadership transfer: the primary asks its caught-up target to campaign now.
+    pub(super) fn on_promote(&mut self, meta: (NodeId, Term, u64), p: Promote) {
+        let (from, term, rid) = meta;
+        let valid = self.check_term(term)
+            && term == self.hs.current_term
+            && self.leader == Some(from)
+            && self.kind == MemberKind::Data
+            && self.hs.voter
+            && self.log.last() == p.last;
+        if !valid {
+            self.respond(from, rid, Response::PromoteAck(PromoteAck { started: false }));
+            return;
+        }
+        self.respond(from, rid, Response::PromoteAck(PromoteAck { started: true }));
+        self.start_campaign(false, true, None);
+    }
+
+    pub(super) fn admin_promote(&mut self, id: ClientId) {
+        if self.kind != MemberKind::Data || !self.hs.voter {
+            self.emit(Action::AdminDone(id, Err(Error::Rejected("only a caught-up data node can be promoted".into()))));
+            return;
+        }
+        if self.leader_state.is_some() {
+            self.emit(Action::AdminDone(id, Ok(())));
+            return;
+        }
+        self.start_campaign(true, false, Some(id));
+    }
+
+    pub(super) fn admin_force_promote(&mut self, id: ClientId) {
+        if self.kind != MemberKind::Data {
+            self.emit(Action::AdminDone(id, Err(Error::Rejected("a witness cannot be promoted".into()))));
+            return;
+        }
+        if self.leader_state.is_none() {
+            tracing::warn!(node = %self.id, "forced promotion without a majority: acknowledged writes may be lost");
+            self.force_promote();
+        }
+        self.emit(Action::AdminDone(id, Ok(())));
+    }
+
+    /// Becomes primary in a fresh term of its own, without votes. The term names this
+    /// node, so its entries can never pass for another primary's.
+    fn force_promote(&mut self) {
+        self.campaign = None;
+        self.hs.current_term = self.hs.current_term.next_for(self.id);
+        self.hs.voted_for = Some(self.id);
+        self.persist_hard_state();
+        self.become_leader(true);
+    }
+}

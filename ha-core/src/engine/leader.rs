@@ -1,0 +1,562 @@
+//! The primary's side: heartbeats and the lease, pipelined WAL batches, the commit
+//! rule with witness floors, client acks and reads, switchover (DESIGN.md section 3,
+//! "Replication and commit", "Lease", "Witness floors", "Switchover").
+
+use std::collections::VecDeque;
+
+use super::{Action, ClientId, Engine, Mutations};
+use crate::config::Config;
+use crate::error::Error;
+use crate::message::{
+    AckResult, Fence, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, RaiseFloor, Request, SnapshotAck,
+    WalAck, WalBatch,
+};
+use crate::types::{Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, Term, WalEntry};
+
+/// How many heartbeat send times the primary remembers, to match acks.
+const HEARTBEAT_HISTORY: usize = 64;
+
+/// Replication progress of the data peer.
+#[derive(Clone, Debug)]
+pub(super) struct Progress {
+    id: NodeId,
+    matched: LogIndex,
+    next: LogIndex,
+    applied: LogIndex,
+    /// (request id, last index, sent at) of batches awaiting an ack.
+    inflight: VecDeque<(u64, LogIndex, Instant)>,
+    /// Mismatch replies to requests older than this are stale.
+    reset_after: u64,
+    snapshot_inflight: Option<Instant>,
+}
+
+/// An ongoing switchover.
+#[derive(Clone, Debug)]
+struct Transfer {
+    target: NodeId,
+    admin: ClientId,
+    deadline: Instant,
+    promote_sent: bool,
+}
+
+/// Everything only a primary has; dropped when it steps down.
+#[derive(Clone, Debug)]
+pub(super) struct LeaderState {
+    forced: bool,
+    noop_index: LogIndex,
+    since: Instant,
+    peer: Option<Progress>,
+    witness: Option<NodeId>,
+    heartbeats: VecDeque<(u64, Instant)>,
+    last_heartbeat: Option<Instant>,
+    lease_start: Option<Instant>,
+    pending_writes: VecDeque<(ClientId, LogIndex)>,
+    pending_reads: Vec<(ClientId, LogIndex)>,
+    /// The standby's floor the witness confirmed in this term.
+    floor: Position,
+    floor_inflight: Option<Instant>,
+    /// (last index, appended at) of this term's appends not yet acked by the standby.
+    unacked: VecDeque<(LogIndex, Instant)>,
+    pub(super) degraded: bool,
+    transfer: Option<Transfer>,
+    commit_notified: LogIndex,
+    witness_rewrite_sent: Option<Instant>,
+}
+
+impl LeaderState {
+    /// The lease rule (DESIGN.md section 3, "Lease").
+    pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
+        if m.no_lease || self.forced {
+            return true;
+        }
+        self.lease_start.is_some_and(|s| now < s.add(cfg.lease_duration()))
+    }
+
+    pub(super) fn transfer_target(&self) -> Option<NodeId> {
+        self.transfer.as_ref().map(|t| t.target)
+    }
+
+    pub(super) fn accepting_writes(&self) -> bool {
+        self.transfer.is_none()
+    }
+
+    pub(super) fn data_peer_match(&self) -> Option<LogIndex> {
+        self.peer.as_ref().map(|p| p.matched)
+    }
+
+    pub(super) fn match_index(&self, id: NodeId) -> Option<LogIndex> {
+        self.peer.as_ref().filter(|p| p.id == id).map(|p| p.matched)
+    }
+}
+
+impl Engine {
+    pub(super) fn become_leader(&mut self, forced: bool) {
+        self.campaign = None;
+        let before = self.log.last();
+        let noop = WalEntry::noop(Position::new(self.hs.current_term, before.index.next()));
+        let noop_index = noop.index();
+        self.log.push(noop.clone());
+        self.emit(Action::Append(vec![noop]));
+        let peer = self.cfg.data_peer().map(|m| Progress {
+            id: m.id,
+            matched: LogIndex::ZERO,
+            next: before.index.next(),
+            applied: LogIndex::ZERO,
+            inflight: VecDeque::new(),
+            reset_after: 0,
+            snapshot_inflight: None,
+        });
+        self.leader_state = Some(LeaderState {
+            forced,
+            noop_index,
+            since: self.now,
+            peer,
+            witness: self.cfg.witness().map(|m| m.id),
+            heartbeats: VecDeque::new(),
+            last_heartbeat: None,
+            lease_start: None,
+            pending_writes: VecDeque::new(),
+            pending_reads: Vec::new(),
+            floor: Position::ZERO,
+            floor_inflight: None,
+            unacked: VecDeque::from([(noop_index, self.now)]),
+            degraded: false,
+            transfer: None,
+            commit_notified: self.commit,
+            witness_rewrite_sent: None,
+        });
+        tracing::info!(node = %self.id, term = %self.hs.current_term, forced, "became primary");
+        self.set_role(Role::Primary, Some(self.id));
+        if let Some(peer) = self.cfg.data_peer().map(|m| m.id) {
+            self.send(peer, Request::Fence(Fence { reason: "new primary elected".into() }));
+        }
+        self.send_heartbeats();
+        self.replicate();
+    }
+
+    fn send_heartbeats(&mut self) {
+        let hb = Heartbeat { commit: self.commit, last: self.log.last() };
+        let peers: Vec<NodeId> = self.cfg.peers.iter().map(|m| m.id).collect();
+        let now = self.now;
+        for p in peers {
+            let rid = self.send(p, Request::Heartbeat(hb.clone()));
+            if let Some(ls) = self.leader_state.as_mut() {
+                ls.heartbeats.push_back((rid, now));
+                while ls.heartbeats.len() > HEARTBEAT_HISTORY {
+                    ls.heartbeats.pop_front();
+                }
+            }
+        }
+        if let Some(ls) = self.leader_state.as_mut() {
+            ls.last_heartbeat = Some(now);
+        }
+    }
+
+    pub(super) fn leader_tick(&mut self) {
+        let now = self.now;
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        // Without a lease for a whole election timeout, step down and stop
+        // heartbeating: an isolated primary stops before anyone else is elected.
+        let lease_end = ls.lease_start.map(|s| s.add(self.cfg.lease_duration())).unwrap_or(ls.since);
+        if !ls.forced && !self.mutations.no_lease && now >= lease_end.add(self.cfg.failover_timeout) {
+            tracing::warn!(node = %self.id, term = %self.hs.current_term, "lost the lease for an election timeout; stepping down");
+            self.become_follower(None);
+            self.reset_election_deadline();
+            return;
+        }
+        if let Some(t) = ls.transfer.as_ref() {
+            if now >= t.deadline {
+                // The switchover failed; writes stay stopped for the rest of this
+                // term, so step down and let an ordinary election follow.
+                tracing::warn!(node = %self.id, "switchover timed out; stepping down");
+                self.become_follower(None);
+                self.reset_election_deadline();
+                return;
+            }
+        }
+        let retransmit = self.cfg.heartbeat_interval * 2;
+        if let Some(p) = ls.peer.as_mut() {
+            if p.inflight.front().is_some_and(|(_, _, sent)| now >= sent.add(retransmit)) {
+                p.next = p.matched.next();
+                p.inflight.clear();
+                p.reset_after = self.next_request_id;
+            }
+            if p.snapshot_inflight.is_some_and(|t| now >= t.add(self.cfg.rpc_timeout)) {
+                p.snapshot_inflight = None;
+            }
+        }
+        if ls.floor_inflight.is_some_and(|t| now >= t.add(self.cfg.rpc_timeout)) {
+            ls.floor_inflight = None;
+        }
+        if ls.last_heartbeat.is_none_or(|t| now >= t.add(self.cfg.heartbeat_interval)) {
+            self.send_heartbeats();
+        }
+    }
+
+    pub(super) fn leader_append(&mut self, writes: Vec<(ClientId, Command)>) {
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        if let Some(t) = ls.transfer.as_ref() {
+            let target = t.target;
+            let addr = self.cfg.member(target).map(|m| m.addr.clone());
+            for (id, _) in writes {
+                let err = Error::NotLeader { leader: Some(target), leader_addr: addr.clone() };
+                self.actions.push(Action::WriteDone(id, Err(err)));
+            }
+            return;
+        }
+        let term = self.hs.current_term;
+        let mut fresh = Vec::with_capacity(writes.len());
+        for (id, cmd) in writes {
+            let pos = Position::new(term, self.log.last().index.next());
+            let entry = WalEntry::new(pos, Payload::Command(cmd));
+            self.log.push(entry.clone());
+            ls.pending_writes.push_back((id, pos.index));
+            fresh.push(entry);
+        }
+        if let Some(last) = fresh.last() {
+            ls.unacked.push_back((last.index(), self.now));
+            self.emit(Action::Append(fresh));
+        }
+    }
+
+    pub(super) fn leader_read(&mut self, id: ClientId) {
+        let commit = self.commit;
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        if ls.transfer.is_some() {
+            self.actions.push(Action::ReadReady(id, Err(Error::NotLeader { leader: None, leader_addr: None })));
+            return;
+        }
+        ls.pending_reads.push((id, commit));
+    }
+
+    /// Sends batches to the data peer while its window has room.
+    fn replicate(&mut self) {
+        let now = self.now;
+        let commit = self.commit;
+        let max_inflight = self.cfg.max_inflight_batches;
+        let (batch_size, batch_bytes) = (self.cfg.wal_batch_size, self.cfg.wal_batch_bytes);
+        loop {
+            let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else { return };
+            if p.inflight.len() >= max_inflight || p.snapshot_inflight.is_some() {
+                return;
+            }
+            let (peer, next) = (p.id, p.next);
+            if next <= self.log.snapshot().index {
+                let Some(snap) = self.snapshot.clone() else { return };
+                let req = InstallSnapshot { last_included: snap.last_included, data: snap.data, commit };
+                self.send(peer, Request::InstallSnapshot(req));
+                if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
+                    p.snapshot_inflight = Some(now);
+                }
+                return;
+            }
+            let entries = self.log.slice(next, batch_size, batch_bytes);
+            let Some(last) = entries.last().map(|e| e.index()) else { return };
+            let Some(prev) = self.log.position_at(next.prev()) else { return };
+            let rid = self.send(peer, Request::WalBatch(WalBatch { prev, entries, commit }));
+            if let Some(ls) = self.leader_state.as_mut() {
+                ls.commit_notified = ls.commit_notified.max(commit);
+                if let Some(p) = ls.peer.as_mut() {
+                    p.inflight.push_back((rid, last, now));
+                    p.next = last.next();
+                }
+            }
+        }
+    }
+
+    /// An empty batch carrying the commit index, when the standby is idle and the
+    /// commit moved (so it applies promptly; `sync-apply` waits on that).
+    fn notify_commit(&mut self) {
+        let commit = self.commit;
+        let now = self.now;
+        let Some(ls) = self.leader_state.as_ref() else { return };
+        let Some(p) = ls.peer.as_ref() else { return };
+        if commit <= ls.commit_notified || !p.inflight.is_empty() || p.snapshot_inflight.is_some() {
+            return;
+        }
+        let (peer, next) = (p.id, p.next);
+        if next <= self.log.snapshot().index || next <= self.log.last().index {
+            return;
+        }
+        let Some(prev) = self.log.position_at(next.prev()) else { return };
+        let rid = self.send(peer, Request::WalBatch(WalBatch { prev, entries: Vec::new(), commit }));
+        if let Some(ls) = self.leader_state.as_mut() {
+            ls.commit_notified = commit;
+            if let Some(p) = ls.peer.as_mut() {
+                p.inflight.push_back((rid, prev.index, now));
+            }
+        }
+    }
+
+    pub(super) fn on_wal_ack(&mut self, from: NodeId, rid: u64, ack: WalAck) {
+        let term = self.hs.current_term;
+        let last = self.log.last().index;
+        let reset_id = self.next_request_id;
+        let holds = |pos: Position| self.log.holds(pos);
+        let held = match ack.result {
+            AckResult::Durable(pos) => holds(pos),
+            _ => false,
+        };
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else { return };
+        // The primary ignores replies that do not carry its own term.
+        if ack.batch_term != term {
+            return;
+        }
+        p.applied = p.applied.max(ack.applied);
+        match ack.result {
+            AckResult::Durable(pos) => {
+                if held && pos.index > p.matched {
+                    p.matched = pos.index;
+                }
+                p.inflight.retain(|(id, _, _)| *id > rid);
+                if p.next <= p.matched {
+                    p.next = p.matched.next();
+                }
+                let matched = p.matched;
+                while ls.unacked.front().is_some_and(|(i, _)| *i <= matched) {
+                    ls.unacked.pop_front();
+                }
+                if ls.unacked.is_empty() {
+                    ls.degraded = false;
+                }
+            }
+            AckResult::Mismatch { next, .. } => {
+                if rid < p.reset_after {
+                    return;
+                }
+                p.next = next.max(p.matched.next()).min(last.next()).max(LogIndex(1));
+                p.inflight.clear();
+                p.reset_after = reset_id;
+            }
+            AckResult::StaleTerm => {}
+        }
+    }
+
+    pub(super) fn on_snapshot_ack(&mut self, from: NodeId, ack: SnapshotAck) {
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else { return };
+        p.snapshot_inflight = None;
+        if ack.installed && ack.last.index > p.matched {
+            p.matched = ack.last.index;
+            p.next = p.matched.next();
+            p.inflight.clear();
+        }
+    }
+
+    pub(super) fn on_heartbeat_ack(&mut self, from: NodeId, from_term: Term, rid: u64, ack: HeartbeatAck) {
+        let term = self.hs.current_term;
+        let now = self.now;
+        let is_witness = self.cfg.member(from).is_some_and(|m| m.kind == MemberKind::Witness);
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        if !ack.accepted || from_term != term {
+            return;
+        }
+        // Only a voter's ack extends the lease: the lease runs from the send time of
+        // the heartbeat it echoes.
+        if ack.voter {
+            if let Some((_, sent)) = ls.heartbeats.iter().find(|(id, _)| *id == rid) {
+                if ls.lease_start.is_none_or(|s| *sent > s) {
+                    ls.lease_start = Some(*sent);
+                }
+            }
+        }
+        if let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) {
+            p.applied = p.applied.max(ack.applied);
+        }
+        if is_witness
+            && !ack.voter
+            && ls.witness_rewrite_sent.is_none_or(|t| now >= t.add(self.cfg.rpc_timeout))
+        {
+            ls.witness_rewrite_sent = Some(now);
+            self.rewrite_witness(from);
+        }
+    }
+
+    /// A witness that joined empty gets its whole record rewritten: floors at the
+    /// commit position for both data nodes (safe: too high only delays an election).
+    fn rewrite_witness(&mut self, witness: NodeId) {
+        let Some(pos) = self.log.position_at(self.commit) else { return };
+        let mut floors = vec![(self.id, pos)];
+        if let Some(peer) = self.cfg.data_peer() {
+            floors.push((peer.id, pos));
+        }
+        let req = RaiseFloor { floors, commit: self.commit, rewrite: true };
+        self.send(witness, Request::RaiseFloor(req));
+    }
+
+    pub(super) fn on_floor_ack(&mut self, from: NodeId, from_term: Term, ack: FloorAck) {
+        let term = self.hs.current_term;
+        let peer_id = self.cfg.data_peer().map(|m| m.id);
+        let floor = ack.floors.iter().find(|(n, _)| Some(*n) == peer_id).map(|(_, p)| *p);
+        let held = floor.is_some_and(|p| self.log.holds(p));
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        if Some(from) != ls.witness || from_term != term || !ack.accepted {
+            return;
+        }
+        ls.floor_inflight = None;
+        if let (Some(f), true) = (floor, held) {
+            if f > ls.floor {
+                ls.floor = f;
+            }
+        }
+    }
+
+    /// The commit rule (DESIGN.md section 3): an entry of this term commits once the
+    /// primary holds it durably and the standby durably acked it, or the witness
+    /// recorded a standby floor at most `allowed_lag` entries below it.
+    pub(super) fn advance_commit(&mut self) {
+        let Some(ls) = self.leader_state.as_ref() else { return };
+        let own = self.durable;
+        let lag = self.cfg.allowed_lag();
+        let matched = ls.peer.as_ref().map(|p| p.matched).unwrap_or(LogIndex::ZERO);
+        let floor = if self.cfg.strict_sync && self.cfg.commit_mode != CommitMode::Async {
+            LogIndex::ZERO
+        } else {
+            ls.floor.index
+        };
+        let covered = LogIndex(matched.max(floor).0.saturating_add(lag));
+        let c = if self.mutations.ack_before_standby_persists || ls.forced { own } else { own.min(covered) };
+        // Earlier terms' entries commit only through this term's no-op.
+        if c >= ls.noop_index && c > self.commit {
+            self.commit = c;
+        }
+    }
+
+    /// After applying: acknowledge writes and serve reads that became possible, ask
+    /// the witness for floors when the standby lags, drive a switchover, send.
+    pub(super) fn leader_after_apply(&mut self) {
+        let now = self.now;
+        let lease = self.has_lease(now);
+        let (commit, applied, term) = (self.commit, self.applied, self.hs.current_term);
+        let sync_apply = self.cfg.commit_mode == CommitMode::SyncApply;
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        // The lease is checked where a write is acknowledged (DESIGN.md section 3).
+        if lease {
+            let (peer_applied, peer_matched) =
+                ls.peer.as_ref().map(|p| (p.applied, p.matched)).unwrap_or((LogIndex::ZERO, LogIndex::ZERO));
+            while let Some(&(id, idx)) = ls.pending_writes.front() {
+                if idx > commit || idx > applied {
+                    break;
+                }
+                // sync-apply also waits for the standby to apply, unless the entry
+                // committed through a witness floor without it.
+                if sync_apply && idx <= peer_matched && idx > peer_applied {
+                    break;
+                }
+                ls.pending_writes.pop_front();
+                self.actions.push(Action::WriteDone(id, Ok(Position::new(term, idx))));
+            }
+            let noop = ls.noop_index;
+            let mut i = 0;
+            while i < ls.pending_reads.len() {
+                let (id, read_index) = ls.pending_reads[i];
+                if applied >= read_index.max(noop) {
+                    ls.pending_reads.swap_remove(i);
+                    self.actions.push(Action::ReadReady(id, Ok(term)));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.maybe_raise_floor();
+        self.drive_transfer();
+        self.replicate();
+        self.notify_commit();
+    }
+
+    /// Degraded sync / async lag: record a standby floor at the witness so the
+    /// primary can commit what the standby has not acked.
+    fn maybe_raise_floor(&mut self) {
+        let now = self.now;
+        let own = self.durable;
+        let lag = self.cfg.allowed_lag();
+        let is_async = self.cfg.commit_mode == CommitMode::Async;
+        if self.cfg.strict_sync && !is_async {
+            return;
+        }
+        let Some(ls) = self.leader_state.as_ref() else { return };
+        let (Some(witness), Some(p)) = (ls.witness, ls.peer.as_ref()) else { return };
+        if ls.forced || ls.floor_inflight.is_some() {
+            return;
+        }
+        let covered = p.matched.max(ls.floor.index).0.saturating_add(lag);
+        if own.0 <= covered {
+            return;
+        }
+        let waited_long = ls.unacked.front().is_some_and(|(_, t)| now >= t.add(self.cfg.degrade_timeout));
+        if !is_async && !waited_long {
+            return;
+        }
+        let target = LogIndex(own.0.saturating_sub(lag));
+        let Some(pos) = self.log.position_at(target) else { return };
+        if pos <= ls.floor {
+            return;
+        }
+        let peer = p.id;
+        if !is_async && !ls.degraded {
+            tracing::warn!(node = %self.id, standby = %peer, "standby lagging; committing through witness floors (degraded sync)");
+        }
+        let commit = self.commit;
+        self.send(witness, Request::RaiseFloor(RaiseFloor { floors: vec![(peer, pos)], commit, rewrite: false }));
+        if let Some(ls) = self.leader_state.as_mut() {
+            ls.floor_inflight = Some(now);
+            ls.degraded = !is_async;
+        }
+    }
+
+    pub(super) fn admin_switchover(&mut self, id: ClientId) {
+        let deadline = self.now.add(self.cfg.failover_timeout * 2);
+        let target = self.cfg.data_peer().map(|m| m.id);
+        let Some(ls) = self.leader_state.as_mut() else {
+            let err = self.not_leader_error();
+            self.emit(Action::AdminDone(id, Err(err)));
+            return;
+        };
+        let Some(target) = target else {
+            self.actions.push(Action::AdminDone(id, Err(Error::Rejected("no standby to hand over to".into()))));
+            return;
+        };
+        if ls.transfer.is_some() {
+            self.actions.push(Action::AdminDone(id, Err(Error::Rejected("a switchover is already running".into()))));
+            return;
+        }
+        // Stop writes and lease reads for the rest of this term.
+        ls.transfer = Some(Transfer { target, admin: id, deadline, promote_sent: false });
+        let reads = std::mem::take(&mut ls.pending_reads);
+        for (rid, _) in reads {
+            let err = Error::NotLeader { leader: Some(target), leader_addr: None };
+            self.actions.push(Action::ReadReady(rid, Err(err)));
+        }
+    }
+
+    /// Once the target holds the last index durably, tell it to campaign now.
+    fn drive_transfer(&mut self) {
+        let last = self.log.last();
+        let durable = self.durable;
+        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(t) = ls.transfer.as_mut() else { return };
+        let caught_up = ls.peer.as_ref().is_some_and(|p| p.id == t.target && p.matched >= last.index);
+        if t.promote_sent || !caught_up || durable < last.index || !ls.pending_writes.is_empty() {
+            return;
+        }
+        t.promote_sent = true;
+        let target = t.target;
+        self.send(target, Request::Promote(Promote { reason: "switchover".into(), last }));
+    }
+
+    /// Fails what a stepping-down primary still owes; a switchover to the node that
+    /// now leads succeeded.
+    pub(super) fn fail_leader_requests(&mut self, ls: LeaderState, err: Error) {
+        for (id, _) in ls.pending_writes {
+            self.emit(Action::WriteDone(id, Err(err.clone())));
+        }
+        for (id, _) in ls.pending_reads {
+            self.emit(Action::ReadReady(id, Err(err.clone())));
+        }
+        if let Some(t) = ls.transfer {
+            let result = if self.hs.current_term.node == t.target { Ok(()) } else { Err(err) };
+            self.emit(Action::AdminDone(t.admin, result));
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! The replication engine: the protocol of DESIGN.md section 3 as a deterministic,
+//! sans-IO state machine.
+//!
+//! Feed it [`Event`]s with [`Engine::step`]; it answers with [`Action`]s, drained with
+//! [`Engine::take_actions`]. It never reads a clock (every step carries `now`), never
+//! touches a socket or a file, and draws its randomness from a seed, so the same
+//! inputs always give the same outputs: the simulator and the real node run it
+//! unchanged.
+//!
+//! # The driver's contract
+//! Actions are executed in the order they are emitted:
+//! - [`Action::PersistHardState`], [`Action::Truncate`], [`Action::InstallSnapshot`]
+//!   and [`Action::Compact`] are durable before any later action is executed.
+//! - [`Action::Append`] may complete asynchronously (in order with the other log
+//!   operations); the driver reports completion with [`Event::Persisted`]. Acks that
+//!   depend on those entries are only emitted after that event.
+//! - [`Action::Apply`] applies entries to the state machine, in order, before the
+//!   next action; [`Action::WriteDone`] and [`Action::ReadReady`] refer to that state.
+
+mod election;
+mod leader;
+mod log;
+mod replica;
+
+use std::collections::BTreeSet;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::health::{HealthStatus, PeerStatus};
+use crate::log_store::Snapshot;
+use crate::message::{Envelope, Request, Response, RpcError};
+use crate::types::{Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry};
+
+use self::leader::LeaderState;
+use self::log::Log;
+
+/// A client request's identity, chosen by the driver; echoed in replies.
+pub type ClientId = u64;
+
+/// Something that happened, fed to [`Engine::step`].
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Time passed. Drivers tick every `tick_interval`.
+    Tick,
+    /// A request from a peer (already authenticated by the transport).
+    Request(Envelope<Request>),
+    /// A response to a request this engine sent.
+    Response(Envelope<Response>),
+    /// Client writes to replicate.
+    ClientWrites(Vec<(ClientId, Command)>),
+    /// A linearizable read: answered with [`Action::ReadReady`] once it may be served.
+    ClientRead(ClientId),
+    /// The log store made entries durable up to this position.
+    Persisted(Position),
+    /// The driver saved a snapshot of the state machine at `last_included`.
+    SnapshotTaken(Snapshot),
+    /// An operator's request.
+    Admin(ClientId, Admin),
+}
+
+/// Operator requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admin {
+    /// Run an election now (still needs a majority).
+    Promote,
+    /// Become primary without a majority. May lose acknowledged writes.
+    ForcePromote,
+    /// Hand over to the caught-up standby with zero loss.
+    Switchover,
+    /// Do not start elections on this node's own timer.
+    PauseFailover,
+    /// Undo `PauseFailover`.
+    ResumeFailover,
+}
+
+/// Something the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Replace the hard state durably before executing any later action.
+    PersistHardState(HardState),
+    /// Append entries to the log store; report [`Event::Persisted`] when durable.
+    Append(Vec<WalEntry>),
+    /// Remove log entries with index `>= from`, durably.
+    Truncate(LogIndex),
+    /// Replace log and state machine with a snapshot received from the primary.
+    InstallSnapshot(Snapshot),
+    /// Reset the state machine to its empty initial state; the engine then replays
+    /// the log with [`Action::Apply`] (async-mode rewind after a failover).
+    ResetStateMachine,
+    /// Restore the state machine (not the log) from this local snapshot; the engine
+    /// then replays the log after it (async-mode rewind after a failover).
+    RestoreStateMachine(Snapshot),
+    /// Drop log entries up to and including this index (a snapshot covers them).
+    Compact(LogIndex),
+    /// Send a request to a peer; deliver its response as [`Event::Response`].
+    Send(Envelope<Request>),
+    /// Answer a request received from a peer.
+    Respond(Envelope<Response>),
+    /// Apply committed entries to the state machine, in order.
+    Apply(Vec<WalEntry>),
+    /// A client write finished: committed at this position (whose term is the
+    /// fencing token), or failed.
+    WriteDone(ClientId, Result<Position, Error>),
+    /// A linearizable read may be served from the state machine now, or failed.
+    ReadReady(ClientId, Result<Term, Error>),
+    /// An operator request finished.
+    AdminDone(ClientId, Result<(), Error>),
+    /// Writes this node had acknowledged (async mode) were discarded by a failover.
+    Discarded(Vec<Position>),
+    /// The node's role, term or known primary changed.
+    RoleChanged {
+        /// The new role.
+        role: Role,
+        /// The current term.
+        term: Term,
+        /// The primary it follows, if known.
+        leader: Option<NodeId>,
+    },
+}
+
+/// Rules that tests can switch off to prove the simulator's checker catches the
+/// violation. Every field is `false` in production; the setter exists only with the
+/// `testkit` feature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mutations {
+    /// The primary behaves as if it always held a lease.
+    pub no_lease: bool,
+    /// The witness votes without checking the candidate's floor.
+    pub witness_skips_floor_check: bool,
+    /// Messages with a stale term are processed as if current.
+    pub accept_stale_terms: bool,
+    /// The primary acknowledges writes after its own fsync alone.
+    pub ack_before_standby_persists: bool,
+    /// A standby keeps its own entry instead of truncating a conflicting suffix.
+    pub no_truncate_on_conflict: bool,
+    /// Data nodes grant votes without the up-to-date check.
+    pub vote_without_log_check: bool,
+}
+
+/// What the engine needs from durable storage at start-up.
+#[derive(Clone, Debug, Default)]
+pub struct InitialState {
+    /// The stored hard state (for a fresh node: [`HardState::bootstrap`] or
+    /// [`HardState::joining`], already persisted by the driver).
+    pub hard_state: HardState,
+    /// The stored snapshot, if any.
+    pub snapshot: Option<Snapshot>,
+    /// The stored entries after the snapshot.
+    pub entries: Vec<WalEntry>,
+}
+
+/// An election in progress (pre-vote or vote).
+#[derive(Clone, Debug)]
+struct Campaign {
+    term: Term,
+    pre_vote: bool,
+    granted: BTreeSet<NodeId>,
+    transfer: bool,
+    admin: Option<ClientId>,
+}
+
+/// A follower's ack that waits for its entries to be durable.
+#[derive(Clone, Debug)]
+struct PendingAck {
+    to: NodeId,
+    request_id: u64,
+    batch_term: Term,
+    last: Position,
+}
+
+/// The replication engine of one node. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Config,
+    id: NodeId,
+    kind: MemberKind,
+    hs: HardState,
+    role: Role,
+    leader: Option<NodeId>,
+    log: Log,
+    /// Highest index durably in the local log (and still in it).
+    durable: LogIndex,
+    commit: LogIndex,
+    applied: LogIndex,
+    /// Highest index known to match the current leader's log.
+    leader_verified: LogIndex,
+    now: Instant,
+    started_at: Instant,
+    election_deadline: Instant,
+    last_leader_contact: Option<Instant>,
+    failover_paused: bool,
+    rng: u64,
+    next_request_id: u64,
+    pending_acks: Vec<PendingAck>,
+    campaign: Option<Campaign>,
+    leader_state: Option<LeaderState>,
+    snapshot: Option<Snapshot>,
+    last_peer_contact: Vec<(NodeId, Instant)>,
+    mutations: Mutations,
+    safety_alarms: u64,
+    actions: Vec<Action>,
+}
+
+impl Engine {
+    /// Builds an engine from durable state. Every node starts as a follower (or
+    /// witness), whatever its config says, and for one failover timeout neither
+    /// campaigns nor votes (DESIGN.md section 3, "Terms, votes, start-up").
+    pub fn new(cfg: Config, init: InitialState, now: Instant, seed: u64) -> Self {
+        let snapshot_pos = init.snapshot.as_ref().map(|s| s.last_included).unwrap_or(Position::ZERO);
+        let log = Log::new(snapshot_pos, init.entries);
+        let durable = log.last().index;
+        let kind = cfg.kind;
+        let role = match (kind, init.hard_state.voter) {
+            (MemberKind::Witness, _) => Role::Witness,
+            (MemberKind::Data, true) => Role::Standby,
+            (MemberKind::Data, false) => Role::Learner,
+        };
+        let mut e = Engine {
+            id: cfg.node_id,
+            kind,
+            hs: init.hard_state,
+            role,
+            leader: None,
+            log,
+            durable,
+            commit: snapshot_pos.index,
+            applied: snapshot_pos.index,
+            leader_verified: LogIndex::ZERO,
+            now,
+            started_at: now,
+            election_deadline: now,
+            last_leader_contact: None,
+            failover_paused: false,
+            rng: seed ^ 0x9E37_79B9_7F4A_7C15 ^ cfg.node_id.0.wrapping_mul(0xBF58_476D_1CE4_E5B9),
+            next_request_id: 1,
+            pending_acks: Vec::new(),
+            campaign: None,
+            leader_state: None,
+            snapshot: init.snapshot,
+            last_peer_contact: Vec::new(),
+            mutations: Mutations::default(),
+            safety_alarms: 0,
+            actions: Vec::new(),
+            cfg,
+        };
+        e.reset_election_deadline();
+        e
+    }
+
+    /// Switches protocol rules off, for mutation tests only.
+    #[cfg(feature = "testkit")]
+    pub fn set_mutations(&mut self, m: Mutations) {
+        self.mutations = m;
+    }
+
+    /// Processes one event at time `now` (monotonic; a smaller `now` is treated as
+    /// the last one seen).
+    pub fn step(&mut self, now: Instant, event: Event) {
+        if now > self.now {
+            self.now = now;
+        }
+        match event {
+            Event::Tick => self.on_tick(),
+            Event::Request(env) => self.on_request(env),
+            Event::Response(env) => self.on_response(env),
+            Event::ClientWrites(writes) => self.on_client_writes(writes),
+            Event::ClientRead(id) => self.on_client_read(id),
+            Event::Persisted(pos) => self.on_persisted(pos),
+            Event::SnapshotTaken(snap) => self.on_snapshot_taken(snap),
+            Event::Admin(id, admin) => self.on_admin(id, admin),
+        }
+        self.after_step();
+    }
+
+    /// Takes the actions produced so far.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The current term.
+    pub fn term(&self) -> Term {
+        self.hs.current_term
+    }
+
+    /// The durable hard state as last emitted.
+    pub fn hard_state(&self) -> &HardState {
+        &self.hs
+    }
+
+    /// The primary this node follows (itself, if primary).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// The highest index this node knows to be committed.
+    pub fn commit_index(&self) -> LogIndex {
+        self.commit
+    }
+
+    /// The highest index this node has emitted for applying.
+    pub fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+
+    /// The last position in the log.
+    pub fn last_position(&self) -> Position {
+        self.log.last()
+    }
+
+    /// The entry at `index`, if the in-memory log holds it.
+    pub fn entry(&self, index: LogIndex) -> Option<&WalEntry> {
+        self.log.get(index)
+    }
+
+    /// The term of the entry at `index`, if known (including the snapshot's).
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.log.term_at(index)
+    }
+
+    /// The snapshot position the log starts after.
+    pub fn snapshot_position(&self) -> Position {
+        self.log.snapshot()
+    }
+
+    /// True if this node is the primary and holds a lease at `now` (its own clock):
+    /// it may acknowledge writes and serve linearizable reads.
+    pub fn has_lease(&self, now: Instant) -> bool {
+        self.leader_state.as_ref().is_some_and(|ls| ls.lease_valid(now, &self.cfg, self.mutations))
+    }
+
+    /// Times a safety assertion fired (a truncation at or below the commit index in a
+    /// sync mode was refused). Always 0 unless something is badly wrong.
+    pub fn safety_alarms(&self) -> u64 {
+        self.safety_alarms
+    }
+
+    /// True while elections on this node's own timer are paused.
+    pub fn failover_paused(&self) -> bool {
+        self.failover_paused || !self.cfg.auto_failover_enabled()
+    }
+
+    /// The node's replication state as seen at `now`.
+    pub fn health(&self, now: Instant) -> HealthStatus {
+        let ls = self.leader_state.as_ref();
+        let leader_last = ls.map(|_| self.log.last().index);
+        let peers = self
+            .cfg
+            .peers
+            .iter()
+            .map(|m| {
+                let contact = self.last_peer_contact.iter().find(|(n, _)| *n == m.id).map(|(_, t)| *t);
+                PeerStatus {
+                    id: m.id,
+                    addr: m.addr.clone(),
+                    kind: m.kind,
+                    healthy: contact.is_some_and(|t| now.since(t) < self.cfg.failover_timeout),
+                    last_contact: contact.map(|t| now.since(t)),
+                    match_index: ls.and_then(|ls| ls.match_index(m.id)),
+                }
+            })
+            .collect();
+        let lag = match (leader_last, ls) {
+            (Some(_), _) => 0,
+            _ => self.commit.0.saturating_sub(self.log.last().index.0),
+        };
+        HealthStatus {
+            node_id: self.id,
+            role: self.role,
+            term: self.hs.current_term,
+            leader: self.leader,
+            writable: self.has_lease(now) && ls.is_some_and(|l| l.accepting_writes()),
+            commit_mode: self.cfg.commit_mode,
+            last_position: self.log.last(),
+            commit_index: self.commit,
+            applied_index: self.applied,
+            lag,
+            degraded: ls.is_some_and(|l| l.degraded),
+            failover_paused: self.failover_paused(),
+            peers,
+        }
+    }
+
+    /// The config the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    // ----- shared plumbing -------------------------------------------------------
+
+    fn emit(&mut self, a: Action) {
+        self.actions.push(a);
+    }
+
+    fn next_request_id(&mut self) -> u64 {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        id
+    }
+
+    fn random_u64(&mut self) -> u64 {
+        // xorshift64*: deterministic per seed, no dependency.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let jitter = self.cfg.failover_jitter.as_nanos() as u64;
+        let extra = if jitter == 0 { 0 } else { self.random_u64() % jitter };
+        self.election_deadline = self.now.add(self.cfg.failover_timeout).add(std::time::Duration::from_nanos(extra));
+    }
+
+    fn send(&mut self, to: NodeId, body: Request) -> u64 {
+        let request_id = self.next_request_id();
+        self.emit(Action::Send(Envelope { from: self.id, to, term: self.hs.current_term, request_id, body }));
+        request_id
+    }
+
+    fn respond(&mut self, to: NodeId, request_id: u64, body: Response) {
+        self.emit(Action::Respond(Envelope { from: self.id, to, term: self.hs.current_term, request_id, body }));
+    }
+
+    fn persist_hard_state(&mut self) {
+        self.emit(Action::PersistHardState(self.hs.clone()));
+    }
+
+    fn note_contact(&mut self, peer: NodeId) {
+        let now = self.now;
+        match self.last_peer_contact.iter_mut().find(|(n, _)| *n == peer) {
+            Some((_, t)) => *t = now,
+            None => self.last_peer_contact.push((peer, now)),
+        }
+    }
+
+    fn in_startup_window(&self) -> bool {
+        self.now < self.started_at.add(self.cfg.failover_timeout)
+    }
+
+    /// Adopts a higher term: persist it with no vote, and stop leading or
+    /// campaigning. Leader-only messages then name the new primary.
+    fn adopt_term(&mut self, term: Term) {
+        debug_assert!(term > self.hs.current_term);
+        self.hs.current_term = term;
+        self.hs.voted_for = None;
+        self.persist_hard_state();
+        self.become_follower(None);
+    }
+
+    fn become_follower(&mut self, leader: Option<NodeId>) {
+        if let Some(ls) = self.leader_state.take() {
+            let err = Error::Fenced { term: self.hs.current_term };
+            self.fail_leader_requests(ls, err);
+        }
+        if let Some(c) = self.campaign.take() {
+            if let Some(id) = c.admin {
+                self.emit(Action::AdminDone(id, Err(Error::Rejected("election lost to a newer term".into()))));
+            }
+        }
+        let role = match self.kind {
+            MemberKind::Witness => Role::Witness,
+            MemberKind::Data if self.hs.voter => Role::Standby,
+            MemberKind::Data => Role::Learner,
+        };
+        self.leader_verified = LogIndex::ZERO;
+        self.set_role(role, leader);
+    }
+
+    fn set_role(&mut self, role: Role, leader: Option<NodeId>) {
+        if self.role != role || self.leader != leader {
+            self.role = role;
+            self.leader = leader;
+            self.emit(Action::RoleChanged { role, term: self.hs.current_term, leader });
+        }
+    }
+
+    fn is_member(&self, id: NodeId) -> bool {
+        self.cfg.member(id).is_some()
+    }
+
+    /// The common term rule (DESIGN.md section 3): a lower term is rejected, a higher
+    /// one adopted. Returns false if the message must be refused as stale.
+    fn check_term(&mut self, term: Term) -> bool {
+        if term < self.hs.current_term {
+            return self.mutations.accept_stale_terms;
+        }
+        if term > self.hs.current_term {
+            self.adopt_term(term);
+        }
+        true
+    }
+
+    fn on_request(&mut self, env: Envelope<Request>) {
+        if !self.is_member(env.from) || env.to != self.id {
+            self.respond(env.from, env.request_id, Response::Error(RpcError::NotAMember));
+            return;
+        }
+        self.note_contact(env.from);
+        match env.body {
+            Request::Vote(ref v) => {
+                let v = v.clone();
+                self.on_vote_request(&env, v)
+            }
+            Request::WalBatch(b) => {
+                let meta = (env.from, env.term, env.request_id);
+                self.on_wal_batch(meta, b)
+            }
+            Request::Heartbeat(h) => self.on_heartbeat((env.from, env.term, env.request_id), h),
+            Request::Fence(f) => self.on_fence((env.from, env.term, env.request_id), f),
+            Request::Promote(p) => self.on_promote((env.from, env.term, env.request_id), p),
+            Request::RaiseFloor(r) => self.on_raise_floor((env.from, env.term, env.request_id), r),
+            Request::InstallSnapshot(s) => self.on_install_snapshot((env.from, env.term, env.request_id), s),
+        }
+    }
+
+    fn on_response(&mut self, env: Envelope<Response>) {
+        if !self.is_member(env.from) || env.to != self.id {
+            return;
+        }
+        self.note_contact(env.from);
+        if env.term > self.hs.current_term {
+            self.adopt_term(env.term);
+            return;
+        }
+        match env.body {
+            Response::Vote(v) => self.on_vote_response(env.from, env.term, v),
+            Response::WalAck(a) => self.on_wal_ack(env.from, env.request_id, a),
+            Response::HeartbeatAck(a) => self.on_heartbeat_ack(env.from, env.term, env.request_id, a),
+            Response::FloorAck(a) => self.on_floor_ack(env.from, env.term, a),
+            Response::SnapshotAck(a) => self.on_snapshot_ack(env.from, a),
+            Response::FenceAck(_) | Response::PromoteAck(_) | Response::Error(_) => {}
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if self.leader_state.is_some() {
+            self.leader_tick();
+        } else {
+            self.follower_tick();
+        }
+    }
+
+    fn on_client_writes(&mut self, writes: Vec<(ClientId, Command)>) {
+        if self.leader_state.is_none() {
+            for (id, _) in writes {
+                let err = self.not_leader_error();
+                self.emit(Action::WriteDone(id, Err(err)));
+            }
+            return;
+        }
+        self.leader_append(writes);
+    }
+
+    fn on_client_read(&mut self, id: ClientId) {
+        if self.leader_state.is_none() {
+            let err = self.not_leader_error();
+            self.emit(Action::ReadReady(id, Err(err)));
+            return;
+        }
+        self.leader_read(id);
+    }
+
+    fn not_leader_error(&self) -> Error {
+        match self.kind {
+            MemberKind::Witness => Error::StandbyMode,
+            MemberKind::Data => {
+                let leader = self.leader.filter(|l| *l != self.id);
+                Error::NotLeader { leader, leader_addr: leader.and_then(|l| self.cfg.member(l)).map(|m| m.addr.clone()) }
+            }
+        }
+    }
+
+    fn on_persisted(&mut self, pos: Position) {
+        if self.kind != MemberKind::Data || !self.log.holds(pos) || pos.index <= self.durable {
+            return;
+        }
+        self.durable = pos.index;
+        self.flush_pending_acks();
+    }
+
+    fn on_snapshot_taken(&mut self, snap: Snapshot) {
+        if snap.last_included.index > self.applied || !self.log.holds(snap.last_included) {
+            return;
+        }
+        let upto = snap.last_included.index;
+        // Keep what a lagging standby still needs, within a cap (DESIGN.md section 3,
+        // "Fencing, rejoin, catch-up": a standby that needs compacted entries gets a
+        // snapshot).
+        let keep_from = self
+            .leader_state
+            .as_ref()
+            .and_then(|ls| ls.data_peer_match())
+            .filter(|m| upto.0.saturating_sub(m.0) < self.cfg.snapshot_every.saturating_mul(4))
+            .unwrap_or(upto);
+        let compact_to = keep_from.min(upto);
+        self.snapshot = Some(snap);
+        if compact_to > self.log.snapshot().index {
+            self.log.compact(compact_to);
+            self.emit(Action::Compact(compact_to));
+        }
+    }
+
+    fn on_admin(&mut self, id: ClientId, admin: Admin) {
+        match admin {
+            Admin::PauseFailover => {
+                self.failover_paused = true;
+                self.emit(Action::AdminDone(id, Ok(())));
+            }
+            Admin::ResumeFailover => {
+                self.failover_paused = false;
+                self.reset_election_deadline();
+                self.emit(Action::AdminDone(id, Ok(())));
+            }
+            Admin::Promote => self.admin_promote(id),
+            Admin::ForcePromote => self.admin_force_promote(id),
+            Admin::Switchover => self.admin_switchover(id),
+        }
+    }
+
+    /// Runs after every event: commit, apply, then emit what became possible.
+    fn after_step(&mut self) {
+        if self.kind != MemberKind::Data {
+            return;
+        }
+        if self.leader_state.is_some() {
+            self.advance_commit();
+        }
+        let upto = self.commit.min(self.durable);
+        if upto > self.applied {
+            let mut batch = Vec::new();
+            let mut i = self.applied.next();
+            while i <= upto {
+                match self.log.get(i) {
+                    Some(e) => batch.push(e.clone()),
+                    None => break,
+                }
+                i = i.next();
+            }
+            if let Some(last) = batch.last() {
+                self.applied = last.index();
+                self.emit(Action::Apply(batch));
+            }
+        }
+        if self.leader_state.is_some() {
+            self.leader_after_apply();
+        } else {
+            self.flush_pending_acks();
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The receiving side: WAL batches, heartbeats, fences, snapshots and, on the
+//! witness, floors (DESIGN.md section 3, "Replication and commit", "Witness floors",
+//! "Fencing, rejoin, catch-up").
+
+use super::{Action, Engine, PendingAck};
+use crate::log_store::Snapshot;
+use crate::message::{
+    AckResult, Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, RaiseFloor, Response, RpcError,
+    SnapshotAck, WalAck, WalBatch,
+};
+use crate::types::{CommitMode, LogIndex, MemberKind, NodeId, Position, Role, Term};
+
+/// Sender, sender's term, request id.
+pub(super) type Meta = (NodeId, Term, u64);
+
+impl Engine {
+    /// Accepts `from` as the primary of the current term: resets the election timer
+    /// and remembers the contact (which makes this voter refuse votes for a while).
+    fn accept_leader(&mut self, from: NodeId) {
+        if let Some(c) = self.campaign.take() {
+            if let Some(id) = c.admin {
+                self.emit(Action::AdminDone(id, Err(crate::error::Error::Rejected("a primary exists".into()))));
+            }
+        }
+        self.last_leader_contact = Some(self.now);
+        self.reset_election_deadline();
+        let role = match self.kind {
+            MemberKind::Witness => Role::Witness,
+            MemberKind::Data if self.hs.voter => Role::Standby,
+            MemberKind::Data => Role::Learner,
+        };
+        if self.leader != Some(from) {
+            self.leader_verified = LogIndex::ZERO;
+        }
+        self.set_role(role, Some(from));
+    }
+
+    /// A leader-only message is valid if its term names its sender and the receiver
+    /// is not itself leading (the term rule makes that impossible unless mutated).
+    fn leader_message_ok(&mut self, from: NodeId, term: Term, rid: u64) -> bool {
+        if term.node != from {
+            self.respond(from, rid, Response::Error(RpcError::Malformed("term does not name its primary".into())));
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn on_wal_batch(&mut self, meta: Meta, b: WalBatch) {
+        let (from, term, rid) = meta;
+        if self.kind != MemberKind::Data {
+            self.respond(from, rid, Response::Error(RpcError::Malformed("the witness stores no log".into())));
+            return;
+        }
+        if !self.leader_message_ok(from, term, rid) {
+            return;
+        }
+        let stale_ack = |e: &Engine| WalAck { batch_term: term, result: AckResult::StaleTerm, applied: e.applied };
+        if !self.check_term(term) || self.leader_state.is_some() {
+            let ack = stale_ack(self);
+            self.respond(from, rid, Response::WalAck(ack));
+            return;
+        }
+        self.accept_leader(from);
+
+        let mut prev = b.prev;
+        let snap = self.log.snapshot();
+        let mut entries = b.entries;
+        if prev.index < snap.index {
+            // Entries up to the snapshot are committed, so they match the primary's.
+            entries.retain(|e| e.index() > snap.index);
+            prev = snap;
+        }
+        let last = self.log.last();
+        if prev.index > last.index {
+            self.reply_mismatch(from, term, rid, last.index.next(), None);
+            return;
+        }
+        if !self.log.holds(prev) {
+            let conflict_term = self.log.term_at(prev.index);
+            let next = self.log.first_index_of_term_run(prev.index).max(self.commit.next());
+            self.reply_mismatch(from, term, rid, next, conflict_term);
+            return;
+        }
+        if let Some(bad) = entries.iter().find(|e| !e.verify()) {
+            let msg = format!("entry {} failed its checksum", bad.position);
+            self.respond(from, rid, Response::Error(RpcError::Malformed(msg)));
+            return;
+        }
+        if entries.windows(2).any(|w| w[1].index() != w[0].index().next())
+            || entries.first().is_some_and(|e| e.index() != prev.index.next())
+        {
+            self.respond(from, rid, Response::Error(RpcError::Malformed("entries are not contiguous".into())));
+            return;
+        }
+        let batch_last = entries.last().map(|e| e.position).unwrap_or(prev);
+        let mut fresh = Vec::new();
+        for entry in entries {
+            match self.log.term_at(entry.index()) {
+                Some(t) if t == entry.term() => continue,
+                Some(_) if self.mutations.no_truncate_on_conflict => continue,
+                Some(_) => {
+                    if !self.truncate_conflict(entry.index()) {
+                        self.respond(
+                            from,
+                            rid,
+                            Response::Error(RpcError::Malformed("batch would truncate committed entries".into())),
+                        );
+                        return;
+                    }
+                    self.log.push(entry.clone());
+                    fresh.push(entry);
+                }
+                None => {
+                    self.log.push(entry.clone());
+                    fresh.push(entry);
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            self.emit(Action::Append(fresh));
+        }
+        if self.log.holds(batch_last) {
+            self.leader_verified = self.leader_verified.max(batch_last.index);
+        }
+        self.learn_commit(b.commit);
+        self.pending_acks.push(PendingAck { to: from, request_id: rid, batch_term: term, last: batch_last });
+    }
+
+    fn reply_mismatch(&mut self, to: NodeId, term: Term, rid: u64, next: LogIndex, conflict_term: Option<Term>) {
+        let ack = WalAck { batch_term: term, result: AckResult::Mismatch { next, conflict_term }, applied: self.applied };
+        self.respond(to, rid, Response::WalAck(ack));
+    }
+
+    /// Removes a conflicting suffix from `from` on. Never at or below the commit
+    /// index in sync modes (DESIGN.md section 3: assert it); in async mode a rewind of
+    /// applied entries restores a snapshot and reports what was discarded.
+    fn truncate_conflict(&mut self, from: LogIndex) -> bool {
+        if from <= self.commit && self.cfg.commit_mode != CommitMode::Async {
+            self.safety_alarms += 1;
+            tracing::error!(node = %self.id, %from, commit = %self.commit, "refused to truncate committed entries");
+            return false;
+        }
+        if from <= self.applied && !self.rewind_state_machine(from) {
+            self.safety_alarms += 1;
+            tracing::error!(node = %self.id, %from, "cannot rewind the state machine before the divergence point");
+            return false;
+        }
+        self.log.truncate_from(from);
+        self.emit(Action::Truncate(from));
+        self.durable = self.durable.min(from.prev());
+        self.commit = self.commit.min(from.prev());
+        self.leader_verified = self.leader_verified.min(from.prev());
+        true
+    }
+
+    /// Async mode only: entries `from..=applied` are being discarded.
+    fn rewind_state_machine(&mut self, from: LogIndex) -> bool {
+        let restore_to = match &self.snapshot {
+            Some(s) if s.last_included.index < from => Some(s.clone()),
+            Some(_) => return false,
+            None if self.log.snapshot().index == LogIndex::ZERO => None,
+            None => return false,
+        };
+        let discarded: Vec<Position> = (from.0..=self.applied.0)
+            .filter_map(|i| self.log.position_at(LogIndex(i)))
+            .collect();
+        tracing::warn!(node = %self.id, count = discarded.len(), "async failover discarded acknowledged writes");
+        self.emit(Action::Discarded(discarded));
+        match restore_to {
+            Some(s) => {
+                self.applied = s.last_included.index;
+                self.emit(Action::RestoreStateMachine(s));
+            }
+            None => {
+                self.applied = LogIndex::ZERO;
+                self.emit(Action::ResetStateMachine);
+            }
+        }
+        true
+    }
+
+    /// Learns the primary's commit index, bounded by what is known to match its log.
+    fn learn_commit(&mut self, leader_commit: LogIndex) {
+        let c = leader_commit.min(self.leader_verified);
+        if c > self.commit {
+            self.commit = c;
+        }
+        if !self.hs.voter && self.kind == MemberKind::Data && self.leader_verified >= leader_commit {
+            // Caught up after joining with an empty directory: vote from now on.
+            self.hs.voter = true;
+            self.persist_hard_state();
+            let leader = self.leader;
+            self.set_role(Role::Standby, leader);
+        }
+    }
+
+    /// Sends the acks whose entries are now durable (after applying, so they carry
+    /// the applied index), and refuses those whose entries were truncated.
+    pub(super) fn flush_pending_acks(&mut self) {
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending_acks);
+        for p in pending {
+            if !self.log.holds(p.last) && p.last.index > self.log.snapshot().index {
+                let next = self.log.last().index.next();
+                self.reply_mismatch(p.to, p.batch_term, p.request_id, next, None);
+            } else if p.last.index <= self.durable || p.last.index <= self.log.snapshot().index {
+                let ack = WalAck { batch_term: p.batch_term, result: AckResult::Durable(p.last), applied: self.applied };
+                self.respond(p.to, p.request_id, Response::WalAck(ack));
+            } else {
+                self.pending_acks.push(p);
+            }
+        }
+    }
+
+    pub(super) fn on_heartbeat(&mut self, meta: Meta, h: Heartbeat) {
+        let (from, term, rid) = meta;
+        if !self.leader_message_ok(from, term, rid) {
+            return;
+        }
+        let accepted = self.check_term(term) && self.leader_state.is_none();
+        if accepted {
+            self.accept_leader(from);
+            match self.kind {
+                MemberKind::Data => self.learn_commit(h.commit),
+                // Advisory only at the witness (status and metrics).
+                MemberKind::Witness => self.commit = self.commit.max(h.commit),
+            }
+        }
+        let ack = HeartbeatAck { accepted, last: self.log.last(), applied: self.applied, voter: self.hs.voter };
+        self.respond(from, rid, Response::HeartbeatAck(ack));
+    }
+
+    pub(super) fn on_fence(&mut self, meta: Meta, f: Fence) {
+        let (from, term, rid) = meta;
+        if !self.leader_message_ok(from, term, rid) {
+            return;
+        }
+        // A fence with a stale term is ignored (DESIGN.md section 3, "Fencing").
+        let fenced = self.check_term(term) && self.leader_state.is_none();
+        if fenced {
+            tracing::info!(node = %self.id, by = %from, %term, reason = %f.reason, "fenced");
+            self.accept_leader(from);
+        }
+        self.respond(from, rid, Response::FenceAck(FenceAck { fenced }));
+    }
+
+    pub(super) fn on_install_snapshot(&mut self, meta: Meta, s: InstallSnapshot) {
+        let (from, term, rid) = meta;
+        if self.kind != MemberKind::Data {
+            self.respond(from, rid, Response::Error(RpcError::Malformed("the witness stores no log".into())));
+            return;
+        }
+        if !self.leader_message_ok(from, term, rid) {
+            return;
+        }
+        let snap_pos = s.last_included;
+        if !self.check_term(term) || self.leader_state.is_some() {
+            let ack = SnapshotAck { snapshot_term: snap_pos.term, installed: false, last: self.log.last() };
+            self.respond(from, rid, Response::SnapshotAck(ack));
+            return;
+        }
+        self.accept_leader(from);
+        if snap_pos.index > self.commit {
+            if self.log.holds(snap_pos) {
+                // Already hold it; nothing to replace.
+            } else {
+                let snapshot = Snapshot { last_included: snap_pos, data: s.data };
+                self.log.reset_to(snap_pos);
+                self.durable = snap_pos.index;
+                self.commit = snap_pos.index;
+                self.applied = snap_pos.index;
+                self.snapshot = Some(snapshot.clone());
+                self.emit(Action::InstallSnapshot(snapshot));
+            }
+        }
+        if self.log.holds(snap_pos) || snap_pos.index <= self.log.snapshot().index {
+            self.leader_verified = self.leader_verified.max(snap_pos.index);
+        }
+        self.learn_commit(s.commit);
+        let ack = SnapshotAck { snapshot_term: snap_pos.term, installed: true, last: snap_pos };
+        self.respond(from, rid, Response::SnapshotAck(ack));
+    }
+
+    /// Witness: only the primary of the current term raises floors, which never go
+    /// down; the record is persisted before the reply.
+    pub(super) fn on_raise_floor(&mut self, meta: Meta, r: RaiseFloor) {
+        let (from, term, rid) = meta;
+        if self.kind != MemberKind::Witness {
+            self.respond(from, rid, Response::Error(RpcError::Malformed("only the witness keeps floors".into())));
+            return;
+        }
+        if !self.leader_message_ok(from, term, rid) {
+            return;
+        }
+        let asked: Vec<NodeId> = r.floors.iter().map(|(n, _)| *n).collect();
+        let accepted = self.check_term(term);
+        if accepted {
+            self.accept_leader(from);
+            let mut changed = false;
+            for (node, pos) in &r.floors {
+                if self.cfg.member(*node).is_some_and(|m| m.kind == MemberKind::Data) {
+                    changed |= self.hs.raise_floor(*node, *pos);
+                }
+            }
+            if r.rewrite && !self.hs.voter {
+                self.hs.voter = true;
+                changed = true;
+            }
+            if changed {
+                self.persist_hard_state();
+            }
+            self.commit = self.commit.max(r.commit);
+        }
+        let floors = asked.iter().map(|n| (*n, self.hs.floor(*n))).collect();
+        self.respond(from, rid, Response::FloorAck(FloorAck { floors, accepted }));
+    }
+}

@@ -1,0 +1,35 @@
+//! `ha-core`: the types, traits and sans-IO replication engine of a hot-standby
+//! high-availability replication system.
+//!
+//! A library consumer imports only this crate; it pulls in no network or TLS stack.
+//!
+//! - [`types`], [`config`], [`message`], [`health`], [`error`]: the public vocabulary.
+//! - [`transport`], [`log_store`], [`state_machine`]: the traits other crates implement.
+//! - [`engine`]: the protocol as a deterministic state machine (events in, actions out).
+//! - [`driver`]: runs the engine over a transport, a log store and a state machine on
+//!   tokio, and implements [`replicator::Replicator`].
+//! - `testkit` (feature `testkit`): in-memory implementations, conformance suites and
+//!   the deterministic simulator.
+
+pub mod config;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod health;
+pub mod log_store;
+pub mod message;
+pub mod replicator;
+pub mod state_machine;
+pub mod transport;
+pub mod types;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use config::{Config, ConfigError, Member};
+pub use error::{Error, StorageError, TransportError};
+pub use health::{HealthStatus, PeerStatus};
+pub use replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
+pub use types::{
+    Command, CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, Term, WalEntry,
+};

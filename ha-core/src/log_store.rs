@@ -1,0 +1,80 @@
+//! The durable log's contract.
+
+use std::future::Future;
+
+use crate::error::StorageError;
+use crate::types::{HardState, LogIndex, Position, WalEntry};
+
+/// A snapshot of the state machine and the log position it covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last entry the snapshot includes.
+    pub last_included: Position,
+    /// The state machine's serialized state.
+    pub data: Vec<u8>,
+}
+
+/// Everything a node reads back from its store at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredState {
+    /// The hard state, or `None` if the directory is empty (a fresh node).
+    pub hard_state: Option<HardState>,
+    /// The latest durable snapshot, if any.
+    pub snapshot: Option<Snapshot>,
+    /// The entries after the snapshot, in order.
+    pub entries: Vec<WalEntry>,
+}
+
+/// The durable write-ahead log and hard state of one node.
+///
+/// # Contract
+/// - Operations take effect in the order they are *called*, not the order their
+///   futures are polled: an implementation enqueues the operation before it returns
+///   the future. The future resolves once the operation is durable (fsynced).
+/// - `append` takes entries that follow the current last entry without a gap; a gap
+///   or an entry whose checksum fails is refused with [`StorageError::Invalid`].
+/// - `truncate_suffix(from)` removes every entry with index `>= from`.
+/// - `purge_prefix(upto)` removes entries with index `<= upto`; it is only called
+///   after a snapshot covering `upto` was saved.
+/// - `save_hard_state` replaces the hard state atomically: after a crash the old or
+///   the new state is read back, never a mix.
+/// - Reading compacted entries fails with [`StorageError::Invalid`], never returns
+///   a shorter range silently.
+///
+/// Implementations are checked by `ha_core::testkit::log_store_suite`.
+pub trait LogStore: Send + Sync + 'static {
+    /// Reads back everything durable.
+    fn load(&self) -> impl Future<Output = Result<StoredState, StorageError>> + Send;
+
+    /// Appends entries; resolves when they are durable.
+    fn append(&self, entries: Vec<WalEntry>) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Reads entries `[from, to)`, stopping early once `max_bytes` is exceeded (at
+    /// least one entry is returned if any exists).
+    fn read(
+        &self,
+        from: LogIndex,
+        to: LogIndex,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<WalEntry>, StorageError>> + Send;
+
+    /// Removes entries with index `>= from`.
+    fn truncate_suffix(&self, from: LogIndex) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Removes entries with index `<= upto`.
+    fn purge_prefix(&self, upto: LogIndex) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Replaces the hard state atomically.
+    fn save_hard_state(&self, state: HardState) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Saves a snapshot durably, replacing the previous one.
+    fn save_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Replaces the whole log with a received snapshot: entries up to its position
+    /// are dropped (and any that conflict with it), and the snapshot is saved.
+    fn install_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// The position of the last durable entry (or of the snapshot, if the log after
+    /// it is empty).
+    fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send;
+}

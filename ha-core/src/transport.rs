@@ -1,0 +1,135 @@
+//! The contract between the replication driver and a network transport.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Member;
+use crate::error::TransportError;
+use crate::message::{
+    Envelope, Fence, FenceAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, PromoteAck, RaiseFloor, FloorAck,
+    Request, Response, SnapshotAck, VoteRequest, VoteResponse, WalAck, WalBatch,
+};
+use crate::types::NodeId;
+
+/// A boxed future, for the object-safe handler.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Answers requests that arrive from peers.
+///
+/// The transport has already authenticated the peer: `peer` is the identity proven
+/// by the connection (a certificate, in TLS transports), and the transport has
+/// refused any request whose envelope claims another sender. The handler always
+/// produces a response, [`Response::Error`] if it cannot do better.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Handles one request.
+    fn handle(&self, peer: NodeId, request: Envelope<Request>) -> BoxFuture<Envelope<Response>>;
+}
+
+/// A connection to one peer.
+///
+/// # Contract
+/// - `call` sends one request and resolves with the response that echoes its
+///   request id, or an error; it never waits longer than `deadline`.
+/// - Requests of [`crate::message::Channel::Control`] never queue behind those of
+///   [`crate::message::Channel::Wal`].
+/// - Requests on the WAL channel are delivered in the order `call` was invoked.
+/// - A response whose envelope names another sender or request id is a protocol
+///   violation, reported as [`TransportError::Protocol`].
+pub trait PeerConnection: Send + Sync + 'static {
+    /// Sends `request` and waits for its response, at most `deadline`.
+    fn call(
+        &self,
+        request: Envelope<Request>,
+        deadline: Duration,
+    ) -> impl Future<Output = Result<Envelope<Response>, TransportError>> + Send;
+
+    /// True while the underlying connection is open.
+    fn is_connected(&self) -> bool;
+
+    /// Closes the connection; idempotent.
+    fn close(&self);
+}
+
+/// Connects to peers and accepts their connections.
+///
+/// Implementations are checked by `ha_core::testkit::transport_suite`.
+pub trait Transport: Send + Sync + 'static {
+    /// A connection this transport opens.
+    type Conn: PeerConnection;
+
+    /// Opens (or reuses) a connection to `peer`.
+    fn connect(&self, peer: &Member) -> impl Future<Output = Result<Self::Conn, TransportError>> + Send;
+
+    /// Starts accepting peers; returns once listening. Requests go to `handler`.
+    fn listen(&self, handler: Arc<dyn RequestHandler>) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Stops accepting and closes every connection; idempotent and prompt.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+macro_rules! typed_rpc {
+    ($(#[$doc:meta])* $name:ident, $req:ident, $resp:ident, $req_ty:ty, $resp_ty:ty) => {
+        $(#[$doc])*
+        fn $name(
+            &self,
+            request: Envelope<$req_ty>,
+            deadline: Duration,
+        ) -> impl Future<Output = Result<Envelope<$resp_ty>, TransportError>> + Send {
+            let peer = request.to;
+            let fut = self.call(map_body(request, Request::$req), deadline);
+            async move {
+                let resp = fut.await?;
+                match resp.body {
+                    Response::$resp(body) => Ok(Envelope {
+                        from: resp.from,
+                        to: resp.to,
+                        term: resp.term,
+                        request_id: resp.request_id,
+                        body,
+                    }),
+                    other => Err(TransportError::Protocol(peer, format!("unexpected response {other:?}"))),
+                }
+            }
+        }
+    };
+}
+
+fn map_body<A, B>(e: Envelope<A>, f: impl FnOnce(A) -> B) -> Envelope<B> {
+    Envelope { from: e.from, to: e.to, term: e.term, request_id: e.request_id, body: f(e.body) }
+}
+
+/// The seed's typed RPCs, on top of [`PeerConnection::call`].
+pub trait PeerConnectionExt: PeerConnection {
+    typed_rpc!(
+        /// Sends a WAL batch (Raft AppendEntries).
+        send_wal_batch, WalBatch, WalAck, WalBatch, WalAck
+    );
+    typed_rpc!(
+        /// Sends a heartbeat.
+        send_heartbeat, Heartbeat, HeartbeatAck, Heartbeat, HeartbeatAck
+    );
+    typed_rpc!(
+        /// Sends a term-carrying fence.
+        send_fence, Fence, FenceAck, Fence, FenceAck
+    );
+    typed_rpc!(
+        /// Sends a leadership-transfer request (the seed's promote).
+        send_promote, Promote, PromoteAck, Promote, PromoteAck
+    );
+    typed_rpc!(
+        /// Sends a pre-vote or Raft RequestVote.
+        send_vote, Vote, Vote, VoteRequest, VoteResponse
+    );
+    typed_rpc!(
+        /// Asks the witness to raise a floor.
+        send_raise_floor, RaiseFloor, FloorAck, RaiseFloor, FloorAck
+    );
+    typed_rpc!(
+        /// Sends a snapshot.
+        send_snapshot, InstallSnapshot, SnapshotAck, InstallSnapshot, SnapshotAck
+    );
+}
+
+impl<T: PeerConnection + ?Sized> PeerConnectionExt for T {}
