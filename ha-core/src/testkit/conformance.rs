@@ -1,0 +1,1 @@
+//! Conformance suites for `LogStore` and `Transport` implementations.

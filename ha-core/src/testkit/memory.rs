@@ -1,0 +1,1 @@
+//! In-memory `LogStore`, `StateMachine` and `Transport`.
