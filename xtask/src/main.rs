@@ -1,1 +1,64 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for project chores.
+//!
+//! - `cargo xtask ci`: what CI runs (fmt check, clippy, tests).
+//! - `cargo xtask sim --seeds N` / `--seed S`: the deterministic simulator.
+//! - `cargo xtask demo`: a readable simulated failover.
+
+mod demo;
+mod sim;
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project chores for the HA replication workspace")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run what CI runs: cargo fmt --check, clippy -D warnings, the test suite.
+    Ci,
+    /// Run the deterministic simulator.
+    Sim(sim::SimArgs),
+    /// Show a simulated failover, step by step.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Ci => ci(),
+        Cmd::Sim(args) => sim::run(args),
+        Cmd::Demo => demo::run_demo(),
+    }
+}
+
+fn cargo(args: &[&str]) -> bool {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("$ cargo {}", args.join(" "));
+    match Command::new(cargo).args(args).status() {
+        Ok(s) => s.success(),
+        Err(e) => {
+            eprintln!("could not run cargo: {e}");
+            false
+        }
+    }
+}
+
+fn ci() -> ExitCode {
+    let steps: [&[&str]; 3] = [
+        &["fmt", "--all", "--", "--check"],
+        &["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"],
+        &["test", "--workspace", "--all-features"],
+    ];
+    for step in steps {
+        if !cargo(step) {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

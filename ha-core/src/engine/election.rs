@@ -65,7 +65,8 @@ impl Engine {
         }
         let mut granted = BTreeSet::new();
         granted.insert(self.id);
-        self.campaign = Some(Campaign { term, pre_vote, granted, transfer, admin });
+        let responded = self.campaign.as_ref().filter(|c| c.term == term).map(|c| c.responded.clone()).unwrap_or_default();
+        self.campaign = Some(Campaign { term, pre_vote, granted, responded, transfer, admin });
         self.reset_election_deadline();
         let last = self.log.last();
         for peer in self.cfg.peers.iter().map(|m| m.id).collect::<Vec<_>>() {
@@ -151,7 +152,11 @@ impl Engine {
 
     pub(super) fn on_vote_response(&mut self, from: NodeId, from_term: Term, v: VoteResponse) {
         let Some(c) = self.campaign.as_mut() else { return };
-        if v.campaign_term != c.term || v.pre_vote != c.pre_vote || !v.granted {
+        if v.campaign_term != c.term {
+            return;
+        }
+        c.responded.insert(from);
+        if v.pre_vote != c.pre_vote || !v.granted {
             return;
         }
         if !c.pre_vote && from_term != c.term {
@@ -168,13 +173,14 @@ impl Engine {
             return;
         }
         let (pre_vote, transfer, admin) = (c.pre_vote, c.transfer, c.admin);
-        self.campaign = None;
+        let peer_answered = self.cfg.data_peer().is_some_and(|p| c.responded.contains(&p.id));
         if pre_vote {
             // The term may have moved while the pre-vote ran; campaign from the
             // current one.
             self.start_campaign(false, transfer, admin);
         } else {
-            self.become_leader(false);
+            self.campaign = None;
+            self.become_leader(false, !peer_answered);
             if let Some(id) = admin {
                 self.emit(Action::AdminDone(id, Ok(())));
             }
@@ -229,6 +235,6 @@ impl Engine {
         self.hs.current_term = self.hs.current_term.next_for(self.id);
         self.hs.voted_for = Some(self.id);
         self.persist_hard_state();
-        self.become_leader(true);
+        self.become_leader(true, true);
     }
 }

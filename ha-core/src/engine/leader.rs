@@ -66,6 +66,11 @@ pub(super) struct LeaderState {
 impl LeaderState {
     /// The lease rule (DESIGN.md section 3, "Lease").
     pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
+        // A primary handing over gives up its lease: it serves nothing more in this
+        // term, and its target may be elected before the lease would have run out.
+        if self.transfer.is_some() {
+            return false;
+        }
         if m.no_lease || self.forced {
             return true;
         }
@@ -90,7 +95,10 @@ impl LeaderState {
 }
 
 impl Engine {
-    pub(super) fn become_leader(&mut self, forced: bool) {
+    /// `peer_silent`: the standby answered no part of the election, so it is most
+    /// likely down; degraded sync starts at once instead of after
+    /// `degrade_timeout` (only the timing changes: floors are always safe).
+    pub(super) fn become_leader(&mut self, forced: bool, peer_silent: bool) {
         self.campaign = None;
         let before = self.log.last();
         let noop = WalEntry::noop(Position::new(self.hs.current_term, before.index.next()));
@@ -119,7 +127,10 @@ impl Engine {
             pending_reads: Vec::new(),
             floor: Position::ZERO,
             floor_inflight: None,
-            unacked: VecDeque::from([(noop_index, self.now)]),
+            unacked: VecDeque::from([(
+                noop_index,
+                if peer_silent { Instant(self.now.0.saturating_sub(self.cfg.degrade_timeout.as_nanos() as u64)) } else { self.now },
+            )]),
             degraded: false,
             transfer: None,
             commit_notified: self.commit,

@@ -105,7 +105,7 @@ impl Log {
     /// Replaces the log by an empty one at `snapshot`, keeping the suffix after it if
     /// the log holds that position.
     pub(crate) fn reset_to(&mut self, snapshot: Position) {
-        if self.holds(snapshot) && snapshot.index >= self.snapshot.index {
+        if snapshot != Position::ZERO && self.holds(snapshot) && snapshot.index >= self.snapshot.index {
             self.compact(snapshot.index);
         } else {
             self.entries.clear();

@@ -90,6 +90,11 @@ pub enum Action {
     /// Restore the state machine (not the log) from this local snapshot; the engine
     /// then replays the log after it (async-mode rewind after a failover).
     RestoreStateMachine(Snapshot),
+    /// Drop the whole log and snapshot: the store then holds an empty log at
+    /// position zero (async mode, when a failover discarded entries that the local
+    /// snapshot already holds; the node then resyncs from the primary). Always
+    /// preceded by [`Action::ResetStateMachine`].
+    ResetLog,
     /// Drop log entries up to and including this index (a snapshot covers them).
     Compact(LogIndex),
     /// Send a request to a peer; deliver its response as [`Event::Response`].
@@ -155,6 +160,8 @@ struct Campaign {
     term: Term,
     pre_vote: bool,
     granted: BTreeSet<NodeId>,
+    /// Peers that answered at all (granted or not).
+    responded: BTreeSet<NodeId>,
     transfer: bool,
     admin: Option<ClientId>,
 }
@@ -197,6 +204,8 @@ pub struct Engine {
     snapshot: Option<Snapshot>,
     last_peer_contact: Vec<(NodeId, Instant)>,
     mutations: Mutations,
+    /// Mutation `accept_stale_terms` only: answer in the stale sender's term.
+    stale_reply_term: Option<Term>,
     safety_alarms: u64,
     actions: Vec<Action>,
 }
@@ -239,6 +248,7 @@ impl Engine {
             snapshot: init.snapshot,
             last_peer_contact: Vec::new(),
             mutations: Mutations::default(),
+            stale_reply_term: None,
             safety_alarms: 0,
             actions: Vec::new(),
             cfg,
@@ -269,6 +279,7 @@ impl Engine {
             Event::SnapshotTaken(snap) => self.on_snapshot_taken(snap),
             Event::Admin(id, admin) => self.on_admin(id, admin),
         }
+        self.stale_reply_term = None;
         self.after_step();
     }
 
@@ -430,7 +441,8 @@ impl Engine {
     }
 
     fn respond(&mut self, to: NodeId, request_id: u64, body: Response) {
-        self.emit(Action::Respond(Envelope { from: self.id, to, term: self.hs.current_term, request_id, body }));
+        let term = self.stale_reply_term.take().unwrap_or(self.hs.current_term);
+        self.emit(Action::Respond(Envelope { from: self.id, to, term, request_id, body }));
     }
 
     fn persist_hard_state(&mut self) {
@@ -494,7 +506,11 @@ impl Engine {
     /// one adopted. Returns false if the message must be refused as stale.
     fn check_term(&mut self, term: Term) -> bool {
         if term < self.hs.current_term {
-            return self.mutations.accept_stale_terms;
+            if self.mutations.accept_stale_terms {
+                self.stale_reply_term = Some(term);
+                return true;
+            }
+            return false;
         }
         if term > self.hs.current_term {
             self.adopt_term(term);

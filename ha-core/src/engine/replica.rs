@@ -10,6 +10,16 @@ use crate::message::{
 };
 use crate::types::{CommitMode, LogIndex, MemberKind, NodeId, Position, Role, Term};
 
+/// What became of a conflicting suffix.
+enum Truncated {
+    /// Removed; append the primary's entries.
+    Yes,
+    /// Refused: it would remove committed entries (sync modes).
+    Refused,
+    /// Async rewind impossible locally: the node dropped everything to resync.
+    Resynced,
+}
+
 /// Sender, sender's term, request id.
 pub(super) type Meta = (NodeId, Term, u64);
 
@@ -65,6 +75,21 @@ impl Engine {
         let mut prev = b.prev;
         let snap = self.log.snapshot();
         let mut entries = b.entries;
+        let below_snapshot_conflict = (prev.index == snap.index && prev.term != snap.term && snap.index > LogIndex::ZERO)
+            || entries.iter().any(|e| e.index() == snap.index && e.term() != snap.term && snap.index > LogIndex::ZERO);
+        if below_snapshot_conflict {
+            // Only possible in async mode: a failover discarded entries this node's
+            // snapshot already holds. Start over from the primary's state.
+            if self.cfg.commit_mode == CommitMode::Async {
+                self.full_resync();
+                self.reply_mismatch(from, term, rid, LogIndex(1), None);
+            } else {
+                self.safety_alarms += 1;
+                tracing::error!(node = %self.id, "primary's log conflicts with a committed snapshot");
+                self.respond(from, rid, Response::Error(RpcError::Malformed("conflicts with a committed snapshot".into())));
+            }
+            return;
+        }
         if prev.index < snap.index {
             // Entries up to the snapshot are committed, so they match the primary's.
             entries.retain(|e| e.index() > snap.index);
@@ -98,8 +123,16 @@ impl Engine {
             match self.log.term_at(entry.index()) {
                 Some(t) if t == entry.term() => continue,
                 Some(_) if self.mutations.no_truncate_on_conflict => continue,
-                Some(_) => {
-                    if !self.truncate_conflict(entry.index()) {
+                Some(_) => match self.truncate_conflict(entry.index()) {
+                    Truncated::Yes => {
+                        self.log.push(entry.clone());
+                        fresh.push(entry);
+                    }
+                    Truncated::Resynced => {
+                        self.reply_mismatch(from, term, rid, LogIndex(1), None);
+                        return;
+                    }
+                    Truncated::Refused => {
                         self.respond(
                             from,
                             rid,
@@ -107,9 +140,7 @@ impl Engine {
                         );
                         return;
                     }
-                    self.log.push(entry.clone());
-                    fresh.push(entry);
-                }
+                },
                 None => {
                     self.log.push(entry.clone());
                     fresh.push(entry);
@@ -134,23 +165,43 @@ impl Engine {
     /// Removes a conflicting suffix from `from` on. Never at or below the commit
     /// index in sync modes (DESIGN.md section 3: assert it); in async mode a rewind of
     /// applied entries restores a snapshot and reports what was discarded.
-    fn truncate_conflict(&mut self, from: LogIndex) -> bool {
+    fn truncate_conflict(&mut self, from: LogIndex) -> Truncated {
         if from <= self.commit && self.cfg.commit_mode != CommitMode::Async {
             self.safety_alarms += 1;
             tracing::error!(node = %self.id, %from, commit = %self.commit, "refused to truncate committed entries");
-            return false;
+            return Truncated::Refused;
         }
         if from <= self.applied && !self.rewind_state_machine(from) {
-            self.safety_alarms += 1;
-            tracing::error!(node = %self.id, %from, "cannot rewind the state machine before the divergence point");
-            return false;
+            // No local snapshot before the divergence point: start over.
+            self.full_resync();
+            return Truncated::Resynced;
         }
         self.log.truncate_from(from);
         self.emit(Action::Truncate(from));
         self.durable = self.durable.min(from.prev());
         self.commit = self.commit.min(from.prev());
         self.leader_verified = self.leader_verified.min(from.prev());
-        true
+        Truncated::Yes
+    }
+
+    /// Async mode only: drops log, snapshot and state; the primary then resends
+    /// everything (or its snapshot).
+    fn full_resync(&mut self) {
+        let mut discarded = vec![self.log.snapshot()];
+        discarded.extend(
+            (self.log.snapshot().index.0 + 1..=self.applied.0).filter_map(|i| self.log.position_at(LogIndex(i))),
+        );
+        tracing::warn!(node = %self.id, "async failover discarded entries held in the local snapshot; resyncing");
+        self.emit(Action::Discarded(discarded));
+        self.log.reset_to(Position::ZERO);
+        self.snapshot = None;
+        self.durable = LogIndex::ZERO;
+        self.commit = LogIndex::ZERO;
+        self.applied = LogIndex::ZERO;
+        self.leader_verified = LogIndex::ZERO;
+        self.emit(Action::ResetStateMachine);
+        self.emit(Action::ResetLog);
+        self.flush_pending_acks();
     }
 
     /// Async mode only: entries `from..=applied` are being discarded.
