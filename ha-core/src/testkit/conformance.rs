@@ -1,1 +1,0 @@
-//! Conformance suites for `LogStore` and `Transport` implementations.

@@ -1,0 +1,598 @@
+//! The [`LogStore`] conformance suite.
+
+use std::fmt::Debug;
+use std::future::Future;
+
+use crate::error::StorageError;
+use crate::log_store::{LogStore, Snapshot, StoredState};
+use crate::types::{Command, HardState, LogIndex, NodeId, Payload, Position, Term, WalEntry};
+
+/// Runs every log-store check, each on a fresh store from `make`.
+///
+/// `reopen` stands for closing a store and opening its directory again (for an
+/// in-memory store, the identity); with `Some`, [`check_reopen`] checks that a
+/// reopened store reads back what was written. Pass `None` for a store that cannot
+/// be reopened.
+///
+/// ```ignore
+/// log_store_suite(MemLogStore::new, Some(&|s| s)).await;
+/// ```
+pub async fn log_store_suite<S: LogStore>(
+    make: impl Fn() -> S,
+    reopen: Option<&(dyn Fn(S) -> S + Sync)>,
+) {
+    check_empty_load(&make()).await;
+    check_append_and_read(&make()).await;
+    check_read_max_bytes(&make()).await;
+    check_append_gap_refused(&make()).await;
+    check_bad_checksum_refused(&make()).await;
+    check_call_order(&make()).await;
+    check_truncate_then_append(&make()).await;
+    check_purge_prefix(&make()).await;
+    check_hard_state(&make()).await;
+    check_snapshot_save_load(&make()).await;
+    check_install_snapshot_matching_suffix(&make()).await;
+    check_install_snapshot_conflicting(&make()).await;
+    check_install_snapshot_beyond_log(&make()).await;
+    check_install_snapshot_on_empty(&make()).await;
+    if let Some(reopen) = reopen {
+        check_reopen(make(), reopen).await;
+    }
+}
+
+fn term(number: u64) -> Term {
+    Term {
+        number,
+        node: NodeId(number % 2 + 1),
+    }
+}
+
+fn pos(t: u64, index: u64) -> Position {
+    Position::new(term(t), LogIndex(index))
+}
+
+/// A command entry in term `t` at `index`, with a payload naming both.
+fn entry(t: u64, index: u64) -> WalEntry {
+    WalEntry::new(
+        pos(t, index),
+        Payload::Command(Command(format!("entry {t}/{index}").into_bytes())),
+    )
+}
+
+/// Entries `from..=to`, all in term `t`.
+fn entries(t: u64, from: u64, to: u64) -> Vec<WalEntry> {
+    (from..=to).map(|i| entry(t, i)).collect()
+}
+
+fn snapshot(at: Position) -> Snapshot {
+    Snapshot {
+        last_included: at,
+        data: format!("state at {at}").into_bytes(),
+    }
+}
+
+/// Awaits a store operation that must succeed.
+async fn ok<T>(check: &str, what: &str, f: impl Future<Output = Result<T, StorageError>>) -> T {
+    match f.await {
+        Ok(v) => v,
+        Err(e) => panic!("[log_store_suite::{check}] {what}: unexpected error {e}"),
+    }
+}
+
+/// Awaits a store operation that must fail with [`StorageError::Invalid`].
+async fn invalid<T: Debug>(
+    check: &str,
+    what: &str,
+    f: impl Future<Output = Result<T, StorageError>>,
+) {
+    match f.await {
+        Err(StorageError::Invalid(_)) => {}
+        Err(e) => {
+            panic!("[log_store_suite::{check}] {what}: expected StorageError::Invalid, got {e}")
+        }
+        Ok(v) => panic!(
+            "[log_store_suite::{check}] {what}: expected StorageError::Invalid, got Ok({v:?})"
+        ),
+    }
+}
+
+async fn expect_last<S: LogStore>(check: &str, what: &str, store: &S, want: Position) {
+    let last = ok(check, "last_position", store.last_position()).await;
+    assert_eq!(
+        last, want,
+        "[log_store_suite::{check}] last_position {what}"
+    );
+}
+
+async fn expect_read<S: LogStore>(check: &str, store: &S, from: u64, to: u64, want: &[WalEntry]) {
+    let what = format!("read [{from}, {to})");
+    let got = ok(
+        check,
+        &what,
+        store.read(LogIndex(from), LogIndex(to), usize::MAX),
+    )
+    .await;
+    assert_eq!(
+        got, want,
+        "[log_store_suite::{check}] {what} returned other entries"
+    );
+}
+
+async fn expect_load<S: LogStore>(check: &str, what: &str, store: &S, want: &StoredState) {
+    let got = ok(check, "load", store.load()).await;
+    assert_eq!(&got, want, "[log_store_suite::{check}] load {what}");
+}
+
+/// A fresh store loads as empty and its last position is the empty log's.
+pub async fn check_empty_load<S: LogStore>(store: &S) {
+    const C: &str = "empty_load";
+    expect_load(C, "of a fresh store", store, &StoredState::default()).await;
+    expect_last(C, "of a fresh store", store, Position::ZERO).await;
+}
+
+/// Appends in two batches, then reads whole and partial ranges and loads.
+pub async fn check_append_and_read<S: LogStore>(store: &S) {
+    const C: &str = "append_and_read";
+    let all: Vec<WalEntry> = entries(1, 1, 3)
+        .into_iter()
+        .chain(entries(2, 4, 6))
+        .collect();
+    ok(C, "append 1..=3", store.append(all[..3].to_vec())).await;
+    expect_last(C, "after appending 1..=3", store, pos(1, 3)).await;
+    ok(C, "append 4..=6", store.append(all[3..].to_vec())).await;
+    expect_last(C, "after appending 4..=6", store, pos(2, 6)).await;
+    expect_read(C, store, 1, 7, &all).await;
+    expect_read(C, store, 2, 5, &all[1..4]).await;
+    expect_read(C, store, 6, 7, &all[5..]).await;
+    expect_read(C, store, 3, 3, &[]).await;
+    expect_load(
+        C,
+        "after appends",
+        store,
+        &StoredState {
+            hard_state: None,
+            snapshot: None,
+            entries: all,
+        },
+    )
+    .await;
+}
+
+/// `max_bytes` bounds a read, which still returns at least one entry.
+pub async fn check_read_max_bytes<S: LogStore>(store: &S) {
+    const C: &str = "read_max_bytes";
+    let all = entries(1, 1, 10);
+    ok(C, "append 1..=10", store.append(all.clone())).await;
+    let one = ok(
+        C,
+        "read with max_bytes 0",
+        store.read(LogIndex(3), LogIndex(11), 0),
+    )
+    .await;
+    assert_eq!(
+        one,
+        all[2..3],
+        "[log_store_suite::{C}] max_bytes 0 must return exactly the first entry"
+    );
+    let one = ok(
+        C,
+        "read with max_bytes 1",
+        store.read(LogIndex(1), LogIndex(11), 1),
+    )
+    .await;
+    assert_eq!(
+        one,
+        all[..1],
+        "[log_store_suite::{C}] max_bytes 1 must return exactly the first entry"
+    );
+    let budget = all[..3].iter().map(WalEntry::approx_size).sum();
+    let some = ok(
+        C,
+        "read with a budget of about three entries",
+        store.read(LogIndex(1), LogIndex(11), budget),
+    )
+    .await;
+    assert!(
+        !some.is_empty() && some.len() < all.len() && some[..] == all[..some.len()],
+        "[log_store_suite::{C}] a read bounded to about three entries' size must return a non-empty proper \
+         prefix of the range, got {} entries",
+        some.len()
+    );
+    let every = ok(
+        C,
+        "read with max_bytes usize::MAX",
+        store.read(LogIndex(1), LogIndex(11), usize::MAX),
+    )
+    .await;
+    assert_eq!(
+        every, all,
+        "[log_store_suite::{C}] an unbounded read must return the whole range"
+    );
+}
+
+/// An append that leaves a gap (before or inside the batch) is refused and leaves
+/// the log unchanged.
+pub async fn check_append_gap_refused<S: LogStore>(store: &S) {
+    const C: &str = "append_gap_refused";
+    invalid(
+        C,
+        "first append starting at index 2",
+        store.append(vec![entry(1, 2)]),
+    )
+    .await;
+    expect_last(C, "after a refused first append", store, Position::ZERO).await;
+    ok(C, "append 1..=3", store.append(entries(1, 1, 3))).await;
+    invalid(
+        C,
+        "append of index 5 after 3",
+        store.append(vec![entry(1, 5)]),
+    )
+    .await;
+    invalid(
+        C,
+        "append of a batch 4, 6",
+        store.append(vec![entry(1, 4), entry(1, 6)]),
+    )
+    .await;
+    invalid(
+        C,
+        "append of index 3 again (overlap)",
+        store.append(vec![entry(1, 3)]),
+    )
+    .await;
+    expect_last(C, "after refused appends", store, pos(1, 3)).await;
+    expect_read(C, store, 1, 4, &entries(1, 1, 3)).await;
+    ok(
+        C,
+        "append 4 after the refusals",
+        store.append(vec![entry(1, 4)]),
+    )
+    .await;
+    expect_last(C, "after appending 4", store, pos(1, 4)).await;
+}
+
+/// An entry whose checksum fails is refused, with the rest of its batch.
+pub async fn check_bad_checksum_refused<S: LogStore>(store: &S) {
+    const C: &str = "bad_checksum_refused";
+    ok(C, "append 1..=2", store.append(entries(1, 1, 2))).await;
+    let mut bad = entry(1, 3);
+    bad.checksum ^= 1;
+    invalid(
+        C,
+        "append of an entry with a wrong checksum",
+        store.append(vec![bad]),
+    )
+    .await;
+    let mut tampered = entry(1, 4);
+    tampered.payload = Payload::Command(Command(b"tampered".to_vec()));
+    invalid(
+        C,
+        "append of a good entry then a tampered one",
+        store.append(vec![entry(1, 3), tampered]),
+    )
+    .await;
+    expect_last(C, "after refused appends", store, pos(1, 2)).await;
+    expect_read(C, store, 1, 3, &entries(1, 1, 2)).await;
+}
+
+/// Operations take effect in call order, not in the order their futures are
+/// awaited.
+pub async fn check_call_order<S: LogStore>(store: &S) {
+    const C: &str = "call_order";
+    let first = store.append(entries(1, 1, 3));
+    let second = store.truncate_suffix(LogIndex(2));
+    let third = store.append(entries(2, 2, 2));
+    // Awaited last-first: a store that acts when polled would see a gap here.
+    ok(C, "append 2 in term 2 (awaited first)", third).await;
+    ok(C, "truncate from 2 (awaited second)", second).await;
+    ok(C, "append 1..=3 (awaited last)", first).await;
+    expect_last(C, "after append, truncate, append", store, pos(2, 2)).await;
+    expect_read(C, store, 1, 3, &[entry(1, 1), entry(2, 2)]).await;
+}
+
+/// `truncate_suffix` removes the suffix; the log then accepts a different term.
+pub async fn check_truncate_then_append<S: LogStore>(store: &S) {
+    const C: &str = "truncate_then_append";
+    ok(C, "append 1..=5", store.append(entries(1, 1, 5))).await;
+    ok(
+        C,
+        "truncate_suffix past the end",
+        store.truncate_suffix(LogIndex(9)),
+    )
+    .await;
+    expect_last(C, "after truncating past the end", store, pos(1, 5)).await;
+    ok(C, "truncate_suffix(3)", store.truncate_suffix(LogIndex(3))).await;
+    expect_last(C, "after truncate_suffix(3)", store, pos(1, 2)).await;
+    expect_read(C, store, 1, 3, &entries(1, 1, 2)).await;
+    let fresh = entries(2, 3, 4);
+    ok(C, "append 3..=4 in term 2", store.append(fresh.clone())).await;
+    expect_last(C, "after appending a new term", store, pos(2, 4)).await;
+    let want: Vec<WalEntry> = entries(1, 1, 2).into_iter().chain(fresh).collect();
+    expect_read(C, store, 1, 5, &want).await;
+    expect_load(
+        C,
+        "after truncate and append",
+        store,
+        &StoredState {
+            hard_state: None,
+            snapshot: None,
+            entries: want,
+        },
+    )
+    .await;
+}
+
+/// After a snapshot and `purge_prefix`, reading purged entries is an error and
+/// later entries remain.
+pub async fn check_purge_prefix<S: LogStore>(store: &S) {
+    const C: &str = "purge_prefix";
+    ok(C, "append 1..=10", store.append(entries(1, 1, 10))).await;
+    let snap = snapshot(pos(1, 5));
+    ok(C, "save_snapshot at 5", store.save_snapshot(snap.clone())).await;
+    ok(C, "purge_prefix(5)", store.purge_prefix(LogIndex(5))).await;
+    invalid(
+        C,
+        "read [1, 11) after purging up to 5",
+        store.read(LogIndex(1), LogIndex(11), usize::MAX),
+    )
+    .await;
+    invalid(
+        C,
+        "read [5, 6) after purging up to 5",
+        store.read(LogIndex(5), LogIndex(6), usize::MAX),
+    )
+    .await;
+    expect_read(C, store, 6, 11, &entries(1, 6, 10)).await;
+    expect_last(C, "after purge", store, pos(1, 10)).await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(snap),
+        entries: entries(1, 6, 10),
+    };
+    expect_load(C, "after purge", store, &want).await;
+    ok(C, "append 11 after purge", store.append(vec![entry(1, 11)])).await;
+    expect_last(C, "after append", store, pos(1, 11)).await;
+}
+
+/// The hard state (with floors) reads back as saved, and a save replaces it.
+pub async fn check_hard_state<S: LogStore>(store: &S) {
+    const C: &str = "hard_state";
+    let mut hs = HardState::bootstrap();
+    hs.current_term = term(4);
+    hs.voted_for = Some(NodeId(2));
+    hs.raise_floor(NodeId(1), pos(3, 17));
+    hs.raise_floor(NodeId(2), pos(4, 20));
+    ok(C, "save_hard_state", store.save_hard_state(hs.clone())).await;
+    let loaded = ok(C, "load", store.load()).await;
+    assert_eq!(
+        loaded.hard_state.as_ref(),
+        Some(&hs),
+        "[log_store_suite::{C}] hard state must read back as saved"
+    );
+    ok(C, "append 1..=2", store.append(entries(1, 1, 2))).await;
+    let mut next = HardState::joining();
+    next.current_term = term(5);
+    ok(
+        C,
+        "save_hard_state again",
+        store.save_hard_state(next.clone()),
+    )
+    .await;
+    let loaded = ok(C, "load", store.load()).await;
+    assert_eq!(
+        loaded.hard_state,
+        Some(next),
+        "[log_store_suite::{C}] a second save must replace the hard state"
+    );
+    assert_eq!(
+        loaded.entries,
+        entries(1, 1, 2),
+        "[log_store_suite::{C}] saving hard state must not touch entries"
+    );
+}
+
+/// A saved snapshot loads back and a later one replaces it; entries it covers are
+/// not returned by `load` but stay readable until purged.
+pub async fn check_snapshot_save_load<S: LogStore>(store: &S) {
+    const C: &str = "snapshot_save_load";
+    ok(C, "append 1..=4", store.append(entries(1, 1, 4))).await;
+    let first = snapshot(pos(1, 2));
+    ok(C, "save_snapshot at 2", store.save_snapshot(first.clone())).await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(first),
+        entries: entries(1, 3, 4),
+    };
+    expect_load(C, "after a snapshot at 2", store, &want).await;
+    expect_last(C, "after a snapshot without purge", store, pos(1, 4)).await;
+    expect_read(C, store, 1, 5, &entries(1, 1, 4)).await;
+    let second = snapshot(pos(1, 3));
+    ok(C, "save_snapshot at 3", store.save_snapshot(second.clone())).await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(second),
+        entries: entries(1, 4, 4),
+    };
+    expect_load(C, "after a second snapshot at 3", store, &want).await;
+}
+
+/// `install_snapshot` at a position the log holds keeps the suffix after it.
+pub async fn check_install_snapshot_matching_suffix<S: LogStore>(store: &S) {
+    const C: &str = "install_snapshot_matching_suffix";
+    ok(C, "append 1..=6", store.append(entries(1, 1, 6))).await;
+    let snap = snapshot(pos(1, 4));
+    ok(
+        C,
+        "install_snapshot at (1, 4)",
+        store.install_snapshot(snap.clone()),
+    )
+    .await;
+    expect_last(
+        C,
+        "after installing a snapshot inside the log",
+        store,
+        pos(1, 6),
+    )
+    .await;
+    expect_read(C, store, 5, 7, &entries(1, 5, 6)).await;
+    invalid(
+        C,
+        "read [4, 5) under the installed snapshot",
+        store.read(LogIndex(4), LogIndex(5), usize::MAX),
+    )
+    .await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(snap),
+        entries: entries(1, 5, 6),
+    };
+    expect_load(C, "after install_snapshot", store, &want).await;
+    ok(C, "append 7", store.append(vec![entry(1, 7)])).await;
+    expect_last(C, "after append", store, pos(1, 7)).await;
+}
+
+/// `install_snapshot` at a position whose term conflicts with the log drops the
+/// whole log.
+pub async fn check_install_snapshot_conflicting<S: LogStore>(store: &S) {
+    const C: &str = "install_snapshot_conflicting";
+    ok(C, "append 1..=6 in term 1", store.append(entries(1, 1, 6))).await;
+    let snap = snapshot(pos(2, 4));
+    ok(
+        C,
+        "install_snapshot at (2, 4)",
+        store.install_snapshot(snap.clone()),
+    )
+    .await;
+    expect_last(
+        C,
+        "after installing a conflicting snapshot",
+        store,
+        pos(2, 4),
+    )
+    .await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(snap),
+        entries: Vec::new(),
+    };
+    expect_load(C, "after install_snapshot", store, &want).await;
+    invalid(
+        C,
+        "read [1, 7) after install",
+        store.read(LogIndex(1), LogIndex(7), usize::MAX),
+    )
+    .await;
+    invalid(
+        C,
+        "append at 7 (a gap after the snapshot)",
+        store.append(vec![entry(2, 7)]),
+    )
+    .await;
+    ok(C, "append 5 in term 2", store.append(vec![entry(2, 5)])).await;
+    expect_last(C, "after append", store, pos(2, 5)).await;
+    expect_read(C, store, 5, 6, &[entry(2, 5)]).await;
+}
+
+/// `install_snapshot` past the end of the log drops the whole log.
+pub async fn check_install_snapshot_beyond_log<S: LogStore>(store: &S) {
+    const C: &str = "install_snapshot_beyond_log";
+    ok(C, "append 1..=3", store.append(entries(1, 1, 3))).await;
+    let snap = snapshot(pos(1, 8));
+    ok(
+        C,
+        "install_snapshot at (1, 8)",
+        store.install_snapshot(snap.clone()),
+    )
+    .await;
+    expect_last(
+        C,
+        "after installing a snapshot past the log",
+        store,
+        pos(1, 8),
+    )
+    .await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(snap),
+        entries: Vec::new(),
+    };
+    expect_load(C, "after install_snapshot", store, &want).await;
+    ok(C, "append 9", store.append(vec![entry(1, 9)])).await;
+    expect_read(C, store, 9, 10, &[entry(1, 9)]).await;
+}
+
+/// `install_snapshot` on a fresh store.
+pub async fn check_install_snapshot_on_empty<S: LogStore>(store: &S) {
+    const C: &str = "install_snapshot_on_empty";
+    let snap = snapshot(pos(3, 5));
+    ok(
+        C,
+        "install_snapshot at (3, 5)",
+        store.install_snapshot(snap.clone()),
+    )
+    .await;
+    expect_last(C, "after installing on an empty store", store, pos(3, 5)).await;
+    let want = StoredState {
+        hard_state: None,
+        snapshot: Some(snap),
+        entries: Vec::new(),
+    };
+    expect_load(C, "after install_snapshot", store, &want).await;
+    ok(C, "append 6 in term 3", store.append(vec![entry(3, 6)])).await;
+    expect_last(C, "after append", store, pos(3, 6)).await;
+}
+
+/// A reopened store loads the same state (hard state, snapshot, purged prefix,
+/// truncated suffix) and goes on from it.
+pub async fn check_reopen<S: LogStore>(store: S, reopen: &(dyn Fn(S) -> S + Sync)) {
+    const C: &str = "reopen";
+    let mut hs = HardState::bootstrap();
+    hs.current_term = term(2);
+    hs.voted_for = Some(NodeId(1));
+    hs.raise_floor(NodeId(2), pos(2, 6));
+    ok(C, "save_hard_state", store.save_hard_state(hs)).await;
+    ok(C, "append 1..=6", store.append(entries(1, 1, 6))).await;
+    ok(
+        C,
+        "save_snapshot at 3",
+        store.save_snapshot(snapshot(pos(1, 3))),
+    )
+    .await;
+    ok(C, "purge_prefix(2)", store.purge_prefix(LogIndex(2))).await;
+    ok(C, "truncate_suffix(6)", store.truncate_suffix(LogIndex(6))).await;
+    ok(C, "append 6..=7 in term 2", store.append(entries(2, 6, 7))).await;
+    let before = ok(C, "load before reopening", store.load()).await;
+    let last = ok(C, "last_position before reopening", store.last_position()).await;
+    assert_eq!(
+        last,
+        pos(2, 7),
+        "[log_store_suite::{C}] last_position before reopening"
+    );
+
+    let store = reopen(store);
+    expect_load(C, "after reopening", &store, &before).await;
+    expect_last(C, "after reopening", &store, last).await;
+    expect_read(
+        C,
+        &store,
+        4,
+        8,
+        &[entry(1, 4), entry(1, 5), entry(2, 6), entry(2, 7)],
+    )
+    .await;
+    ok(
+        C,
+        "append 8 after reopening",
+        store.append(vec![entry(2, 8)]),
+    )
+    .await;
+
+    let store = reopen(store);
+    expect_last(C, "after a second reopen", &store, pos(2, 8)).await;
+    let loaded = ok(C, "load after a second reopen", store.load()).await;
+    assert_eq!(
+        loaded.entries.last(),
+        Some(&entry(2, 8)),
+        "[log_store_suite::{C}] an entry appended after reopening must survive the next reopen"
+    );
+}

@@ -1,1 +1,0 @@
-//! In-memory `LogStore`, `StateMachine` and `Transport`.

@@ -1,0 +1,18 @@
+//! In-memory implementations of the core traits, for tests and the simulator:
+//!
+//! - [`MemLogStore`]: a [`LogStore`](crate::log_store::LogStore) that is durable at
+//!   once; clones share the log.
+//! - [`KvStateMachine`]: a key-value [`StateMachine`](crate::state_machine::StateMachine)
+//!   driven by postcard-encoded [`KvCommand`]s.
+//! - [`MemNetwork`], [`MemTransport`], [`MemConnection`]: an in-process
+//!   [`Transport`](crate::transport::Transport) with fault hooks (cut, heal,
+//!   one-way cut, isolate), and [`MemHarness`] to run the transport conformance
+//!   suite over it.
+
+mod kv;
+mod log_store;
+mod network;
+
+pub use kv::{KvCommand, KvError, KvStateMachine, KV_ERROR_TAG};
+pub use log_store::MemLogStore;
+pub use network::{MemConnection, MemHarness, MemNetwork, MemTransport, MAX_FRAME_BYTES};

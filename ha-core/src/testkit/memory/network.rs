@@ -1,0 +1,729 @@
+//! [`MemNetwork`], [`MemTransport`] and [`MemConnection`]: an in-process network.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Member;
+use crate::error::TransportError;
+use crate::message::{Channel, Envelope, Request, Response, RpcError};
+use crate::testkit::conformance::{HarnessNode, TransportHarness};
+use crate::transport::{PeerConnection, RequestHandler, Transport};
+use crate::types::{MemberKind, NodeId};
+
+/// The largest request or response frame [`MemNetwork::new`] carries (64 MiB); a
+/// larger one fails with [`TransportError::Protocol`].
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// A flag that is set once and can be awaited.
+#[derive(Clone)]
+struct Latch {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Latch {
+    fn new() -> Self {
+        Latch {
+            tx: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    fn set(&self) {
+        self.tx.send_replace(true);
+    }
+
+    fn is_set(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Resolves once the latch is set.
+    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        let keep = self.tx.clone();
+        async move {
+            if rx.wait_for(|set| *set).await.is_err() {
+                // Unreachable while `keep` holds the sender; never resolve spuriously.
+                std::future::pending::<()>().await;
+            }
+            drop(keep);
+        }
+    }
+}
+
+/// A registered listener: the handler of one node id.
+#[derive(Clone)]
+struct Listener {
+    incarnation: u64,
+    handler: Arc<dyn RequestHandler>,
+    /// Set when the listening transport closes.
+    closed: Latch,
+}
+
+#[derive(Default)]
+struct NetState {
+    listeners: HashMap<NodeId, Listener>,
+    /// Directed links that drop everything: `(from, to)`.
+    cuts: HashSet<(NodeId, NodeId)>,
+    /// Nodes cut from everyone, both ways.
+    isolated: HashSet<NodeId>,
+    next_incarnation: u64,
+}
+
+impl NetState {
+    fn link_up(&self, from: NodeId, to: NodeId) -> bool {
+        !self.cuts.contains(&(from, to))
+            && !self.isolated.contains(&from)
+            && !self.isolated.contains(&to)
+    }
+}
+
+struct NetShared {
+    max_frame: usize,
+    state: Mutex<NetState>,
+}
+
+/// An in-process network of [`MemTransport`]s, with fault hooks for tests.
+///
+/// Clones share the same network. A request travels postcard-encoded, so the wire
+/// types are exercised as over a real transport.
+///
+/// Faults: [`cut`](Self::cut) and [`cut_one_way`](Self::cut_one_way) drop messages on
+/// a link. A request on a cut link fails at once with
+/// [`TransportError::Unreachable`]; a response on a cut link is lost, so its caller
+/// times out (the handler did run, as after a real partition).
+#[derive(Clone)]
+pub struct MemNetwork {
+    inner: Arc<NetShared>,
+}
+
+impl Default for MemNetwork {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemNetwork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.state.lock();
+        let mut listening: Vec<_> = st.listeners.keys().copied().collect();
+        listening.sort();
+        f.debug_struct("MemNetwork")
+            .field("max_frame", &self.inner.max_frame)
+            .field("listening", &listening)
+            .field("cuts", &st.cuts)
+            .field("isolated", &st.isolated)
+            .finish()
+    }
+}
+
+impl MemNetwork {
+    /// An empty network with frames of at most [`MAX_FRAME_BYTES`].
+    pub fn new() -> Self {
+        Self::with_max_frame_bytes(MAX_FRAME_BYTES)
+    }
+
+    /// An empty network whose frames are at most `max_frame` bytes.
+    pub fn with_max_frame_bytes(max_frame: usize) -> Self {
+        MemNetwork {
+            inner: Arc::new(NetShared {
+                max_frame,
+                state: Mutex::new(NetState::default()),
+            }),
+        }
+    }
+
+    /// A transport for `node` on this network. It receives nothing until it
+    /// [`listen`](Transport::listen)s.
+    pub fn transport(&self, node: NodeId) -> MemTransport {
+        MemTransport {
+            node,
+            net: self.clone(),
+            shared: Arc::new(TransportShared {
+                closed: Latch::new(),
+                incarnation: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Cuts the link between `a` and `b` in both directions.
+    pub fn cut(&self, a: NodeId, b: NodeId) {
+        let mut st = self.inner.state.lock();
+        st.cuts.insert((a, b));
+        st.cuts.insert((b, a));
+    }
+
+    /// Restores the link between `a` and `b` in both directions.
+    pub fn heal(&self, a: NodeId, b: NodeId) {
+        let mut st = self.inner.state.lock();
+        st.cuts.remove(&(a, b));
+        st.cuts.remove(&(b, a));
+    }
+
+    /// Drops every message `from` sends to `to` (requests and responses); the other
+    /// direction keeps working.
+    pub fn cut_one_way(&self, from: NodeId, to: NodeId) {
+        self.inner.state.lock().cuts.insert((from, to));
+    }
+
+    /// Undoes [`cut_one_way`](Self::cut_one_way).
+    pub fn heal_one_way(&self, from: NodeId, to: NodeId) {
+        self.inner.state.lock().cuts.remove(&(from, to));
+    }
+
+    /// Cuts `node` from every other node, both ways, until
+    /// [`rejoin`](Self::rejoin) or [`heal_all`](Self::heal_all).
+    pub fn isolate(&self, node: NodeId) {
+        self.inner.state.lock().isolated.insert(node);
+    }
+
+    /// Undoes [`isolate`](Self::isolate) (links cut one by one stay cut).
+    pub fn rejoin(&self, node: NodeId) {
+        self.inner.state.lock().isolated.remove(&node);
+    }
+
+    /// Restores every link.
+    pub fn heal_all(&self) {
+        let mut st = self.inner.state.lock();
+        st.cuts.clear();
+        st.isolated.clear();
+    }
+
+    /// True if messages from `from` to `to` are delivered.
+    pub fn link_up(&self, from: NodeId, to: NodeId) -> bool {
+        self.inner.state.lock().link_up(from, to)
+    }
+
+    /// True if a transport listens as `node`.
+    pub fn is_listening(&self, node: NodeId) -> bool {
+        self.inner.state.lock().listeners.contains_key(&node)
+    }
+
+    /// The listener a request from `from` to `to` reaches, or why none does. With
+    /// `incarnation`, only that registration counts (a connection does not survive
+    /// its peer's restart).
+    fn route(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        incarnation: Option<u64>,
+    ) -> Result<Listener, String> {
+        let st = self.inner.state.lock();
+        if !st.link_up(from, to) {
+            return Err(format!("link {from} -> {to} is cut"));
+        }
+        match st.listeners.get(&to) {
+            None => Err(format!("{to} is not listening")),
+            Some(l) if incarnation.is_some_and(|i| i != l.incarnation) => {
+                Err(format!("connection reset: {to} restarted"))
+            }
+            Some(l) if l.closed.is_set() => Err(format!("{to} is closed")),
+            Some(l) => Ok(l.clone()),
+        }
+    }
+}
+
+struct TransportShared {
+    closed: Latch,
+    /// This transport's registration, while it listens.
+    incarnation: Mutex<Option<u64>>,
+}
+
+/// One node's endpoint on a [`MemNetwork`]; implements [`Transport`].
+///
+/// Clones are the same endpoint. Listening again as a node id that another
+/// transport listens as takes the id over (as a restarted process would); the
+/// other transport stops receiving and its peers' connections to it break.
+#[derive(Clone)]
+pub struct MemTransport {
+    node: NodeId,
+    net: MemNetwork,
+    shared: Arc<TransportShared>,
+}
+
+impl fmt::Debug for MemTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemTransport")
+            .field("node", &self.node)
+            .field("closed", &self.shared.closed.is_set())
+            .finish()
+    }
+}
+
+impl MemTransport {
+    /// The node this transport speaks for (the authenticated identity of its
+    /// requests).
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The network it belongs to.
+    pub fn network(&self) -> &MemNetwork {
+        &self.net
+    }
+
+    /// True once [`Transport::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.is_set()
+    }
+
+    fn close_now(&self) {
+        self.shared.closed.set();
+        if let Some(inc) = self.shared.incarnation.lock().take() {
+            let mut st = self.net.inner.state.lock();
+            if st
+                .listeners
+                .get(&self.node)
+                .is_some_and(|l| l.incarnation == inc)
+            {
+                st.listeners.remove(&self.node);
+            }
+        }
+    }
+}
+
+impl Transport for MemTransport {
+    type Conn = MemConnection;
+
+    fn connect(
+        &self,
+        peer: &Member,
+    ) -> impl Future<Output = Result<MemConnection, TransportError>> + Send {
+        let this = self.clone();
+        let to = peer.id;
+        async move {
+            if this.is_closed() {
+                return Err(TransportError::Closed);
+            }
+            let listener = this
+                .net
+                .route(this.node, to, None)
+                .map_err(|why| TransportError::Unreachable(to, why))?;
+            let link = Arc::new(Link {
+                from: this.node,
+                to,
+                incarnation: listener.incarnation,
+                net: this.net.clone(),
+                closed: Latch::new(),
+                transport_closed: this.shared.closed.clone(),
+            });
+            let (wal_tx, wal_rx) = mpsc::unbounded_channel();
+            tokio::spawn(wal_worker(link.clone(), wal_rx));
+            Ok(MemConnection {
+                inner: Arc::new(ConnShared { link, wal_tx }),
+            })
+        }
+    }
+
+    fn listen(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let result = if self.is_closed() {
+            Err(TransportError::Closed)
+        } else {
+            let mut mine = self.shared.incarnation.lock();
+            let mut st = self.net.inner.state.lock();
+            let incarnation = match *mine {
+                Some(inc)
+                    if st
+                        .listeners
+                        .get(&self.node)
+                        .is_some_and(|l| l.incarnation == inc) =>
+                {
+                    inc
+                }
+                _ => {
+                    st.next_incarnation += 1;
+                    st.next_incarnation
+                }
+            };
+            st.listeners.insert(
+                self.node,
+                Listener {
+                    incarnation,
+                    handler,
+                    closed: self.shared.closed.clone(),
+                },
+            );
+            *mine = Some(incarnation);
+            Ok(())
+        };
+        std::future::ready(result)
+    }
+
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        self.close_now();
+        std::future::ready(())
+    }
+}
+
+/// One request on its way, with the slot for its outcome.
+struct Job {
+    frame: Vec<u8>,
+    reply: oneshot::Sender<Delivery>,
+}
+
+/// What became of a request.
+enum Delivery {
+    /// The encoded response envelope.
+    Response(Vec<u8>),
+    /// The request failed on the way.
+    Failed(TransportError),
+    /// The response was dropped by a cut link; the caller learns nothing.
+    Lost,
+}
+
+/// What both a connection and its WAL worker need.
+struct Link {
+    from: NodeId,
+    to: NodeId,
+    /// The peer's registration this connection was opened to.
+    incarnation: u64,
+    net: MemNetwork,
+    closed: Latch,
+    transport_closed: Latch,
+}
+
+impl Link {
+    fn is_closed(&self) -> bool {
+        self.closed.is_set() || self.transport_closed.is_set()
+    }
+
+    /// Resolves once this connection or its transport is closed.
+    fn wait_closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let conn = self.closed.wait();
+        let transport = self.transport_closed.wait();
+        async move {
+            tokio::select! {
+                () = conn => {}
+                () = transport => {}
+            }
+        }
+    }
+}
+
+struct ConnShared {
+    link: Arc<Link>,
+    /// Feeds the connection's WAL worker; dropping the last connection handle ends it.
+    wal_tx: mpsc::UnboundedSender<Job>,
+}
+
+/// A connection from one [`MemTransport`] to a peer; implements [`PeerConnection`].
+///
+/// WAL-channel requests go through one FIFO worker per connection, which hands
+/// each to the peer's handler and awaits its response before the next, so they are
+/// handled in call order. Control requests are handed to the peer at once on their
+/// own task and never wait behind WAL traffic.
+#[derive(Clone)]
+pub struct MemConnection {
+    inner: Arc<ConnShared>,
+}
+
+impl fmt::Debug for MemConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemConnection")
+            .field("from", &self.inner.link.from)
+            .field("to", &self.inner.link.to)
+            .field("closed", &self.inner.link.is_closed())
+            .finish()
+    }
+}
+
+impl MemConnection {
+    /// The local node.
+    pub fn local_id(&self) -> NodeId {
+        self.inner.link.from
+    }
+
+    /// The peer this connection reaches.
+    pub fn peer_id(&self) -> NodeId {
+        self.inner.link.to
+    }
+
+    /// Checks and encodes a request and, for the WAL channel, queues it. Runs when
+    /// `call` is invoked, so WAL requests are ordered by call time.
+    fn submit(
+        &self,
+        request: &Envelope<Request>,
+    ) -> Result<(oneshot::Receiver<Delivery>, Option<Job>), TransportError> {
+        let link = &self.inner.link;
+        if link.is_closed() {
+            return Err(TransportError::Closed);
+        }
+        if self.inner.wal_tx.is_closed() {
+            return Err(TransportError::Unreachable(
+                link.to,
+                "connection lost".into(),
+            ));
+        }
+        link.net
+            .route(link.from, link.to, Some(link.incarnation))
+            .map_err(|why| TransportError::Unreachable(link.to, why))?;
+        let frame = postcard::to_allocvec(request)
+            .map_err(|e| TransportError::Local(format!("cannot encode request: {e}")))?;
+        let max = link.net.inner.max_frame;
+        if frame.len() > max {
+            return Err(TransportError::Protocol(
+                link.to,
+                format!(
+                    "request frame of {} bytes exceeds the {max} byte limit",
+                    frame.len()
+                ),
+            ));
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job { frame, reply };
+        match request.body.channel() {
+            Channel::Wal => {
+                self.inner
+                    .wal_tx
+                    .send(job)
+                    .map_err(|_| TransportError::Unreachable(link.to, "connection lost".into()))?;
+                Ok((rx, None))
+            }
+            Channel::Control => Ok((rx, Some(job))),
+        }
+    }
+}
+
+impl PeerConnection for MemConnection {
+    fn call(
+        &self,
+        request: Envelope<Request>,
+        deadline: Duration,
+    ) -> impl Future<Output = Result<Envelope<Response>, TransportError>> + Send {
+        let submitted = self.submit(&request);
+        let link = self.inner.link.clone();
+        let request_id = request.request_id;
+        async move {
+            let (rx, control_job) = submitted?;
+            if let Some(job) = control_job {
+                let link = link.clone();
+                tokio::spawn(async move { deliver(&link, job).await });
+            }
+            let to = link.to;
+            let max = link.net.inner.max_frame;
+            let outcome = async move {
+                match rx.await {
+                    Ok(Delivery::Response(frame)) => decode_response(to, request_id, max, &frame),
+                    Ok(Delivery::Failed(e)) => Err(e),
+                    Ok(Delivery::Lost) => std::future::pending().await,
+                    Err(_) => Err(TransportError::Unreachable(to, "connection lost".into())),
+                }
+            };
+            let closed = link.wait_closed();
+            let guarded = async move {
+                tokio::select! {
+                    r = outcome => r,
+                    () = closed => Err(TransportError::Closed),
+                }
+            };
+            match tokio::time::timeout(deadline, guarded).await {
+                Ok(Err(TransportError::Unreachable(..))) if link.is_closed() => {
+                    Err(TransportError::Closed)
+                }
+                Ok(r) => r,
+                Err(_) => Err(TransportError::Timeout(to)),
+            }
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        let link = &self.inner.link;
+        !link.is_closed()
+            && !self.inner.wal_tx.is_closed()
+            && link
+                .net
+                .route(link.from, link.to, Some(link.incarnation))
+                .is_ok()
+    }
+
+    fn close(&self) {
+        self.inner.link.closed.set();
+    }
+}
+
+fn decode_response(
+    peer: NodeId,
+    request_id: u64,
+    max: usize,
+    frame: &[u8],
+) -> Result<Envelope<Response>, TransportError> {
+    if frame.len() > max {
+        return Err(TransportError::Protocol(
+            peer,
+            format!(
+                "response frame of {} bytes exceeds the {max} byte limit",
+                frame.len()
+            ),
+        ));
+    }
+    let response: Envelope<Response> = match postcard::take_from_bytes(frame) {
+        Ok((r, [])) => r,
+        Ok((_, rest)) => {
+            return Err(TransportError::Protocol(
+                peer,
+                format!("{} trailing bytes after the response", rest.len()),
+            ))
+        }
+        Err(e) => {
+            return Err(TransportError::Protocol(
+                peer,
+                format!("undecodable response: {e}"),
+            ))
+        }
+    };
+    if response.request_id != request_id {
+        return Err(TransportError::Protocol(
+            peer,
+            format!(
+                "response echoes request id {} instead of {request_id}",
+                response.request_id
+            ),
+        ));
+    }
+    if response.from != peer {
+        return Err(TransportError::Protocol(
+            peer,
+            format!("response claims to come from {}", response.from),
+        ));
+    }
+    Ok(response)
+}
+
+/// Delivers WAL requests of one connection one after the other, in call order.
+async fn wal_worker(link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let closed = link.wait_closed();
+    tokio::pin!(closed);
+    loop {
+        let job = tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            () = &mut closed => return,
+        };
+        tokio::select! {
+            () = deliver(&link, job) => {}
+            () = &mut closed => return,
+        }
+    }
+}
+
+/// Hands one request to the peer's handler and reports the outcome to its caller.
+async fn deliver(link: &Link, job: Job) {
+    let Job { frame, reply } = job;
+    let closed = link.wait_closed();
+    let outcome = tokio::select! {
+        d = serve(link, frame) => d,
+        () = closed => Delivery::Failed(TransportError::Closed),
+    };
+    // The caller may have given up; then nobody wants the outcome.
+    let _ = reply.send(outcome);
+}
+
+/// The receiving side: authenticate, decode, handle, encode.
+async fn serve(link: &Link, frame: Vec<u8>) -> Delivery {
+    let (from, to) = (link.from, link.to);
+    let listener = match link.net.route(from, to, Some(link.incarnation)) {
+        Ok(l) => l,
+        Err(why) => return Delivery::Failed(TransportError::Unreachable(to, why)),
+    };
+    let request: Envelope<Request> = match postcard::take_from_bytes(&frame) {
+        Ok((r, [])) => r,
+        Ok(_) | Err(_) => {
+            return Delivery::Failed(TransportError::Protocol(
+                to,
+                "the peer could not decode the request".into(),
+            ))
+        }
+    };
+    let response = if request.from != from {
+        refusal(&request, to, from, RpcError::NotAMember)
+    } else if request.to != to {
+        refusal(
+            &request,
+            to,
+            from,
+            RpcError::Malformed(format!("request addressed to {} reached {to}", request.to)),
+        )
+    } else {
+        let handled = listener.handler.handle(from, request);
+        let peer_closed = listener.closed.wait();
+        tokio::select! {
+            r = handled => r,
+            () = peer_closed => return Delivery::Failed(TransportError::Unreachable(to, format!("{to} closed"))),
+        }
+    };
+    let bytes = match postcard::to_allocvec(&response) {
+        Ok(b) => b,
+        Err(e) => {
+            return Delivery::Failed(TransportError::Protocol(
+                to,
+                format!("the peer could not encode: {e}"),
+            ))
+        }
+    };
+    let max = link.net.inner.max_frame;
+    if bytes.len() > max {
+        return Delivery::Failed(TransportError::Protocol(
+            to,
+            format!(
+                "response frame of {} bytes exceeds the {max} byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    if !link.net.link_up(to, from) {
+        return Delivery::Lost;
+    }
+    Delivery::Response(bytes)
+}
+
+/// The transport's own answer to a request it refuses before the handler sees it.
+fn refusal(
+    request: &Envelope<Request>,
+    me: NodeId,
+    peer: NodeId,
+    error: RpcError,
+) -> Envelope<Response> {
+    Envelope {
+        from: me,
+        to: peer,
+        term: request.term,
+        request_id: request.request_id,
+        body: Response::Error(error),
+    }
+}
+
+/// A [`TransportHarness`] over a fresh [`MemNetwork`] per call: nodes `1..=n`,
+/// data members with addresses `mem://n<id>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemHarness;
+
+impl TransportHarness for MemHarness {
+    type Transport = MemTransport;
+
+    fn nodes(&self, n: usize) -> impl Future<Output = Vec<HarnessNode<MemTransport>>> + Send {
+        let net = MemNetwork::new();
+        let nodes = (1..=n as u64)
+            .map(|i| {
+                let id = NodeId(i);
+                HarnessNode {
+                    member: Member {
+                        id,
+                        addr: format!("mem://{id}"),
+                        kind: MemberKind::Data,
+                    },
+                    transport: net.transport(id),
+                }
+            })
+            .collect();
+        std::future::ready(nodes)
+    }
+}
