@@ -1,0 +1,831 @@
+//! The tokio driver: runs the [`Engine`] over a [`Transport`], a [`LogStore`] and a
+//! [`StateMachine`], and implements [`Replicator`].
+//!
+//! # Shape
+//! A [`Node`] is a cheap handle (an `Arc` inside) that HTTP handlers and tasks can
+//! clone. [`Replicator::start`] loads the durable state, starts listening and spawns
+//! one *engine task*, the single owner of the engine and the state machine. Every
+//! input reaches that task over one channel: client writes (everything queued is
+//! drained into one batch: group commit), reads, operator commands, peer requests
+//! and responses; ticks come from a `tokio::time::interval`. The engine's clock is
+//! tokio's, counted from the start, so tests with a paused clock drive it too.
+//!
+//! After every engine step the task publishes a [`HealthStatus`] snapshot and the
+//! known primary (a `tokio::sync::watch`), from which [`Replicator::health`],
+//! [`Replicator::is_leader`], [`Replicator::leader_id`] and
+//! [`Replicator::wait_for_leader`] answer without reaching the task.
+//!
+//! # Executing actions
+//! Actions run in the order the engine emits them. Hard-state writes, truncations,
+//! snapshot installs and compactions are awaited (durable) before the next action.
+//! Appends are issued to the store at once (the store orders operations at call
+//! time) and their completion is awaited alongside everything else, then reported as
+//! [`Event::Persisted`](crate::engine::Event::Persisted), so the primary's own fsync
+//! overlaps sending to the standby. Sends go to a per-peer connection: WAL-channel
+//! requests through one ordered sender task per peer, control requests on tasks of
+//! their own so they never wait behind WAL data. Lost connections are re-established
+//! with exponential backoff and jitter, never blocking the engine task; transport
+//! errors are only logged, since the engine retries by itself.
+//!
+//! # Failures
+//! A log-store or state-machine error is fatal: the node logs it, stops the engine
+//! task, closes the transport and fails every pending and later call with
+//! [`Error::Storage`]. It never continues on a store it cannot trust.
+//!
+//! # Reads
+//! [`ReadConsistency::Linearizable`] reads go through the engine (lease and no-op
+//! checks) and run on the primary's state machine. In `async` commit mode such a
+//! read may return a write that a later failover discards. [`ReadConsistency::Stale`]
+//! reads query the local state machine directly, on any data node.
+
+mod futures;
+mod handler;
+mod peers;
+mod task;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant as TokioInstant;
+
+use self::handler::Handler;
+use self::task::{run_engine, Core, CoreParts};
+use crate::config::Config;
+use crate::engine::{Admin, Engine, InitialState};
+use crate::error::{Error, StorageError};
+use crate::health::{HealthStatus, PeerStatus};
+use crate::log_store::LogStore;
+use crate::message::{Envelope, Request, Response};
+use crate::replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
+use crate::state_machine::StateMachine;
+use crate::transport::Transport;
+use crate::types::{
+    Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term,
+};
+
+/// Capacity of the engine task's input channel; callers wait (within their own
+/// deadlines) when it is full.
+const INPUT_QUEUE: usize = 4096;
+
+/// How a node with an empty data directory enters the cluster (as etcd's
+/// `initial-cluster-state`). A stored hard state is always used as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Create a new cluster: an empty store gets [`HardState::bootstrap`] (a voter).
+    NewCluster,
+    /// Join an existing cluster: an empty store gets [`HardState::joining`] (not a
+    /// voter until it has caught up).
+    JoinExisting,
+}
+
+/// Counters a node keeps about itself, read with [`Node::metrics`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Client writes acknowledged.
+    pub writes_acked: u64,
+    /// Client writes the engine failed (not leader, fenced, ...).
+    pub writes_failed: u64,
+    /// Linearizable reads served.
+    pub reads_served: u64,
+    /// Stale reads served from the local state machine.
+    pub stale_reads_served: u64,
+    /// Changes of role, term or known primary.
+    pub role_changes: u64,
+    /// Acknowledged writes discarded by a failover (async commit mode only).
+    pub discarded: u64,
+    /// State-machine snapshots taken and saved.
+    pub snapshots_taken: u64,
+    /// Requests received from peers.
+    pub peer_requests: u64,
+    /// Requests to peers that failed in the transport (the engine retries).
+    pub send_failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    writes_acked: AtomicU64,
+    writes_failed: AtomicU64,
+    reads_served: AtomicU64,
+    stale_reads_served: AtomicU64,
+    role_changes: AtomicU64,
+    discarded: AtomicU64,
+    snapshots_taken: AtomicU64,
+    peer_requests: AtomicU64,
+    send_failures: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn bump_write_acked(&self) {
+        bump(&self.writes_acked, 1)
+    }
+    fn bump_write_failed(&self) {
+        bump(&self.writes_failed, 1)
+    }
+    fn bump_read(&self) {
+        bump(&self.reads_served, 1)
+    }
+    fn bump_stale_read(&self) {
+        bump(&self.stale_reads_served, 1)
+    }
+    fn bump_role_change(&self) {
+        bump(&self.role_changes, 1)
+    }
+    fn add_discarded(&self, n: u64) {
+        bump(&self.discarded, n)
+    }
+    fn bump_snapshot(&self) {
+        bump(&self.snapshots_taken, 1)
+    }
+    fn bump_peer_request(&self) {
+        bump(&self.peer_requests, 1)
+    }
+    fn bump_send_failure(&self) {
+        bump(&self.send_failures, 1)
+    }
+
+    fn read(&self) -> Metrics {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Metrics {
+            writes_acked: r(&self.writes_acked),
+            writes_failed: r(&self.writes_failed),
+            reads_served: r(&self.reads_served),
+            stale_reads_served: r(&self.stale_reads_served),
+            role_changes: r(&self.role_changes),
+            discarded: r(&self.discarded),
+            snapshots_taken: r(&self.snapshots_taken),
+            peer_requests: r(&self.peer_requests),
+            send_failures: r(&self.send_failures),
+        }
+    }
+}
+
+/// A node's replication progress, published after every engine step (see
+/// [`Node::subscribe_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// False before start and after the node stopped (shutdown or storage failure).
+    pub running: bool,
+    /// The current role.
+    pub role: Role,
+    /// The current term.
+    pub term: Term,
+    /// The primary this node knows of (itself, if primary).
+    pub leader: Option<NodeId>,
+    /// The last position in the log.
+    pub last_position: Position,
+    /// The highest index known to be committed.
+    pub commit_index: LogIndex,
+    /// The highest index applied to the state machine.
+    pub applied_index: LogIndex,
+    /// True if this node is the primary and holds a lease (see
+    /// [`HealthStatus::writable`]).
+    pub writable: bool,
+    /// True while automatic failover is paused (or off in the config).
+    pub failover_paused: bool,
+}
+
+impl NodeStatus {
+    fn from_health(h: &HealthStatus, running: bool) -> Self {
+        NodeStatus {
+            running,
+            role: h.role,
+            term: h.term,
+            leader: h.leader,
+            last_position: h.last_position,
+            commit_index: h.commit_index,
+            applied_index: h.applied_index,
+            writable: h.writable,
+            failover_paused: h.failover_paused,
+        }
+    }
+}
+
+/// What the engine task publishes and every handle reads.
+struct Shared {
+    cfg: Config,
+    health: RwLock<HealthStatus>,
+    status: watch::Sender<NodeStatus>,
+    counters: Counters,
+    /// Set once a storage failure stopped the engine task.
+    failure: Mutex<Option<String>>,
+}
+
+/// An input to the engine task.
+enum Input {
+    Writes(Vec<(Command, oneshot::Sender<Result<WriteAck, Error>>)>),
+    Read {
+        query: Vec<u8>,
+        consistency: ReadConsistency,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    },
+    Admin {
+        admin: Admin,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    PeerRequest {
+        request: Envelope<Request>,
+        reply: oneshot::Sender<Envelope<Response>>,
+    },
+    PeerResponse(Envelope<Response>),
+}
+
+enum Lifecycle {
+    NotStarted,
+    Running {
+        inputs: mpsc::Sender<Input>,
+        stop: watch::Sender<bool>,
+        task: Option<JoinHandle<()>>,
+    },
+    Closed,
+}
+
+struct Inner<T: Transport, L: LogStore, S: StateMachine> {
+    shared: Arc<Shared>,
+    transport: Arc<T>,
+    store: Arc<L>,
+    bootstrap: Bootstrap,
+    seed: u64,
+    /// The state machine until `start` hands it to the engine task.
+    state_machine: Mutex<Option<S>>,
+    lifecycle: Mutex<Lifecycle>,
+    /// Serialises `start` calls (held across the start-up awaits; it guards nothing
+    /// the engine task uses).
+    start_lock: tokio::sync::Mutex<()>,
+    /// `pause_auto_failover` called before `start`.
+    paused_before_start: AtomicBool,
+}
+
+/// A replication node: the engine driven over a transport, a log store and a state
+/// machine. See the [module docs](self).
+///
+/// Cloning is cheap and every clone controls the same node. When the last clone is
+/// dropped without [`Replicator::shutdown`], the engine task stops as well.
+///
+/// Calls before [`Replicator::start`] fail with [`Error::NotReady`] (except
+/// [`Replicator::pause_auto_failover`], which is remembered and applied at start);
+/// after shutdown with [`Error::Closed`]; after a storage failure with
+/// [`Error::Storage`].
+pub struct Node<T: Transport, L: LogStore, S: StateMachine> {
+    inner: Arc<Inner<T, L, S>>,
+}
+
+impl<T: Transport, L: LogStore, S: StateMachine> Clone for Node<T, L, S> {
+    fn clone(&self) -> Self {
+        Node {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<T: Transport, L: LogStore, S: StateMachine> std::fmt::Debug for Node<T, L, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.inner.shared.health.read();
+        f.debug_struct("Node")
+            .field("id", &h.node_id)
+            .field("role", &h.role)
+            .field("term", &h.term)
+            .finish()
+    }
+}
+
+impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
+    /// Builds a node; nothing runs until [`Replicator::start`].
+    ///
+    /// `seed` feeds the engine's randomness (election jitter) and the reconnect
+    /// jitter; give each node a different one. Fails with [`Error::Rejected`] naming
+    /// the bad field if `config` does not validate.
+    pub fn new(
+        config: Config,
+        transport: T,
+        store: L,
+        state_machine: S,
+        bootstrap: Bootstrap,
+        seed: u64,
+    ) -> Result<Self, Error> {
+        config
+            .validate()
+            .map_err(|e| Error::Rejected(e.to_string()))?;
+        let (status, _) = watch::channel(NodeStatus::from_health(&initial_health(&config), false));
+        let shared = Arc::new(Shared {
+            health: RwLock::new(initial_health(&config)),
+            cfg: config,
+            status,
+            counters: Counters::default(),
+            failure: Mutex::new(None),
+        });
+        Ok(Node {
+            inner: Arc::new(Inner {
+                shared,
+                transport: Arc::new(transport),
+                store: Arc::new(store),
+                bootstrap,
+                seed,
+                state_machine: Mutex::new(Some(state_machine)),
+                lifecycle: Mutex::new(Lifecycle::NotStarted),
+                start_lock: tokio::sync::Mutex::new(()),
+                paused_before_start: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.shared.cfg
+    }
+
+    /// The transport this node runs over.
+    pub fn transport(&self) -> &T {
+        &self.inner.transport
+    }
+
+    /// The node's log store.
+    pub fn store(&self) -> &L {
+        &self.inner.store
+    }
+
+    /// The node's counters.
+    pub fn metrics(&self) -> Metrics {
+        self.inner.shared.counters.read()
+    }
+
+    /// The role as last published.
+    pub fn role(&self) -> Role {
+        self.inner.shared.health.read().role
+    }
+
+    /// The term as last published (the fencing token of writes acknowledged now).
+    pub fn term(&self) -> Term {
+        self.inner.shared.health.read().term
+    }
+
+    /// The replication progress as last published.
+    pub fn status(&self) -> NodeStatus {
+        *self.inner.shared.status.borrow()
+    }
+
+    /// A receiver that sees every change of [`NodeStatus`] (role, term, known
+    /// primary, log, commit and applied positions, writability, paused failover).
+    pub fn subscribe_status(&self) -> watch::Receiver<NodeStatus> {
+        self.inner.shared.status.subscribe()
+    }
+
+    /// Waits until the published [`NodeStatus`] satisfies `condition`, and returns
+    /// it; [`Error::Timeout`] after `timeout`. Works before start and after
+    /// shutdown too (the status then no longer changes).
+    pub async fn wait_status(
+        &self,
+        mut condition: impl FnMut(&NodeStatus) -> bool + Send,
+        timeout: Duration,
+    ) -> Result<NodeStatus, Error> {
+        let mut rx = self.inner.shared.status.subscribe();
+        let result = match tokio::time::timeout(timeout, rx.wait_for(|s| condition(s))).await {
+            Ok(Ok(status)) => Ok(*status),
+            // The sender lives as long as this node.
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        };
+        result
+    }
+
+    /// True between a successful [`Replicator::start`] and shutdown or a storage
+    /// failure.
+    pub fn is_running(&self) -> bool {
+        self.inputs().is_ok()
+    }
+
+    /// The engine task's channel, or why calls cannot be served.
+    fn inputs(&self) -> Result<mpsc::Sender<Input>, Error> {
+        let failure = self.inner.shared.failure.lock().clone();
+        let lifecycle = self.inner.lifecycle.lock();
+        if matches!(*lifecycle, Lifecycle::Closed) {
+            return Err(Error::Closed);
+        }
+        if let Some(msg) = failure {
+            return Err(Error::Storage(msg));
+        }
+        match &*lifecycle {
+            Lifecycle::NotStarted => Err(Error::NotReady),
+            Lifecycle::Running { inputs, .. } => Ok(inputs.clone()),
+            Lifecycle::Closed => Err(Error::Closed),
+        }
+    }
+
+    /// Why a call's reply channel was dropped: a storage failure or a shutdown.
+    fn stopped_error(&self) -> Error {
+        // Never both locks at once.
+        let failure = self.inner.shared.failure.lock().clone();
+        let closed = matches!(*self.inner.lifecycle.lock(), Lifecycle::Closed);
+        match failure {
+            Some(msg) if !closed => Error::Storage(msg),
+            _ => Error::Closed,
+        }
+    }
+
+    /// Sends `input` to the engine task and waits for the reply on `answer`, both
+    /// before `deadline`.
+    async fn call<R>(
+        &self,
+        input: Input,
+        answer: oneshot::Receiver<Result<R, Error>>,
+        deadline: TokioInstant,
+    ) -> Result<R, Error> {
+        let inputs = self.inputs()?;
+        match tokio::time::timeout_at(deadline, inputs.send(input)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(self.stopped_error()),
+            Err(_) => return Err(Error::Timeout),
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.stopped_error()),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    async fn admin(&self, admin: Admin, timeout: Duration) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        let deadline = TokioInstant::now() + timeout;
+        self.call(
+            Input::Admin {
+                admin,
+                reply: Some(reply),
+            },
+            answer,
+            deadline,
+        )
+        .await
+    }
+
+    /// Sends an operator command without waiting for its outcome (for the
+    /// synchronous pause/resume methods).
+    fn admin_detached(&self, admin: Admin) {
+        let inputs = match self.inputs() {
+            Ok(inputs) => inputs,
+            Err(Error::NotReady) => {
+                // Remembered and applied at start.
+                self.inner
+                    .paused_before_start
+                    .store(admin == Admin::PauseFailover, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.node_id(), ?admin, error = %e, "operator command ignored");
+                return;
+            }
+        };
+        match inputs.try_send(Input::Admin { admin, reply: None }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            let _ = inputs.send(input).await;
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(node = %self.node_id(), ?admin, "input queue full; operator command dropped")
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    async fn start_inner(&self) -> Result<(), Error> {
+        let inner = &*self.inner;
+        let _serialised = inner.start_lock.lock().await;
+        match self.inputs() {
+            Ok(_) => return Ok(()),
+            Err(Error::NotReady) => {}
+            Err(e) => return Err(e),
+        }
+        let cfg = &inner.shared.cfg;
+        let stored = inner.store.load().await.map_err(storage)?;
+        let hard_state = match stored.hard_state {
+            Some(hs) => hs,
+            None => {
+                let hs = match inner.bootstrap {
+                    Bootstrap::NewCluster => HardState::bootstrap(),
+                    Bootstrap::JoinExisting => HardState::joining(),
+                };
+                inner
+                    .store
+                    .save_hard_state(hs.clone())
+                    .await
+                    .map_err(storage)?;
+                hs
+            }
+        };
+        let Some(mut sm) = inner.state_machine.lock().take() else {
+            return Err(Error::Closed);
+        };
+        // Bring the state machine up to the stored snapshot; a persistent state
+        // machine that is further along skips what it already applied.
+        if let Some(snap) = &stored.snapshot {
+            if sm.applied_index() < snap.last_included.index {
+                if let Err(e) = sm.restore(snap.last_included.index, &snap.data) {
+                    *inner.state_machine.lock() = Some(sm);
+                    return Err(storage(e));
+                }
+            }
+        }
+        let empty_state = if sm.applied_index() == LogIndex::ZERO {
+            sm.snapshot().ok()
+        } else {
+            None
+        };
+
+        let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
+        let handler = Arc::new(Handler {
+            inputs: inputs.clone(),
+            shared: Arc::clone(&inner.shared),
+            timeout: cfg.rpc_timeout,
+        });
+        if let Err(e) = inner.transport.listen(handler).await {
+            *inner.state_machine.lock() = Some(sm);
+            return Err(Error::Rejected(format!(
+                "cannot listen on {}: {e}",
+                cfg.bind_addr
+            )));
+        }
+        if inner.paused_before_start.load(Ordering::SeqCst) {
+            let _ = inputs.try_send(Input::Admin {
+                admin: Admin::PauseFailover,
+                reply: None,
+            });
+        }
+
+        let origin = TokioInstant::now();
+        let init = InitialState {
+            hard_state,
+            snapshot: stored.snapshot,
+            entries: stored.entries,
+        };
+        let engine = Engine::new(cfg.clone(), init, Instant(0), inner.seed);
+        let core = Core::new(CoreParts {
+            engine,
+            sm,
+            store: Arc::clone(&inner.store),
+            transport: Arc::clone(&inner.transport),
+            shared: Arc::clone(&inner.shared),
+            origin,
+            inputs: inputs.clone(),
+            empty_state,
+            seed: inner.seed,
+        });
+        core.publish();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_engine(core, rx, stop_rx));
+        let mut lifecycle = inner.lifecycle.lock();
+        if matches!(*lifecycle, Lifecycle::Closed) {
+            // Shut down while starting: the task stops and closes the transport.
+            let _ = stop.send(true);
+            return Err(Error::Closed);
+        }
+        *lifecycle = Lifecycle::Running {
+            inputs,
+            stop,
+            task: Some(task),
+        };
+        tracing::info!(node = %cfg.node_id, kind = ?cfg.kind, "started");
+        Ok(())
+    }
+
+    async fn shutdown_inner(&self) -> Result<(), Error> {
+        let previous = std::mem::replace(&mut *self.inner.lifecycle.lock(), Lifecycle::Closed);
+        match previous {
+            Lifecycle::Closed => Ok(()),
+            Lifecycle::NotStarted => {
+                self.inner.transport.close().await;
+                Ok(())
+            }
+            Lifecycle::Running { inputs, stop, task } => {
+                let _ = stop.send(true);
+                drop(inputs);
+                if let Some(task) = task {
+                    // The task fails pending calls, stops the peer senders and
+                    // closes the transport.
+                    if let Err(e) = task.await {
+                        tracing::warn!(node = %self.node_id(), error = %e, "engine task ended abnormally");
+                    }
+                }
+                self.inner.transport.close().await;
+                tracing::info!(node = %self.node_id(), "shut down");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn storage(e: StorageError) -> Error {
+    Error::Storage(e.to_string())
+}
+
+fn member_role(cfg: &Config, voter: bool) -> Role {
+    match (cfg.kind, voter) {
+        (MemberKind::Witness, _) => Role::Witness,
+        (MemberKind::Data, true) => Role::Standby,
+        (MemberKind::Data, false) => Role::Learner,
+    }
+}
+
+/// The status reported before the node started.
+fn initial_health(cfg: &Config) -> HealthStatus {
+    HealthStatus {
+        node_id: cfg.node_id,
+        role: member_role(cfg, true),
+        term: Term::ZERO,
+        leader: None,
+        writable: false,
+        commit_mode: cfg.commit_mode,
+        last_position: Position::ZERO,
+        commit_index: LogIndex::ZERO,
+        applied_index: LogIndex::ZERO,
+        lag: 0,
+        degraded: false,
+        failover_paused: !cfg.auto_failover_enabled(),
+        peers: cfg
+            .peers
+            .iter()
+            .map(|m| PeerStatus {
+                id: m.id,
+                addr: m.addr.clone(),
+                kind: m.kind,
+                healthy: false,
+                last_contact: None,
+                match_index: None,
+            })
+            .collect(),
+    }
+}
+
+/// The status reported after the node stopped: its last state, leading nothing.
+fn stopped_health(cfg: &Config, last: &HealthStatus) -> HealthStatus {
+    let mut h = last.clone();
+    h.role = member_role(cfg, last.role != Role::Learner);
+    h.leader = None;
+    h.writable = false;
+    h.degraded = false;
+    for p in &mut h.peers {
+        p.healthy = false;
+        p.match_index = None;
+    }
+    h
+}
+
+impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {
+    fn start(&self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.start_inner()
+    }
+
+    async fn apply(&self, command: Command, timeout: Duration) -> Result<WriteAck, Error> {
+        let deadline = TokioInstant::now() + timeout;
+        let (reply, answer) = oneshot::channel();
+        self.call(Input::Writes(vec![(command, reply)]), answer, deadline)
+            .await
+    }
+
+    async fn apply_batch(
+        &self,
+        commands: Vec<Command>,
+        timeout: Duration,
+    ) -> Vec<Result<WriteAck, Error>> {
+        let deadline = TokioInstant::now() + timeout;
+        let n = commands.len();
+        let inputs = match self.inputs() {
+            Ok(inputs) => inputs,
+            Err(e) => return vec![Err(e); n],
+        };
+        let mut batch = Vec::with_capacity(n);
+        let mut answers = Vec::with_capacity(n);
+        for command in commands {
+            let (reply, answer) = oneshot::channel();
+            batch.push((command, reply));
+            answers.push(answer);
+        }
+        match tokio::time::timeout_at(deadline, inputs.send(Input::Writes(batch))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return vec![Err(self.stopped_error()); n],
+            Err(_) => return vec![Err(Error::Timeout); n],
+        }
+        let mut results = Vec::with_capacity(n);
+        for answer in answers {
+            results.push(match tokio::time::timeout_at(deadline, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(self.stopped_error()),
+                Err(_) => Err(Error::Timeout),
+            });
+        }
+        results
+    }
+
+    async fn read(
+        &self,
+        query: Vec<u8>,
+        consistency: ReadConsistency,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, Error> {
+        let deadline = TokioInstant::now() + timeout;
+        let (reply, answer) = oneshot::channel();
+        self.call(
+            Input::Read {
+                query,
+                consistency,
+                reply,
+            },
+            answer,
+            deadline,
+        )
+        .await
+    }
+
+    fn is_leader(&self) -> bool {
+        self.inner.shared.health.read().role == Role::Primary
+    }
+
+    fn leader_addr(&self) -> Option<String> {
+        let cfg = &self.inner.shared.cfg;
+        let leader = self.leader_id()?;
+        if leader == cfg.node_id {
+            Some(cfg.advertise_addr.clone())
+        } else {
+            cfg.member(leader).map(|m| m.addr.clone())
+        }
+    }
+
+    fn leader_id(&self) -> Option<NodeId> {
+        self.inner.shared.health.read().leader
+    }
+
+    fn health(&self) -> HealthStatus {
+        self.inner.shared.health.read().clone()
+    }
+
+    async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, Error> {
+        let mut status = self.inner.shared.status.subscribe();
+        let wait = async {
+            loop {
+                self.inputs()?;
+                let current = *status.borrow_and_update();
+                if !current.running {
+                    return Err(self.stopped_error());
+                }
+                if let Some(id) = current.leader {
+                    return Ok(id);
+                }
+                if status.changed().await.is_err() {
+                    return Err(self.stopped_error());
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(Error::Timeout))
+    }
+
+    async fn promote(&self, options: PromoteOptions) -> Result<(), Error> {
+        let admin = if options.force_without_quorum_may_lose_data {
+            Admin::ForcePromote
+        } else {
+            Admin::Promote
+        };
+        // The engine ends an election by itself (won, lost or timed out); this
+        // bound only guards against waiting forever.
+        let cfg = &self.inner.shared.cfg;
+        let bound = (cfg.failover_timeout + cfg.failover_jitter) * 4 + cfg.rpc_timeout;
+        self.admin(admin, bound).await
+    }
+
+    fn switchover(&self, timeout: Duration) -> impl Future<Output = Result<(), Error>> + Send {
+        self.admin(Admin::Switchover, timeout)
+    }
+
+    fn pause_auto_failover(&self) {
+        self.admin_detached(Admin::PauseFailover)
+    }
+
+    fn resume_auto_failover(&self) {
+        self.admin_detached(Admin::ResumeFailover)
+    }
+
+    fn shutdown(&self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.shutdown_inner()
+    }
+
+    fn mode(&self) -> ReplicationMode {
+        ReplicationMode::HotStandby
+    }
+
+    fn node_id(&self) -> NodeId {
+        self.inner.shared.cfg.node_id
+    }
+}

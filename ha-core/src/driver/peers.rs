@@ -1,0 +1,286 @@
+//! Outgoing traffic: one cached connection per peer, reconnects with exponential
+//! backoff and jitter, an ordered sender task per peer for the WAL channel, and
+//! independent tasks for control requests so they never wait behind WAL data.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::time::Instant as TokioInstant;
+
+use super::futures::FutureSet;
+use super::{Input, Shared};
+use crate::config::{Config, Member};
+use crate::error::TransportError;
+use crate::message::{Envelope, Request, Response};
+use crate::transport::{PeerConnection, Transport};
+
+/// Reconnect pacing for one peer.
+#[derive(Debug)]
+struct Backoff {
+    /// The current backoff step; zero while the last attempt succeeded.
+    step: Duration,
+    /// No new attempt before this instant.
+    retry_at: Option<TokioInstant>,
+    /// xorshift state for the jitter.
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(seed: u64) -> Self {
+        Backoff {
+            step: Duration::ZERO,
+            retry_at: None,
+            rng: seed | 1,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    /// Records a failed attempt: the step doubles from `base` up to `max`, and the
+    /// next attempt waits a random time in `[step / 2, step]` (never below `base`).
+    fn failed(&mut self, now: TokioInstant, base: Duration, max: Duration) -> Duration {
+        self.step = if self.step.is_zero() {
+            base
+        } else {
+            self.step.saturating_mul(2).min(max)
+        };
+        let half = self.step / 2;
+        let span = u64::try_from(half.as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let jitter = Duration::from_nanos(self.random() % span);
+        let wait = (half + jitter).clamp(base, max);
+        self.retry_at = Some(now + wait);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        self.step = Duration::ZERO;
+        self.retry_at = None;
+    }
+}
+
+/// Everything the driver knows about reaching one peer.
+pub(super) struct PeerLink<T: Transport> {
+    member: Member,
+    transport: Arc<T>,
+    shared: Arc<Shared>,
+    rpc_timeout: Duration,
+    reconnect_interval: Duration,
+    max_backoff: Duration,
+    conn: Mutex<Option<Arc<T::Conn>>>,
+    backoff: Mutex<Backoff>,
+    /// Serialises connection attempts so concurrent senders do not stampede.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl<T: Transport> PeerLink<T> {
+    pub(super) fn new(
+        member: Member,
+        transport: Arc<T>,
+        shared: Arc<Shared>,
+        cfg: &Config,
+        seed: u64,
+    ) -> Self {
+        let jitter_seed = seed ^ member.id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cfg.node_id.0;
+        PeerLink {
+            member,
+            transport,
+            shared,
+            rpc_timeout: cfg.rpc_timeout,
+            reconnect_interval: cfg.reconnect_interval,
+            max_backoff: cfg.max_reconnect_backoff,
+            conn: Mutex::new(None),
+            backoff: Mutex::new(Backoff::new(jitter_seed)),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn cached(&self) -> Option<Arc<T::Conn>> {
+        self.conn
+            .lock()
+            .as_ref()
+            .filter(|c| c.is_connected())
+            .cloned()
+    }
+
+    /// The cached connection, or a new one. While backing off after a failed
+    /// attempt this fails at once instead of waiting: the engine retries by itself.
+    async fn connection(&self) -> Result<Arc<T::Conn>, TransportError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let peer = self.member.id;
+        let now = TokioInstant::now();
+        if self.backoff.lock().retry_at.is_some_and(|at| now < at) {
+            return Err(TransportError::Unreachable(
+                peer,
+                "backing off after a failed connection attempt".into(),
+            ));
+        }
+        let result = match tokio::time::timeout(
+            self.rpc_timeout,
+            self.transport.connect(&self.member),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout(peer)),
+        };
+        match result {
+            Ok(conn) => {
+                let conn = Arc::new(conn);
+                if let Some(old) = self.conn.lock().replace(Arc::clone(&conn)) {
+                    old.close();
+                }
+                self.backoff.lock().succeeded();
+                tracing::debug!(node = %self.shared.cfg.node_id, %peer, "connected");
+                Ok(conn)
+            }
+            Err(e) => {
+                let wait = self.backoff.lock().failed(
+                    TokioInstant::now(),
+                    self.reconnect_interval,
+                    self.max_backoff,
+                );
+                tracing::debug!(node = %self.shared.cfg.node_id, %peer, error = %e, ?wait, "connection attempt failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends one request on `conn` with the RPC deadline.
+    async fn call(
+        &self,
+        conn: &T::Conn,
+        request: Envelope<Request>,
+    ) -> Result<Envelope<Response>, TransportError> {
+        let peer = self.member.id;
+        match tokio::time::timeout(self.rpc_timeout, conn.call(request, self.rpc_timeout)).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout(peer)),
+        }
+    }
+
+    /// Logs a failed call; drops the connection if it is broken. Returns true if the
+    /// connection must be replaced.
+    fn failed(
+        &self,
+        conn: Option<&Arc<T::Conn>>,
+        kind: &'static str,
+        error: &TransportError,
+    ) -> bool {
+        self.shared.counters.bump_send_failure();
+        tracing::debug!(node = %self.shared.cfg.node_id, peer = %self.member.id, kind, %error, "request failed");
+        let Some(conn) = conn else { return false };
+        let broken = matches!(
+            error,
+            TransportError::Unreachable(..) | TransportError::Closed
+        ) || !conn.is_connected();
+        if broken {
+            let mut slot = self.conn.lock();
+            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                *slot = None;
+            }
+            drop(slot);
+            conn.close();
+        }
+        broken
+    }
+
+    /// Closes the cached connection, if any.
+    pub(super) fn close(&self) {
+        if let Some(c) = self.conn.lock().take() {
+            c.close();
+        }
+    }
+}
+
+/// Sends a control request on its own task: it never waits behind WAL data.
+pub(super) fn spawn_control<T: Transport>(
+    link: Arc<PeerLink<T>>,
+    request: Envelope<Request>,
+    inputs: mpsc::Sender<Input>,
+) {
+    tokio::spawn(async move {
+        let kind = request.body.kind();
+        let conn = match link.connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                link.failed(None, kind, &e);
+                return;
+            }
+        };
+        match link.call(&conn, request).await {
+            Ok(response) => {
+                // The engine may have stopped; then nobody needs the answer.
+                let _ = inputs.send(Input::PeerResponse(response)).await;
+            }
+            Err(e) => {
+                link.failed(Some(&conn), kind, &e);
+            }
+        }
+    });
+}
+
+/// The WAL sender of one peer: issues requests in the order the engine emitted
+/// them (the transport delivers WAL requests in call order), keeps several in
+/// flight, and feeds every response back to the engine. Requests queued while the
+/// peer is unreachable are dropped: the engine resends from its own state.
+pub(super) async fn wal_sender<T: Transport>(
+    link: Arc<PeerLink<T>>,
+    mut queue: mpsc::UnboundedReceiver<Envelope<Request>>,
+    inputs: mpsc::Sender<Input>,
+) {
+    'connect: loop {
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let conn = match link.connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                link.failed(None, first.body.kind(), &e);
+                while queue.try_recv().is_ok() {}
+                continue 'connect;
+            }
+        };
+        let mut inflight: FutureSet<'_, &'static str, _> = FutureSet::new();
+        inflight.push(first.body.kind(), Box::pin(link.call(&conn, first)));
+        loop {
+            tokio::select! {
+                biased;
+                (kind, result) = poll_fn(|cx| inflight.poll_any(cx)), if !inflight.is_empty() => match result {
+                    Ok(response) => {
+                        if inputs.send(Input::PeerResponse(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        if link.failed(Some(&conn), kind, &e) {
+                            // Outstanding calls on the broken connection are dropped.
+                            continue 'connect;
+                        }
+                    }
+                },
+                next = queue.recv() => match next {
+                    Some(request) => inflight.push(request.body.kind(), Box::pin(link.call(&conn, request))),
+                    None => return,
+                },
+            }
+        }
+    }
+}
