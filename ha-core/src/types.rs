@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// A cluster member's identity. In a TLS deployment it is also the name in the
 /// member's certificate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct NodeId(pub u64);
 
 impl fmt::Display for NodeId {
@@ -24,7 +26,9 @@ impl fmt::Display for NodeId {
 /// Ordered by number first, then node. Because the node is part of the term, two
 /// primaries can never write entries that look alike, even after a forced promotion
 /// (DESIGN.md section 3, "Terms, votes, start-up"): a position names its writer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Term {
     /// The election number; each election raises it by one.
     pub number: u64,
@@ -34,11 +38,17 @@ pub struct Term {
 
 impl Term {
     /// The term every fresh cluster starts in; nobody leads it.
-    pub const ZERO: Term = Term { number: 0, node: NodeId(0) };
+    pub const ZERO: Term = Term {
+        number: 0,
+        node: NodeId(0),
+    };
 
     /// The next term that `node` would campaign in.
     pub fn next_for(self, node: NodeId) -> Term {
-        Term { number: self.number + 1, node }
+        Term {
+            number: self.number + 1,
+            node,
+        }
     }
 }
 
@@ -50,7 +60,9 @@ impl fmt::Display for Term {
 
 /// The index of an entry in the write-ahead log. Index 0 is the empty log's position;
 /// the first entry has index 1.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct LogIndex(pub u64);
 
 impl LogIndex {
@@ -76,7 +88,9 @@ impl fmt::Display for LogIndex {
 
 /// A WAL position: the term an entry was written in and its index. Compared term
 /// first, so a position written by a later primary is always greater.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Position {
     /// The term the entry was written in.
     pub term: Term,
@@ -86,7 +100,10 @@ pub struct Position {
 
 impl Position {
     /// The position of the empty log.
-    pub const ZERO: Position = Position { term: Term::ZERO, index: LogIndex::ZERO };
+    pub const ZERO: Position = Position {
+        term: Term::ZERO,
+        index: LogIndex::ZERO,
+    };
 
     /// Builds a position.
     pub fn new(term: Term, index: LogIndex) -> Self {
@@ -141,7 +158,11 @@ impl WalEntry {
     /// Builds an entry and computes its checksum.
     pub fn new(position: Position, payload: Payload) -> Self {
         let checksum = Self::compute_checksum(&position, &payload);
-        WalEntry { position, payload, checksum }
+        WalEntry {
+            position,
+            payload,
+            checksum,
+        }
     }
 
     /// A no-op entry at `position`.
@@ -260,12 +281,22 @@ pub struct HardState {
 impl HardState {
     /// The state of a node created by an explicit bootstrap.
     pub fn bootstrap() -> Self {
-        HardState { current_term: Term::ZERO, voted_for: None, voter: true, floors: Vec::new() }
+        HardState {
+            current_term: Term::ZERO,
+            voted_for: None,
+            voter: true,
+            floors: Vec::new(),
+        }
     }
 
     /// The state of a node that joins an existing cluster with an empty directory.
     pub fn joining() -> Self {
-        HardState { current_term: Term::ZERO, voted_for: None, voter: false, floors: Vec::new() }
+        HardState {
+            current_term: Term::ZERO,
+            voted_for: None,
+            voter: false,
+            floors: Vec::new(),
+        }
     }
 
     /// The floor recorded for `node`, or the empty position.
@@ -302,8 +333,11 @@ pub struct Instant(pub u64);
 
 impl Instant {
     /// `self + d`, saturating.
-    pub fn add(self, d: std::time::Duration) -> Instant {
-        Instant(self.0.saturating_add(d.as_nanos().min(u64::MAX as u128) as u64))
+    pub fn plus(self, d: std::time::Duration) -> Instant {
+        Instant(
+            self.0
+                .saturating_add(d.as_nanos().min(u64::MAX as u128) as u64),
+        )
     }
 
     /// Time from `earlier` to `self`, zero if `earlier` is later.
@@ -318,16 +352,37 @@ mod tests {
 
     #[test]
     fn positions_compare_term_first() {
-        let a = Position::new(Term { number: 2, node: NodeId(1) }, LogIndex(1));
-        let b = Position::new(Term { number: 1, node: NodeId(2) }, LogIndex(100));
+        let a = Position::new(
+            Term {
+                number: 2,
+                node: NodeId(1),
+            },
+            LogIndex(1),
+        );
+        let b = Position::new(
+            Term {
+                number: 1,
+                node: NodeId(2),
+            },
+            LogIndex(100),
+        );
         assert!(a > b);
-        let c = Position::new(Term { number: 2, node: NodeId(2) }, LogIndex(1));
+        let c = Position::new(
+            Term {
+                number: 2,
+                node: NodeId(2),
+            },
+            LogIndex(1),
+        );
         assert!(c > a, "same number, higher node id is a later term");
     }
 
     #[test]
     fn checksum_detects_a_changed_payload() {
-        let mut e = WalEntry::new(Position::new(Term::ZERO, LogIndex(1)), Payload::Command(Command(vec![1, 2])));
+        let mut e = WalEntry::new(
+            Position::new(Term::ZERO, LogIndex(1)),
+            Payload::Command(Command(vec![1, 2])),
+        );
         assert!(e.verify());
         e.payload = Payload::Command(Command(vec![1, 3]));
         assert!(!e.verify());
@@ -336,8 +391,20 @@ mod tests {
     #[test]
     fn floors_never_go_down() {
         let mut hs = HardState::bootstrap();
-        let hi = Position::new(Term { number: 3, node: NodeId(1) }, LogIndex(9));
-        let lo = Position::new(Term { number: 3, node: NodeId(1) }, LogIndex(4));
+        let hi = Position::new(
+            Term {
+                number: 3,
+                node: NodeId(1),
+            },
+            LogIndex(9),
+        );
+        let lo = Position::new(
+            Term {
+                number: 3,
+                node: NodeId(1),
+            },
+            LogIndex(4),
+        );
         assert!(hs.raise_floor(NodeId(2), hi));
         assert!(!hs.raise_floor(NodeId(2), lo));
         assert_eq!(hs.floor(NodeId(2)), hi);

@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use ha_core::engine::{Action, Admin, Engine, Event, InitialState};
 use ha_core::message::{
-    AckResult, Envelope, Fence, Heartbeat, Promote, RaiseFloor, Request, Response, VoteRequest, WalBatch,
+    AckResult, Envelope, Fence, Heartbeat, Promote, RaiseFloor, Request, Response, VoteRequest,
+    WalBatch,
 };
-use ha_core::{Command, Config, HardState, Instant, LogIndex, Member, MemberKind, NodeId, Payload, Position, Role, Term, WalEntry};
+use ha_core::{
+    Command, Config, HardState, Instant, LogIndex, Member, MemberKind, NodeId, Payload, Position,
+    Role, Term, WalEntry,
+};
 
 const N1: NodeId = NodeId(1);
 const N2: NodeId = NodeId(2);
@@ -15,13 +19,29 @@ const W: NodeId = NodeId(3);
 const OUTSIDER: NodeId = NodeId(9);
 
 fn member(id: NodeId) -> Member {
-    let kind = if id == W { MemberKind::Witness } else { MemberKind::Data };
-    Member { id, addr: format!("127.0.0.1:{}", 7000 + id.0), kind }
+    let kind = if id == W {
+        MemberKind::Witness
+    } else {
+        MemberKind::Data
+    };
+    Member {
+        id,
+        addr: format!("127.0.0.1:{}", 7000 + id.0),
+        kind,
+    }
 }
 
 fn config(id: NodeId) -> Config {
-    let kind = if id == W { MemberKind::Witness } else { MemberKind::Data };
-    let peers = [N1, N2, W].into_iter().filter(|p| *p != id).map(member).collect();
+    let kind = if id == W {
+        MemberKind::Witness
+    } else {
+        MemberKind::Data
+    };
+    let peers = [N1, N2, W]
+        .into_iter()
+        .filter(|p| *p != id)
+        .map(member)
+        .collect();
     Config::new(id, kind, format!("127.0.0.1:{}", 7000 + id.0), peers)
 }
 
@@ -34,11 +54,23 @@ fn term(n: u64, node: NodeId) -> Term {
 }
 
 fn entry(t: Term, i: u64) -> WalEntry {
-    WalEntry::new(Position::new(t, LogIndex(i)), Payload::Command(Command(vec![i as u8])))
+    WalEntry::new(
+        Position::new(t, LogIndex(i)),
+        Payload::Command(Command(vec![i as u8])),
+    )
 }
 
 fn engine_with(id: NodeId, hs: HardState, entries: Vec<WalEntry>) -> Engine {
-    Engine::new(config(id), InitialState { hard_state: hs, snapshot: None, entries }, ms(0), 7)
+    Engine::new(
+        config(id),
+        InitialState {
+            hard_state: hs,
+            snapshot: None,
+            entries,
+        },
+        ms(0),
+        7,
+    )
 }
 
 fn fresh(id: NodeId) -> Engine {
@@ -46,7 +78,13 @@ fn fresh(id: NodeId) -> Engine {
 }
 
 fn req(from: NodeId, to: NodeId, t: Term, rid: u64, body: Request) -> Event {
-    Event::Request(Envelope { from, to, term: t, request_id: rid, body })
+    Event::Request(Envelope {
+        from,
+        to,
+        term: t,
+        request_id: rid,
+        body,
+    })
 }
 
 fn responses(actions: &[Action]) -> Vec<Envelope<Response>> {
@@ -70,7 +108,12 @@ fn sent(actions: &[Action]) -> Vec<Envelope<Request>> {
 }
 
 fn vote_req(pre_vote: bool, campaign: Term, last: Position) -> Request {
-    Request::Vote(VoteRequest { pre_vote, campaign_term: campaign, last, transfer: false })
+    Request::Vote(VoteRequest {
+        pre_vote,
+        campaign_term: campaign,
+        last,
+        transfer: false,
+    })
 }
 
 fn granted(actions: &[Action]) -> Option<bool> {
@@ -81,7 +124,11 @@ fn granted(actions: &[Action]) -> Option<bool> {
 }
 
 fn batch(prev: Position, entries: Vec<WalEntry>, commit: u64) -> Request {
-    Request::WalBatch(WalBatch { prev, entries, commit: LogIndex(commit) })
+    Request::WalBatch(WalBatch {
+        prev,
+        entries,
+        commit: LogIndex(commit),
+    })
 }
 
 fn wal_ack(actions: &[Action]) -> Option<AckResult> {
@@ -97,7 +144,10 @@ fn elected_n1() -> Engine {
     let t0 = ms(400);
     e.step(t0, Event::Tick);
     let pre = sent(&e.take_actions());
-    let pv = pre.iter().find(|s| s.to == W).expect("pre-vote sent to the witness");
+    let pv = pre
+        .iter()
+        .find(|s| s.to == W)
+        .expect("pre-vote sent to the witness");
     e.step(
         t0,
         Event::Response(Envelope {
@@ -114,7 +164,10 @@ fn elected_n1() -> Engine {
     );
     let acts = e.take_actions();
     assert!(acts.iter().any(|a| matches!(a, Action::PersistHardState(hs) if hs.current_term == term(1, N1) && hs.voted_for == Some(N1))));
-    let v = sent(&acts).into_iter().find(|s| s.to == W).expect("vote sent to the witness");
+    let v = sent(&acts)
+        .into_iter()
+        .find(|s| s.to == W)
+        .expect("vote sent to the witness");
     e.step(
         t0,
         Event::Response(Envelope {
@@ -138,19 +191,50 @@ fn every_node_starts_as_follower_and_waits_one_election_timeout() {
     let mut e = fresh(N1);
     assert_eq!(e.role(), Role::Standby);
     e.step(ms(100), Event::Tick);
-    assert!(sent(&e.take_actions()).is_empty(), "no campaign inside the start-up window");
-    e.step(ms(100), req(N2, N1, term(1, N2), 1, vote_req(false, term(1, N2), Position::ZERO)));
-    assert_eq!(granted(&e.take_actions()), Some(false), "no vote inside the start-up window");
-    assert_eq!(e.term(), Term::ZERO, "a refused vote inside the window does not adopt the term");
+    assert!(
+        sent(&e.take_actions()).is_empty(),
+        "no campaign inside the start-up window"
+    );
+    e.step(
+        ms(100),
+        req(
+            N2,
+            N1,
+            term(1, N2),
+            1,
+            vote_req(false, term(1, N2), Position::ZERO),
+        ),
+    );
+    assert_eq!(
+        granted(&e.take_actions()),
+        Some(false),
+        "no vote inside the start-up window"
+    );
+    assert_eq!(
+        e.term(),
+        Term::ZERO,
+        "a refused vote inside the window does not adopt the term"
+    );
 }
 
 #[test]
 fn pre_vote_changes_no_term_or_vote() {
     let mut e = fresh(W);
-    e.step(ms(400), req(N2, W, Term::ZERO, 1, vote_req(true, term(1, N2), Position::ZERO)));
+    e.step(
+        ms(400),
+        req(
+            N2,
+            W,
+            Term::ZERO,
+            1,
+            vote_req(true, term(1, N2), Position::ZERO),
+        ),
+    );
     let acts = e.take_actions();
     assert_eq!(granted(&acts), Some(true));
-    assert!(!acts.iter().any(|a| matches!(a, Action::PersistHardState(_))));
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::PersistHardState(_))));
     assert_eq!(e.term(), Term::ZERO);
     assert_eq!(e.hard_state().voted_for, None);
 }
@@ -158,65 +242,208 @@ fn pre_vote_changes_no_term_or_vote() {
 #[test]
 fn vote_is_persisted_before_the_reply_and_given_once_per_term() {
     let mut e = fresh(W);
-    e.step(ms(400), req(N2, W, term(1, N2), 1, vote_req(false, term(1, N2), Position::ZERO)));
+    e.step(
+        ms(400),
+        req(
+            N2,
+            W,
+            term(1, N2),
+            1,
+            vote_req(false, term(1, N2), Position::ZERO),
+        ),
+    );
     let acts = e.take_actions();
-    let persist = acts.iter().position(|a| matches!(a, Action::PersistHardState(hs) if hs.voted_for == Some(N2)));
+    let persist = acts
+        .iter()
+        .position(|a| matches!(a, Action::PersistHardState(hs) if hs.voted_for == Some(N2)));
     let reply = acts.iter().position(|a| matches!(a, Action::Respond(_)));
-    assert!(persist.is_some() && reply.is_some() && persist < reply, "persist before reply: {acts:?}");
+    assert!(
+        persist.is_some() && reply.is_some() && persist < reply,
+        "persist before reply: {acts:?}"
+    );
     assert_eq!(granted(&acts), Some(true));
     // Same term, another candidate cannot exist (the term names n2); a repeat is fine.
-    e.step(ms(401), req(N2, W, term(1, N2), 2, vote_req(false, term(1, N2), Position::ZERO)));
-    assert_eq!(granted(&e.take_actions()), Some(true), "a repeated request from the same candidate");
+    e.step(
+        ms(401),
+        req(
+            N2,
+            W,
+            term(1, N2),
+            2,
+            vote_req(false, term(1, N2), Position::ZERO),
+        ),
+    );
+    assert_eq!(
+        granted(&e.take_actions()),
+        Some(true),
+        "a repeated request from the same candidate"
+    );
 }
 
 #[test]
 fn data_node_refuses_a_candidate_with_a_shorter_log() {
     let t1 = term(1, N1);
-    let mut e = engine_with(N2, HardState { current_term: t1, ..HardState::bootstrap() }, vec![entry(t1, 1), entry(t1, 2)]);
-    e.step(ms(400), req(N1, N2, term(2, N1), 1, vote_req(false, term(2, N1), Position::new(t1, LogIndex(1)))));
+    let mut e = engine_with(
+        N2,
+        HardState {
+            current_term: t1,
+            ..HardState::bootstrap()
+        },
+        vec![entry(t1, 1), entry(t1, 2)],
+    );
+    e.step(
+        ms(400),
+        req(
+            N1,
+            N2,
+            term(2, N1),
+            1,
+            vote_req(false, term(2, N1), Position::new(t1, LogIndex(1))),
+        ),
+    );
     assert_eq!(granted(&e.take_actions()), Some(false));
-    e.step(ms(401), req(N1, N2, term(3, N1), 2, vote_req(false, term(3, N1), Position::new(t1, LogIndex(2)))));
+    e.step(
+        ms(401),
+        req(
+            N1,
+            N2,
+            term(3, N1),
+            2,
+            vote_req(false, term(3, N1), Position::new(t1, LogIndex(2))),
+        ),
+    );
     assert_eq!(granted(&e.take_actions()), Some(true));
 }
 
 #[test]
 fn witness_grants_only_to_a_candidate_at_or_above_its_floor() {
     let t1 = term(1, N1);
-    let mut hs = HardState { current_term: t1, ..HardState::bootstrap() };
+    let mut hs = HardState {
+        current_term: t1,
+        ..HardState::bootstrap()
+    };
     hs.raise_floor(N2, Position::new(t1, LogIndex(10)));
     let mut e = engine_with(W, hs, Vec::new());
-    e.step(ms(400), req(N2, W, term(2, N2), 1, vote_req(false, term(2, N2), Position::new(t1, LogIndex(9)))));
+    e.step(
+        ms(400),
+        req(
+            N2,
+            W,
+            term(2, N2),
+            1,
+            vote_req(false, term(2, N2), Position::new(t1, LogIndex(9))),
+        ),
+    );
     assert_eq!(granted(&e.take_actions()), Some(false), "below its floor");
-    e.step(ms(401), req(N2, W, term(3, N2), 2, vote_req(false, term(3, N2), Position::new(t1, LogIndex(10)))));
+    e.step(
+        ms(401),
+        req(
+            N2,
+            W,
+            term(3, N2),
+            2,
+            vote_req(false, term(3, N2), Position::new(t1, LogIndex(10))),
+        ),
+    );
     assert_eq!(granted(&e.take_actions()), Some(true), "at its floor");
 }
 
 #[test]
 fn voter_that_heard_a_live_primary_drops_a_vote_without_adopting_its_term() {
     let t1 = term(1, N1);
-    let mut e = engine_with(W, HardState { current_term: t1, ..HardState::bootstrap() }, Vec::new());
-    e.step(ms(400), req(N1, W, t1, 1, Request::Heartbeat(Heartbeat { commit: LogIndex(0), last: Position::ZERO })));
+    let mut e = engine_with(
+        W,
+        HardState {
+            current_term: t1,
+            ..HardState::bootstrap()
+        },
+        Vec::new(),
+    );
+    e.step(
+        ms(400),
+        req(
+            N1,
+            W,
+            t1,
+            1,
+            Request::Heartbeat(Heartbeat {
+                commit: LogIndex(0),
+                last: Position::ZERO,
+            }),
+        ),
+    );
     e.take_actions();
-    e.step(ms(450), req(N2, W, term(2, N2), 2, vote_req(false, term(2, N2), Position::ZERO)));
+    e.step(
+        ms(450),
+        req(
+            N2,
+            W,
+            term(2, N2),
+            2,
+            vote_req(false, term(2, N2), Position::ZERO),
+        ),
+    );
     assert_eq!(granted(&e.take_actions()), Some(false));
     assert_eq!(e.term(), t1, "term not adopted");
     // After an election timeout without the primary, the vote is granted.
-    e.step(ms(600), req(N2, W, term(2, N2), 3, vote_req(false, term(2, N2), Position::ZERO)));
+    e.step(
+        ms(600),
+        req(
+            N2,
+            W,
+            term(2, N2),
+            3,
+            vote_req(false, term(2, N2), Position::ZERO),
+        ),
+    );
     assert_eq!(granted(&e.take_actions()), Some(true));
 }
 
 #[test]
 fn lower_term_is_rejected_and_higher_term_adopted() {
     let t2 = term(2, N1);
-    let mut e = engine_with(N2, HardState { current_term: t2, ..HardState::bootstrap() }, Vec::new());
-    e.step(ms(400), req(N1, N2, term(1, N1), 1, batch(Position::ZERO, vec![entry(term(1, N1), 1)], 0)));
+    let mut e = engine_with(
+        N2,
+        HardState {
+            current_term: t2,
+            ..HardState::bootstrap()
+        },
+        Vec::new(),
+    );
+    e.step(
+        ms(400),
+        req(
+            N1,
+            N2,
+            term(1, N1),
+            1,
+            batch(Position::ZERO, vec![entry(term(1, N1), 1)], 0),
+        ),
+    );
     let acts = e.take_actions();
     assert_eq!(wal_ack(&acts), Some(AckResult::StaleTerm));
-    assert!(!acts.iter().any(|a| matches!(a, Action::Append(_))), "stale batch appended: {acts:?}");
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::Append(_))),
+        "stale batch appended: {acts:?}"
+    );
     let t3 = term(3, N1);
-    e.step(ms(401), req(N1, N2, t3, 2, Request::Heartbeat(Heartbeat { commit: LogIndex(0), last: Position::ZERO })));
+    e.step(
+        ms(401),
+        req(
+            N1,
+            N2,
+            t3,
+            2,
+            Request::Heartbeat(Heartbeat {
+                commit: LogIndex(0),
+                last: Position::ZERO,
+            }),
+        ),
+    );
     let acts = e.take_actions();
-    assert!(acts.iter().any(|a| matches!(a, Action::PersistHardState(hs) if hs.current_term == t3)));
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::PersistHardState(hs) if hs.current_term == t3)));
     assert_eq!(e.term(), t3);
     assert_eq!(e.leader(), Some(N1));
 }
@@ -225,13 +452,46 @@ fn lower_term_is_rejected_and_higher_term_adopted() {
 fn fence_with_a_stale_term_or_from_a_non_member_is_ignored() {
     let mut p = elected_n1();
     p.take_actions();
-    p.step(ms(401), req(N2, N1, Term::ZERO, 9, Request::Fence(Fence { reason: "stale".into() })));
+    p.step(
+        ms(401),
+        req(
+            N2,
+            N1,
+            Term::ZERO,
+            9,
+            Request::Fence(Fence {
+                reason: "stale".into(),
+            }),
+        ),
+    );
     assert_eq!(p.role(), Role::Primary, "stale fence ignored");
-    p.step(ms(401), req(OUTSIDER, N1, term(5, OUTSIDER), 10, Request::Fence(Fence { reason: "x".into() })));
+    p.step(
+        ms(401),
+        req(
+            OUTSIDER,
+            N1,
+            term(5, OUTSIDER),
+            10,
+            Request::Fence(Fence { reason: "x".into() }),
+        ),
+    );
     assert_eq!(p.role(), Role::Primary, "non-member fence ignored");
     let acts = p.take_actions();
-    assert!(responses(&acts).iter().any(|r| matches!(r.body, Response::Error(_)) && r.to == OUTSIDER));
-    p.step(ms(402), req(N2, N1, term(2, N2), 11, Request::Fence(Fence { reason: "newer".into() })));
+    assert!(responses(&acts)
+        .iter()
+        .any(|r| matches!(r.body, Response::Error(_)) && r.to == OUTSIDER));
+    p.step(
+        ms(402),
+        req(
+            N2,
+            N1,
+            term(2, N2),
+            11,
+            Request::Fence(Fence {
+                reason: "newer".into(),
+            }),
+        ),
+    );
     assert_eq!(p.role(), Role::Standby, "a newer term fences");
     assert_eq!(p.leader(), Some(N2));
 }
@@ -240,26 +500,61 @@ fn fence_with_a_stale_term_or_from_a_non_member_is_ignored() {
 fn standby_acks_the_last_entry_of_each_batch_after_it_is_durable() {
     let t1 = term(1, N1);
     let mut s = fresh(N2);
-    s.step(ms(10), req(N1, N2, t1, 1, batch(Position::ZERO, vec![entry(t1, 1), entry(t1, 2)], 0)));
+    s.step(
+        ms(10),
+        req(
+            N1,
+            N2,
+            t1,
+            1,
+            batch(Position::ZERO, vec![entry(t1, 1), entry(t1, 2)], 0),
+        ),
+    );
     let acts = s.take_actions();
-    assert!(acts.iter().any(|a| matches!(a, Action::Append(v) if v.len() == 2)));
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Append(v) if v.len() == 2)));
     assert_eq!(wal_ack(&acts), None, "no ack before durability");
     s.step(ms(11), Event::Persisted(Position::new(t1, LogIndex(2))));
-    assert_eq!(wal_ack(&s.take_actions()), Some(AckResult::Durable(Position::new(t1, LogIndex(2)))));
+    assert_eq!(
+        wal_ack(&s.take_actions()),
+        Some(AckResult::Durable(Position::new(t1, LogIndex(2))))
+    );
     // A duplicate is idempotent and acks its own last position, not 0.
-    s.step(ms(12), req(N1, N2, t1, 2, batch(Position::ZERO, vec![entry(t1, 1)], 0)));
+    s.step(
+        ms(12),
+        req(N1, N2, t1, 2, batch(Position::ZERO, vec![entry(t1, 1)], 0)),
+    );
     let acts = s.take_actions();
     assert!(!acts.iter().any(|a| matches!(a, Action::Append(_))));
-    assert_eq!(wal_ack(&acts), Some(AckResult::Durable(Position::new(t1, LogIndex(1)))));
+    assert_eq!(
+        wal_ack(&acts),
+        Some(AckResult::Durable(Position::new(t1, LogIndex(1))))
+    );
 }
 
 #[test]
 fn gap_is_refused_with_a_resend_hint() {
     let t1 = term(1, N1);
     let mut s = fresh(N2);
-    s.step(ms(10), req(N1, N2, t1, 1, batch(Position::new(t1, LogIndex(4)), vec![entry(t1, 5)], 0)));
+    s.step(
+        ms(10),
+        req(
+            N1,
+            N2,
+            t1,
+            1,
+            batch(Position::new(t1, LogIndex(4)), vec![entry(t1, 5)], 0),
+        ),
+    );
     let acts = s.take_actions();
-    assert_eq!(wal_ack(&acts), Some(AckResult::Mismatch { next: LogIndex(1), conflict_term: None }));
+    assert_eq!(
+        wal_ack(&acts),
+        Some(AckResult::Mismatch {
+            next: LogIndex(1),
+            conflict_term: None
+        })
+    );
     assert!(!acts.iter().any(|a| matches!(a, Action::Append(_))));
 }
 
@@ -268,26 +563,66 @@ fn conflicting_suffix_is_truncated_but_never_at_or_below_commit() {
     let (t1, t2) = (term(1, N1), term(2, N2));
     let mut s = engine_with(
         N1,
-        HardState { current_term: t1, ..HardState::bootstrap() },
+        HardState {
+            current_term: t1,
+            ..HardState::bootstrap()
+        },
         vec![entry(t1, 1), entry(t1, 2), entry(t1, 3)],
     );
     // n2 leads term 2 and holds (t1,1) then its own entries from 2.
-    s.step(ms(10), req(N2, N1, t2, 1, batch(Position::new(t1, LogIndex(1)), vec![entry(t2, 2)], 1)));
+    s.step(
+        ms(10),
+        req(
+            N2,
+            N1,
+            t2,
+            1,
+            batch(Position::new(t1, LogIndex(1)), vec![entry(t2, 2)], 1),
+        ),
+    );
     let acts = s.take_actions();
-    let trunc = acts.iter().position(|a| matches!(a, Action::Truncate(LogIndex(2))));
-    let append = acts.iter().position(|a| matches!(a, Action::Append(v) if v[0].position == Position::new(t2, LogIndex(2))));
-    assert!(trunc.is_some() && append.is_some() && trunc < append, "{acts:?}");
+    let trunc = acts
+        .iter()
+        .position(|a| matches!(a, Action::Truncate(LogIndex(2))));
+    let append = acts.iter().position(
+        |a| matches!(a, Action::Append(v) if v[0].position == Position::new(t2, LogIndex(2))),
+    );
+    assert!(
+        trunc.is_some() && append.is_some() && trunc < append,
+        "{acts:?}"
+    );
     assert_eq!(s.last_position(), Position::new(t2, LogIndex(2)));
 
     // Commit index 2 is now known; a batch that conflicts at 2 is refused.
     s.step(ms(11), Event::Persisted(Position::new(t2, LogIndex(2))));
-    s.step(ms(12), req(N2, N1, t2, 2, batch(Position::new(t2, LogIndex(2)), vec![], 2)));
+    s.step(
+        ms(12),
+        req(
+            N2,
+            N1,
+            t2,
+            2,
+            batch(Position::new(t2, LogIndex(2)), vec![], 2),
+        ),
+    );
     s.take_actions();
     assert_eq!(s.commit_index(), LogIndex(2));
     let t3 = term(3, N2);
-    s.step(ms(13), req(N2, N1, t3, 3, batch(Position::new(t1, LogIndex(1)), vec![entry(t3, 2)], 2)));
+    s.step(
+        ms(13),
+        req(
+            N2,
+            N1,
+            t3,
+            3,
+            batch(Position::new(t1, LogIndex(1)), vec![entry(t3, 2)], 2),
+        ),
+    );
     let acts = s.take_actions();
-    assert!(!acts.iter().any(|a| matches!(a, Action::Truncate(_))), "committed entry truncated: {acts:?}");
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::Truncate(_))),
+        "committed entry truncated: {acts:?}"
+    );
     assert_eq!(s.safety_alarms(), 1);
 }
 
@@ -299,7 +634,10 @@ fn new_primary_commits_a_noop_of_its_term_first() {
         Action::Append(v) => v.first().cloned(),
         _ => None,
     });
-    assert_eq!(noop.map(|e| (e.position, e.payload)), Some((Position::new(term(1, N1), LogIndex(1)), Payload::Noop)));
+    assert_eq!(
+        noop.map(|e| (e.position, e.payload)),
+        Some((Position::new(term(1, N1), LogIndex(1)), Payload::Noop))
+    );
 }
 
 #[test]
@@ -307,11 +645,20 @@ fn primary_acks_a_write_only_after_the_standby_is_durable_and_under_a_lease() {
     let t1 = term(1, N1);
     let mut p = elected_n1();
     let acts = p.take_actions();
-    let hb_w = sent(&acts).into_iter().find(|s| s.to == W && matches!(s.body, Request::Heartbeat(_))).expect("heartbeat");
-    p.step(ms(401), Event::ClientWrites(vec![(77, Command(b"x".to_vec()))]));
+    let hb_w = sent(&acts)
+        .into_iter()
+        .find(|s| s.to == W && matches!(s.body, Request::Heartbeat(_)))
+        .expect("heartbeat");
+    p.step(
+        ms(401),
+        Event::ClientWrites(vec![(77, Command(b"x".to_vec()))]),
+    );
     p.step(ms(401), Event::Persisted(Position::new(t1, LogIndex(2))));
     let acts = p.take_actions();
-    assert!(!acts.iter().any(|a| matches!(a, Action::WriteDone(77, _))), "acked with no standby: {acts:?}");
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::WriteDone(77, _))),
+        "acked with no standby: {acts:?}"
+    );
     // Lease from the witness's heartbeat ack; still no standby ack.
     p.step(
         ms(402),
@@ -329,9 +676,14 @@ fn primary_acks_a_write_only_after_the_standby_is_durable_and_under_a_lease() {
         }),
     );
     assert!(p.has_lease(ms(402)));
-    assert!(!p.take_actions().iter().any(|a| matches!(a, Action::WriteDone(77, _))));
+    assert!(!p
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::WriteDone(77, _))));
     // The standby acks the batch durably: now the write is acknowledged.
-    let wal = sent(&acts).into_iter().find(|s| s.to == N2 && matches!(s.body, Request::WalBatch(_)));
+    let wal = sent(&acts)
+        .into_iter()
+        .find(|s| s.to == N2 && matches!(s.body, Request::WalBatch(_)));
     let rid = wal.expect("batch sent to the standby").request_id;
     p.step(
         ms(403),
@@ -353,7 +705,7 @@ fn primary_acks_a_write_only_after_the_standby_is_durable_and_under_a_lease() {
         "{acts:?}"
     );
     // Past the lease, acks stop.
-    assert!(!p.has_lease(ms(402) .add(Duration::from_millis(200))));
+    assert!(!p.has_lease(ms(402).plus(Duration::from_millis(200))));
 }
 
 #[test]
@@ -365,35 +717,112 @@ fn isolated_primary_steps_down_after_losing_its_lease_for_an_election_timeout() 
     }
     assert_eq!(p.role(), Role::Standby);
     let acts = p.take_actions();
-    let last_hb = acts.iter().rposition(|a| matches!(a, Action::Send(e) if matches!(e.body, Request::Heartbeat(_))));
-    let stepped = acts.iter().position(|a| matches!(a, Action::RoleChanged { role: Role::Standby, .. }));
-    assert!(stepped.is_some() && last_hb < stepped, "no heartbeat after stepping down");
+    let last_hb = acts
+        .iter()
+        .rposition(|a| matches!(a, Action::Send(e) if matches!(e.body, Request::Heartbeat(_))));
+    let stepped = acts.iter().position(|a| {
+        matches!(
+            a,
+            Action::RoleChanged {
+                role: Role::Standby,
+                ..
+            }
+        )
+    });
+    assert!(
+        stepped.is_some() && last_hb < stepped,
+        "no heartbeat after stepping down"
+    );
 }
 
 #[test]
 fn witness_floor_only_rises_and_only_for_the_current_primary() {
     let t2 = term(2, N1);
-    let mut w = engine_with(W, HardState { current_term: t2, ..HardState::bootstrap() }, Vec::new());
-    let raise = |pos: Position| Request::RaiseFloor(RaiseFloor { floors: vec![(N2, pos)], commit: LogIndex(0), rewrite: false });
-    w.step(ms(400), req(N1, W, t2, 1, raise(Position::new(t2, LogIndex(5)))));
+    let mut w = engine_with(
+        W,
+        HardState {
+            current_term: t2,
+            ..HardState::bootstrap()
+        },
+        Vec::new(),
+    );
+    let raise = |pos: Position| {
+        Request::RaiseFloor(RaiseFloor {
+            floors: vec![(N2, pos)],
+            commit: LogIndex(0),
+            rewrite: false,
+        })
+    };
+    w.step(
+        ms(400),
+        req(N1, W, t2, 1, raise(Position::new(t2, LogIndex(5)))),
+    );
     assert_eq!(w.hard_state().floor(N2), Position::new(t2, LogIndex(5)));
-    w.step(ms(401), req(N1, W, t2, 2, raise(Position::new(t2, LogIndex(3)))));
-    assert_eq!(w.hard_state().floor(N2), Position::new(t2, LogIndex(5)), "floors never go down");
-    w.step(ms(402), req(N1, W, term(1, N1), 3, raise(Position::new(t2, LogIndex(9)))));
-    assert_eq!(w.hard_state().floor(N2), Position::new(t2, LogIndex(5)), "stale term refused");
+    w.step(
+        ms(401),
+        req(N1, W, t2, 2, raise(Position::new(t2, LogIndex(3)))),
+    );
+    assert_eq!(
+        w.hard_state().floor(N2),
+        Position::new(t2, LogIndex(5)),
+        "floors never go down"
+    );
+    w.step(
+        ms(402),
+        req(N1, W, term(1, N1), 3, raise(Position::new(t2, LogIndex(9)))),
+    );
+    assert_eq!(
+        w.hard_state().floor(N2),
+        Position::new(t2, LogIndex(5)),
+        "stale term refused"
+    );
 }
 
 #[test]
 fn timeout_now_only_from_the_current_primary_and_only_when_caught_up() {
     let t1 = term(1, N1);
-    let mut s = engine_with(N2, HardState { current_term: t1, ..HardState::bootstrap() }, vec![entry(t1, 1)]);
-    s.step(ms(400), req(N1, N2, t1, 1, Request::Heartbeat(Heartbeat { commit: LogIndex(1), last: Position::new(t1, LogIndex(1)) })));
+    let mut s = engine_with(
+        N2,
+        HardState {
+            current_term: t1,
+            ..HardState::bootstrap()
+        },
+        vec![entry(t1, 1)],
+    );
+    s.step(
+        ms(400),
+        req(
+            N1,
+            N2,
+            t1,
+            1,
+            Request::Heartbeat(Heartbeat {
+                commit: LogIndex(1),
+                last: Position::new(t1, LogIndex(1)),
+            }),
+        ),
+    );
     s.take_actions();
-    let promote = |last| Request::Promote(Promote { reason: "test".into(), last });
-    s.step(ms(401), req(N1, N2, t1, 2, promote(Position::new(t1, LogIndex(2)))));
+    let promote = |last| {
+        Request::Promote(Promote {
+            reason: "test".into(),
+            last,
+        })
+    };
+    s.step(
+        ms(401),
+        req(N1, N2, t1, 2, promote(Position::new(t1, LogIndex(2)))),
+    );
     assert_eq!(s.role(), Role::Standby, "not caught up");
-    s.step(ms(402), req(N1, N2, t1, 3, promote(Position::new(t1, LogIndex(1)))));
-    assert_eq!(s.role(), Role::Candidate, "caught-up target campaigns at once");
+    s.step(
+        ms(402),
+        req(N1, N2, t1, 3, promote(Position::new(t1, LogIndex(1)))),
+    );
+    assert_eq!(
+        s.role(),
+        Role::Candidate,
+        "caught-up target campaigns at once"
+    );
     assert_eq!(s.term(), term(2, N2));
 }
 
@@ -402,20 +831,43 @@ fn switchover_hands_over_and_the_old_primary_stops_serving() {
     let mut p = elected_n1();
     p.take_actions();
     p.step(ms(401), Event::Admin(5, Admin::Switchover));
-    assert!(!p.has_lease(ms(401)), "a primary handing over holds no lease");
+    assert!(
+        !p.has_lease(ms(401)),
+        "a primary handing over holds no lease"
+    );
     p.step(ms(401), Event::ClientWrites(vec![(6, Command(vec![1]))]));
     let acts = p.take_actions();
-    assert!(acts.iter().any(|a| matches!(a, Action::WriteDone(6, Err(ha_core::Error::NotLeader { leader: Some(N2), .. })))));
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::WriteDone(
+            6,
+            Err(ha_core::Error::NotLeader {
+                leader: Some(N2),
+                ..
+            })
+        )
+    )));
     // The target's vote request is granted at once by the handing-over primary.
-    p.step(ms(402), req(N2, N1, term(2, N2), 1, Request::Vote(VoteRequest {
-        pre_vote: false,
-        campaign_term: term(2, N2),
-        last: Position::new(term(1, N1), LogIndex(1)),
-        transfer: true,
-    })));
+    p.step(
+        ms(402),
+        req(
+            N2,
+            N1,
+            term(2, N2),
+            1,
+            Request::Vote(VoteRequest {
+                pre_vote: false,
+                campaign_term: term(2, N2),
+                last: Position::new(term(1, N1), LogIndex(1)),
+                transfer: true,
+            }),
+        ),
+    );
     let acts = p.take_actions();
     assert_eq!(granted(&acts), Some(true));
-    assert!(acts.iter().any(|a| matches!(a, Action::AdminDone(5, Ok(())))));
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::AdminDone(5, Ok(())))));
     assert_eq!(p.role(), Role::Standby);
 }
 
@@ -431,7 +883,16 @@ fn forced_promotion_uses_a_term_that_names_the_node() {
 fn without_a_witness_automatic_failover_is_off() {
     let mut c = config(N1);
     c.peers.retain(|m| m.kind == MemberKind::Data);
-    let mut e = Engine::new(c, InitialState { hard_state: HardState::bootstrap(), snapshot: None, entries: vec![] }, ms(0), 1);
+    let mut e = Engine::new(
+        c,
+        InitialState {
+            hard_state: HardState::bootstrap(),
+            snapshot: None,
+            entries: vec![],
+        },
+        ms(0),
+        1,
+    );
     for t in (0..2_000).step_by(5) {
         e.step(ms(t), Event::Tick);
     }

@@ -37,7 +37,11 @@ fn one_seed_replays_identically() {
 /// Runs seeds with a rule switched off until the checker reports a violation.
 fn first_violation(m: Mutations, mode: CommitMode, max_seeds: u64) -> Option<String> {
     (0..max_seeds).find_map(|seed| {
-        let mut c = SimConfig { commit_mode: mode, mutations: m, ..SimConfig::default() };
+        let mut c = SimConfig {
+            commit_mode: mode,
+            mutations: m,
+            ..SimConfig::default()
+        };
         if mode == CommitMode::Async {
             c.max_lag_on_failover = 8;
         }
@@ -54,30 +58,66 @@ fn assert_caught(name: &str, m: Mutations) {
 
 #[test]
 fn mutation_no_lease_is_caught() {
-    assert_caught("no_lease", Mutations { no_lease: true, ..Default::default() });
+    assert_caught(
+        "no_lease",
+        Mutations {
+            no_lease: true,
+            ..Default::default()
+        },
+    );
 }
 
 #[test]
 fn mutation_witness_votes_without_floor_check_is_caught() {
-    assert_caught("witness_skips_floor_check", Mutations { witness_skips_floor_check: true, ..Default::default() });
+    assert_caught(
+        "witness_skips_floor_check",
+        Mutations {
+            witness_skips_floor_check: true,
+            ..Default::default()
+        },
+    );
 }
 
 #[test]
 fn mutation_stale_terms_accepted_is_caught() {
-    assert_caught("accept_stale_terms", Mutations { accept_stale_terms: true, ..Default::default() });
+    assert_caught(
+        "accept_stale_terms",
+        Mutations {
+            accept_stale_terms: true,
+            ..Default::default()
+        },
+    );
 }
 
 #[test]
 fn mutation_ack_before_standby_persists_is_caught() {
-    assert_caught("ack_before_standby_persists", Mutations { ack_before_standby_persists: true, ..Default::default() });
+    assert_caught(
+        "ack_before_standby_persists",
+        Mutations {
+            ack_before_standby_persists: true,
+            ..Default::default()
+        },
+    );
 }
 
 #[test]
 fn mutation_no_truncation_on_conflict_is_caught() {
-    assert_caught("no_truncate_on_conflict", Mutations { no_truncate_on_conflict: true, ..Default::default() });
+    assert_caught(
+        "no_truncate_on_conflict",
+        Mutations {
+            no_truncate_on_conflict: true,
+            ..Default::default()
+        },
+    );
 }
 
 #[test]
 fn mutation_vote_without_log_check_is_caught() {
-    assert_caught("vote_without_log_check", Mutations { vote_without_log_check: true, ..Default::default() });
+    assert_caught(
+        "vote_without_log_check",
+        Mutations {
+            vote_without_log_check: true,
+            ..Default::default()
+        },
+    );
 }

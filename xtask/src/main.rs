@@ -12,7 +12,10 @@ use std::process::{Command, ExitCode};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xtask", about = "Project chores for the HA replication workspace")]
+#[command(
+    name = "xtask",
+    about = "Project chores for the HA replication workspace"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,7 +55,15 @@ fn cargo(args: &[&str]) -> bool {
 fn ci() -> ExitCode {
     let steps: [&[&str]; 3] = [
         &["fmt", "--all", "--", "--check"],
-        &["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
         &["test", "--workspace", "--all-features"],
     ];
     for step in steps {
@@ -60,5 +71,6 @@ fn ci() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    eprintln!("$ cargo xtask sim --seeds 20000");
+    sim::run(sim::SimArgs::many(20_000))
 }

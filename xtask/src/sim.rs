@@ -46,6 +46,20 @@ pub struct SimArgs {
     threads: usize,
 }
 
+impl SimArgs {
+    /// `--seeds n` with every other flag at its default.
+    pub fn many(n: u64) -> SimArgs {
+        SimArgs {
+            seeds: n,
+            start: 0,
+            seed: None,
+            mode: Mode::Mixed,
+            trace: false,
+            threads: 2,
+        }
+    }
+}
+
 fn config(mode: Mode, seed: u64) -> SimConfig {
     let mut c = SimConfig::default();
     match mode {
@@ -81,8 +95,15 @@ pub fn run(args: SimArgs) -> ExitCode {
         for v in &r.violations {
             println!("violation: {v}");
         }
-        println!("seeds=1 violations={}", usize::from(!r.violations.is_empty()));
-        return if r.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        println!(
+            "seeds=1 violations={}",
+            usize::from(!r.violations.is_empty())
+        );
+        return if r.violations.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let next = AtomicU64::new(args.start);
     let end = args.start + args.seeds;
@@ -101,7 +122,10 @@ pub fn run(args: SimArgs) -> ExitCode {
                 elections.fetch_add(r.stats.elections, Ordering::Relaxed);
                 if !r.violations.is_empty() {
                     eprintln!("seed {seed} FAILED: {}", r.violations[0]);
-                    eprintln!("  replay: cargo xtask sim --seed {seed}{}", mode_flag(args.mode));
+                    eprintln!(
+                        "  replay: cargo xtask sim --seed {seed}{}",
+                        mode_flag(args.mode)
+                    );
                     if let Ok(mut f) = failed.lock() {
                         f.push(seed);
                     }

@@ -52,10 +52,17 @@ impl Engine {
     }
 
     fn witness_less_failover(&self) -> bool {
-        self.cfg.witness().is_none() && self.cfg.unsafe_auto_failover_without_witness && self.cfg.auto_failover
+        self.cfg.witness().is_none()
+            && self.cfg.unsafe_auto_failover_without_witness
+            && self.cfg.auto_failover
     }
 
-    pub(super) fn start_campaign(&mut self, pre_vote: bool, transfer: bool, admin: Option<ClientId>) {
+    pub(super) fn start_campaign(
+        &mut self,
+        pre_vote: bool,
+        transfer: bool,
+        admin: Option<ClientId>,
+    ) {
         let term = self.hs.current_term.next_for(self.id);
         if !pre_vote {
             self.hs.current_term = term;
@@ -65,23 +72,51 @@ impl Engine {
         }
         let mut granted = BTreeSet::new();
         granted.insert(self.id);
-        let responded = self.campaign.as_ref().filter(|c| c.term == term).map(|c| c.responded.clone()).unwrap_or_default();
-        self.campaign = Some(Campaign { term, pre_vote, granted, responded, transfer, admin });
+        let responded = self
+            .campaign
+            .as_ref()
+            .filter(|c| c.term == term)
+            .map(|c| c.responded.clone())
+            .unwrap_or_default();
+        self.campaign = Some(Campaign {
+            term,
+            pre_vote,
+            granted,
+            responded,
+            transfer,
+            admin,
+        });
         self.reset_election_deadline();
         let last = self.log.last();
         for peer in self.cfg.peers.iter().map(|m| m.id).collect::<Vec<_>>() {
-            self.send(peer, Request::Vote(VoteRequest { pre_vote, campaign_term: term, last, transfer }));
+            self.send(
+                peer,
+                Request::Vote(VoteRequest {
+                    pre_vote,
+                    campaign_term: term,
+                    last,
+                    transfer,
+                }),
+            );
         }
         self.check_campaign();
     }
 
     pub(super) fn on_vote_request(&mut self, env: &Envelope<Request>, v: VoteRequest) {
         let (from, rid) = (env.from, env.request_id);
-        let granted = if v.pre_vote { self.decide_pre_vote(from, &v) } else { self.decide_vote(from, env.term, &v) };
+        let granted = if v.pre_vote {
+            self.decide_pre_vote(from, &v)
+        } else {
+            self.decide_vote(from, env.term, &v)
+        };
         self.respond(
             from,
             rid,
-            Response::Vote(VoteResponse { campaign_term: v.campaign_term, granted, pre_vote: v.pre_vote }),
+            Response::Vote(VoteResponse {
+                campaign_term: v.campaign_term,
+                granted,
+                pre_vote: v.pre_vote,
+            }),
         );
     }
 
@@ -97,7 +132,11 @@ impl Engine {
         if v.campaign_term != env_term || v.campaign_term.node != from {
             return false;
         }
-        let transfer_target = self.leader_state.as_ref().and_then(|ls| ls.transfer_target()) == Some(from);
+        let transfer_target = self
+            .leader_state
+            .as_ref()
+            .and_then(|ls| ls.transfer_target())
+            == Some(from);
         if env_term < self.hs.current_term && !self.mutations.accept_stale_terms {
             return false;
         }
@@ -132,11 +171,15 @@ impl Engine {
         if self.leader_state.is_some() {
             return false;
         }
-        if self.cfg.member(candidate).is_none_or(|m| m.kind != MemberKind::Data) {
+        if self
+            .cfg
+            .member(candidate)
+            .is_none_or(|m| m.kind != MemberKind::Data)
+        {
             return false;
         }
         match self.last_leader_contact {
-            Some(t) => self.now >= t.add(self.cfg.failover_timeout),
+            Some(t) => self.now >= t.plus(self.cfg.failover_timeout),
             None => true,
         }
     }
@@ -146,12 +189,16 @@ impl Engine {
     fn candidate_up_to_date(&self, candidate: NodeId, v: &VoteRequest) -> bool {
         match self.kind {
             MemberKind::Data => self.mutations.vote_without_log_check || v.last >= self.log.last(),
-            MemberKind::Witness => self.mutations.witness_skips_floor_check || v.last >= self.hs.floor(candidate),
+            MemberKind::Witness => {
+                self.mutations.witness_skips_floor_check || v.last >= self.hs.floor(candidate)
+            }
         }
     }
 
     pub(super) fn on_vote_response(&mut self, from: NodeId, from_term: Term, v: VoteResponse) {
-        let Some(c) = self.campaign.as_mut() else { return };
+        let Some(c) = self.campaign.as_mut() else {
+            return;
+        };
         if v.campaign_term != c.term {
             return;
         }
@@ -168,12 +215,17 @@ impl Engine {
 
     fn check_campaign(&mut self) {
         let majority = self.majority();
-        let Some(c) = self.campaign.as_ref() else { return };
+        let Some(c) = self.campaign.as_ref() else {
+            return;
+        };
         if c.granted.len() < majority {
             return;
         }
         let (pre_vote, transfer, admin) = (c.pre_vote, c.transfer, c.admin);
-        let peer_answered = self.cfg.data_peer().is_some_and(|p| c.responded.contains(&p.id));
+        let peer_answered = self
+            .cfg
+            .data_peer()
+            .is_some_and(|p| c.responded.contains(&p.id));
         if pre_vote {
             // The term may have moved while the pre-vote ran; campaign from the
             // current one.
@@ -197,16 +249,29 @@ impl Engine {
             && self.hs.voter
             && self.log.last() == p.last;
         if !valid {
-            self.respond(from, rid, Response::PromoteAck(PromoteAck { started: false }));
+            self.respond(
+                from,
+                rid,
+                Response::PromoteAck(PromoteAck { started: false }),
+            );
             return;
         }
-        self.respond(from, rid, Response::PromoteAck(PromoteAck { started: true }));
+        self.respond(
+            from,
+            rid,
+            Response::PromoteAck(PromoteAck { started: true }),
+        );
         self.start_campaign(false, true, None);
     }
 
     pub(super) fn admin_promote(&mut self, id: ClientId) {
         if self.kind != MemberKind::Data || !self.hs.voter {
-            self.emit(Action::AdminDone(id, Err(Error::Rejected("only a caught-up data node can be promoted".into()))));
+            self.emit(Action::AdminDone(
+                id,
+                Err(Error::Rejected(
+                    "only a caught-up data node can be promoted".into(),
+                )),
+            ));
             return;
         }
         if self.leader_state.is_some() {
@@ -218,7 +283,10 @@ impl Engine {
 
     pub(super) fn admin_force_promote(&mut self, id: ClientId) {
         if self.kind != MemberKind::Data {
-            self.emit(Action::AdminDone(id, Err(Error::Rejected("a witness cannot be promoted".into()))));
+            self.emit(Action::AdminDone(
+                id,
+                Err(Error::Rejected("a witness cannot be promoted".into())),
+            ));
             return;
         }
         if self.leader_state.is_none() {

@@ -8,10 +8,13 @@ use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
 use crate::error::Error;
 use crate::message::{
-    AckResult, Fence, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, RaiseFloor, Request, SnapshotAck,
-    WalAck, WalBatch,
+    AckResult, Fence, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, RaiseFloor,
+    Request, SnapshotAck, WalAck, WalBatch,
 };
-use crate::types::{Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, Term, WalEntry};
+use crate::types::{
+    Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, Term,
+    WalEntry,
+};
 
 /// How many heartbeat send times the primary remembers, to match acks.
 const HEARTBEAT_HISTORY: usize = 64;
@@ -74,7 +77,8 @@ impl LeaderState {
         if m.no_lease || self.forced {
             return true;
         }
-        self.lease_start.is_some_and(|s| now < s.add(cfg.lease_duration()))
+        self.lease_start
+            .is_some_and(|s| now < s.plus(cfg.lease_duration()))
     }
 
     pub(super) fn transfer_target(&self) -> Option<NodeId> {
@@ -129,7 +133,15 @@ impl Engine {
             floor_inflight: None,
             unacked: VecDeque::from([(
                 noop_index,
-                if peer_silent { Instant(self.now.0.saturating_sub(self.cfg.degrade_timeout.as_nanos() as u64)) } else { self.now },
+                if peer_silent {
+                    Instant(
+                        self.now
+                            .0
+                            .saturating_sub(self.cfg.degrade_timeout.as_nanos() as u64),
+                    )
+                } else {
+                    self.now
+                },
             )]),
             degraded: false,
             transfer: None,
@@ -139,14 +151,22 @@ impl Engine {
         tracing::info!(node = %self.id, term = %self.hs.current_term, forced, "became primary");
         self.set_role(Role::Primary, Some(self.id));
         if let Some(peer) = self.cfg.data_peer().map(|m| m.id) {
-            self.send(peer, Request::Fence(Fence { reason: "new primary elected".into() }));
+            self.send(
+                peer,
+                Request::Fence(Fence {
+                    reason: "new primary elected".into(),
+                }),
+            );
         }
         self.send_heartbeats();
         self.replicate();
     }
 
     fn send_heartbeats(&mut self) {
-        let hb = Heartbeat { commit: self.commit, last: self.log.last() };
+        let hb = Heartbeat {
+            commit: self.commit,
+            last: self.log.last(),
+        };
         let peers: Vec<NodeId> = self.cfg.peers.iter().map(|m| m.id).collect();
         let now = self.now;
         for p in peers {
@@ -165,11 +185,19 @@ impl Engine {
 
     pub(super) fn leader_tick(&mut self) {
         let now = self.now;
-        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
         // Without a lease for a whole election timeout, step down and stop
         // heartbeating: an isolated primary stops before anyone else is elected.
-        let lease_end = ls.lease_start.map(|s| s.add(self.cfg.lease_duration())).unwrap_or(ls.since);
-        if !ls.forced && !self.mutations.no_lease && now >= lease_end.add(self.cfg.failover_timeout) {
+        let lease_end = ls
+            .lease_start
+            .map(|s| s.plus(self.cfg.lease_duration()))
+            .unwrap_or(ls.since);
+        if !ls.forced
+            && !self.mutations.no_lease
+            && now >= lease_end.plus(self.cfg.failover_timeout)
+        {
             tracing::warn!(node = %self.id, term = %self.hs.current_term, "lost the lease for an election timeout; stepping down");
             self.become_follower(None);
             self.reset_election_deadline();
@@ -187,30 +215,46 @@ impl Engine {
         }
         let retransmit = self.cfg.heartbeat_interval * 2;
         if let Some(p) = ls.peer.as_mut() {
-            if p.inflight.front().is_some_and(|(_, _, sent)| now >= sent.add(retransmit)) {
+            if p.inflight
+                .front()
+                .is_some_and(|(_, _, sent)| now >= sent.plus(retransmit))
+            {
                 p.next = p.matched.next();
                 p.inflight.clear();
                 p.reset_after = self.next_request_id;
             }
-            if p.snapshot_inflight.is_some_and(|t| now >= t.add(self.cfg.rpc_timeout)) {
+            if p.snapshot_inflight
+                .is_some_and(|t| now >= t.plus(self.cfg.rpc_timeout))
+            {
                 p.snapshot_inflight = None;
             }
         }
-        if ls.floor_inflight.is_some_and(|t| now >= t.add(self.cfg.rpc_timeout)) {
+        if ls
+            .floor_inflight
+            .is_some_and(|t| now >= t.plus(self.cfg.rpc_timeout))
+        {
             ls.floor_inflight = None;
         }
-        if ls.last_heartbeat.is_none_or(|t| now >= t.add(self.cfg.heartbeat_interval)) {
+        if ls
+            .last_heartbeat
+            .is_none_or(|t| now >= t.plus(self.cfg.heartbeat_interval))
+        {
             self.send_heartbeats();
         }
     }
 
     pub(super) fn leader_append(&mut self, writes: Vec<(ClientId, Command)>) {
-        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
         if let Some(t) = ls.transfer.as_ref() {
             let target = t.target;
             let addr = self.cfg.member(target).map(|m| m.addr.clone());
             for (id, _) in writes {
-                let err = Error::NotLeader { leader: Some(target), leader_addr: addr.clone() };
+                let err = Error::NotLeader {
+                    leader: Some(target),
+                    leader_addr: addr.clone(),
+                };
                 self.actions.push(Action::WriteDone(id, Err(err)));
             }
             return;
@@ -232,9 +276,17 @@ impl Engine {
 
     pub(super) fn leader_read(&mut self, id: ClientId) {
         let commit = self.commit;
-        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
         if ls.transfer.is_some() {
-            self.actions.push(Action::ReadReady(id, Err(Error::NotLeader { leader: None, leader_addr: None })));
+            self.actions.push(Action::ReadReady(
+                id,
+                Err(Error::NotLeader {
+                    leader: None,
+                    leader_addr: None,
+                }),
+            ));
             return;
         }
         ls.pending_reads.push((id, commit));
@@ -247,14 +299,22 @@ impl Engine {
         let max_inflight = self.cfg.max_inflight_batches;
         let (batch_size, batch_bytes) = (self.cfg.wal_batch_size, self.cfg.wal_batch_bytes);
         loop {
-            let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else { return };
+            let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
+                return;
+            };
             if p.inflight.len() >= max_inflight || p.snapshot_inflight.is_some() {
                 return;
             }
             let (peer, next) = (p.id, p.next);
             if next <= self.log.snapshot().index {
-                let Some(snap) = self.snapshot.clone() else { return };
-                let req = InstallSnapshot { last_included: snap.last_included, data: snap.data, commit };
+                let Some(snap) = self.snapshot.clone() else {
+                    return;
+                };
+                let req = InstallSnapshot {
+                    last_included: snap.last_included,
+                    data: snap.data,
+                    commit,
+                };
                 self.send(peer, Request::InstallSnapshot(req));
                 if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
                     p.snapshot_inflight = Some(now);
@@ -262,9 +322,20 @@ impl Engine {
                 return;
             }
             let entries = self.log.slice(next, batch_size, batch_bytes);
-            let Some(last) = entries.last().map(|e| e.index()) else { return };
-            let Some(prev) = self.log.position_at(next.prev()) else { return };
-            let rid = self.send(peer, Request::WalBatch(WalBatch { prev, entries, commit }));
+            let Some(last) = entries.last().map(|e| e.index()) else {
+                return;
+            };
+            let Some(prev) = self.log.position_at(next.prev()) else {
+                return;
+            };
+            let rid = self.send(
+                peer,
+                Request::WalBatch(WalBatch {
+                    prev,
+                    entries,
+                    commit,
+                }),
+            );
             if let Some(ls) = self.leader_state.as_mut() {
                 ls.commit_notified = ls.commit_notified.max(commit);
                 if let Some(p) = ls.peer.as_mut() {
@@ -280,7 +351,9 @@ impl Engine {
     fn notify_commit(&mut self) {
         let commit = self.commit;
         let now = self.now;
-        let Some(ls) = self.leader_state.as_ref() else { return };
+        let Some(ls) = self.leader_state.as_ref() else {
+            return;
+        };
         let Some(p) = ls.peer.as_ref() else { return };
         if commit <= ls.commit_notified || !p.inflight.is_empty() || p.snapshot_inflight.is_some() {
             return;
@@ -289,8 +362,17 @@ impl Engine {
         if next <= self.log.snapshot().index || next <= self.log.last().index {
             return;
         }
-        let Some(prev) = self.log.position_at(next.prev()) else { return };
-        let rid = self.send(peer, Request::WalBatch(WalBatch { prev, entries: Vec::new(), commit }));
+        let Some(prev) = self.log.position_at(next.prev()) else {
+            return;
+        };
+        let rid = self.send(
+            peer,
+            Request::WalBatch(WalBatch {
+                prev,
+                entries: Vec::new(),
+                commit,
+            }),
+        );
         if let Some(ls) = self.leader_state.as_mut() {
             ls.commit_notified = commit;
             if let Some(p) = ls.peer.as_mut() {
@@ -308,8 +390,12 @@ impl Engine {
             AckResult::Durable(pos) => holds(pos),
             _ => false,
         };
-        let Some(ls) = self.leader_state.as_mut() else { return };
-        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
+        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
+            return;
+        };
         // The primary ignores replies that do not carry its own term.
         if ack.batch_term != term {
             return;
@@ -345,8 +431,12 @@ impl Engine {
     }
 
     pub(super) fn on_snapshot_ack(&mut self, from: NodeId, ack: SnapshotAck) {
-        let Some(ls) = self.leader_state.as_mut() else { return };
-        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
+        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
+            return;
+        };
         p.snapshot_inflight = None;
         if ack.installed && ack.last.index > p.matched {
             p.matched = ack.last.index;
@@ -355,11 +445,22 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_heartbeat_ack(&mut self, from: NodeId, from_term: Term, rid: u64, ack: HeartbeatAck) {
+    pub(super) fn on_heartbeat_ack(
+        &mut self,
+        from: NodeId,
+        from_term: Term,
+        rid: u64,
+        ack: HeartbeatAck,
+    ) {
         let term = self.hs.current_term;
         let now = self.now;
-        let is_witness = self.cfg.member(from).is_some_and(|m| m.kind == MemberKind::Witness);
-        let Some(ls) = self.leader_state.as_mut() else { return };
+        let is_witness = self
+            .cfg
+            .member(from)
+            .is_some_and(|m| m.kind == MemberKind::Witness);
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
         if !ack.accepted || from_term != term {
             return;
         }
@@ -377,7 +478,9 @@ impl Engine {
         }
         if is_witness
             && !ack.voter
-            && ls.witness_rewrite_sent.is_none_or(|t| now >= t.add(self.cfg.rpc_timeout))
+            && ls
+                .witness_rewrite_sent
+                .is_none_or(|t| now >= t.plus(self.cfg.rpc_timeout))
         {
             ls.witness_rewrite_sent = Some(now);
             self.rewrite_witness(from);
@@ -387,21 +490,33 @@ impl Engine {
     /// A witness that joined empty gets its whole record rewritten: floors at the
     /// commit position for both data nodes (safe: too high only delays an election).
     fn rewrite_witness(&mut self, witness: NodeId) {
-        let Some(pos) = self.log.position_at(self.commit) else { return };
+        let Some(pos) = self.log.position_at(self.commit) else {
+            return;
+        };
         let mut floors = vec![(self.id, pos)];
         if let Some(peer) = self.cfg.data_peer() {
             floors.push((peer.id, pos));
         }
-        let req = RaiseFloor { floors, commit: self.commit, rewrite: true };
+        let req = RaiseFloor {
+            floors,
+            commit: self.commit,
+            rewrite: true,
+        };
         self.send(witness, Request::RaiseFloor(req));
     }
 
     pub(super) fn on_floor_ack(&mut self, from: NodeId, from_term: Term, ack: FloorAck) {
         let term = self.hs.current_term;
         let peer_id = self.cfg.data_peer().map(|m| m.id);
-        let floor = ack.floors.iter().find(|(n, _)| Some(*n) == peer_id).map(|(_, p)| *p);
+        let floor = ack
+            .floors
+            .iter()
+            .find(|(n, _)| Some(*n) == peer_id)
+            .map(|(_, p)| *p);
         let held = floor.is_some_and(|p| self.log.holds(p));
-        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
         if Some(from) != ls.witness || from_term != term || !ack.accepted {
             return;
         }
@@ -417,17 +532,27 @@ impl Engine {
     /// primary holds it durably and the standby durably acked it, or the witness
     /// recorded a standby floor at most `allowed_lag` entries below it.
     pub(super) fn advance_commit(&mut self) {
-        let Some(ls) = self.leader_state.as_ref() else { return };
+        let Some(ls) = self.leader_state.as_ref() else {
+            return;
+        };
         let own = self.durable;
         let lag = self.cfg.allowed_lag();
-        let matched = ls.peer.as_ref().map(|p| p.matched).unwrap_or(LogIndex::ZERO);
+        let matched = ls
+            .peer
+            .as_ref()
+            .map(|p| p.matched)
+            .unwrap_or(LogIndex::ZERO);
         let floor = if self.cfg.strict_sync && self.cfg.commit_mode != CommitMode::Async {
             LogIndex::ZERO
         } else {
             ls.floor.index
         };
         let covered = LogIndex(matched.max(floor).0.saturating_add(lag));
-        let c = if self.mutations.ack_before_standby_persists || ls.forced { own } else { own.min(covered) };
+        let c = if self.mutations.ack_before_standby_persists || ls.forced {
+            own
+        } else {
+            own.min(covered)
+        };
         // Earlier terms' entries commit only through this term's no-op.
         if c >= ls.noop_index && c > self.commit {
             self.commit = c;
@@ -441,11 +566,16 @@ impl Engine {
         let lease = self.has_lease(now);
         let (commit, applied, term) = (self.commit, self.applied, self.hs.current_term);
         let sync_apply = self.cfg.commit_mode == CommitMode::SyncApply;
-        let Some(ls) = self.leader_state.as_mut() else { return };
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
         // The lease is checked where a write is acknowledged (DESIGN.md section 3).
         if lease {
-            let (peer_applied, peer_matched) =
-                ls.peer.as_ref().map(|p| (p.applied, p.matched)).unwrap_or((LogIndex::ZERO, LogIndex::ZERO));
+            let (peer_applied, peer_matched) = ls
+                .peer
+                .as_ref()
+                .map(|p| (p.applied, p.matched))
+                .unwrap_or((LogIndex::ZERO, LogIndex::ZERO));
             while let Some(&(id, idx)) = ls.pending_writes.front() {
                 if idx > commit || idx > applied {
                     break;
@@ -456,7 +586,8 @@ impl Engine {
                     break;
                 }
                 ls.pending_writes.pop_front();
-                self.actions.push(Action::WriteDone(id, Ok(Position::new(term, idx))));
+                self.actions
+                    .push(Action::WriteDone(id, Ok(Position::new(term, idx))));
             }
             let noop = ls.noop_index;
             let mut i = 0;
@@ -486,8 +617,12 @@ impl Engine {
         if self.cfg.strict_sync && !is_async {
             return;
         }
-        let Some(ls) = self.leader_state.as_ref() else { return };
-        let (Some(witness), Some(p)) = (ls.witness, ls.peer.as_ref()) else { return };
+        let Some(ls) = self.leader_state.as_ref() else {
+            return;
+        };
+        let (Some(witness), Some(p)) = (ls.witness, ls.peer.as_ref()) else {
+            return;
+        };
         if ls.forced || ls.floor_inflight.is_some() {
             return;
         }
@@ -495,12 +630,17 @@ impl Engine {
         if own.0 <= covered {
             return;
         }
-        let waited_long = ls.unacked.front().is_some_and(|(_, t)| now >= t.add(self.cfg.degrade_timeout));
+        let waited_long = ls
+            .unacked
+            .front()
+            .is_some_and(|(_, t)| now >= t.plus(self.cfg.degrade_timeout));
         if !is_async && !waited_long {
             return;
         }
         let target = LogIndex(own.0.saturating_sub(lag));
-        let Some(pos) = self.log.position_at(target) else { return };
+        let Some(pos) = self.log.position_at(target) else {
+            return;
+        };
         if pos <= ls.floor {
             return;
         }
@@ -509,7 +649,14 @@ impl Engine {
             tracing::warn!(node = %self.id, standby = %peer, "standby lagging; committing through witness floors (degraded sync)");
         }
         let commit = self.commit;
-        self.send(witness, Request::RaiseFloor(RaiseFloor { floors: vec![(peer, pos)], commit, rewrite: false }));
+        self.send(
+            witness,
+            Request::RaiseFloor(RaiseFloor {
+                floors: vec![(peer, pos)],
+                commit,
+                rewrite: false,
+            }),
+        );
         if let Some(ls) = self.leader_state.as_mut() {
             ls.floor_inflight = Some(now);
             ls.degraded = !is_async;
@@ -517,7 +664,7 @@ impl Engine {
     }
 
     pub(super) fn admin_switchover(&mut self, id: ClientId) {
-        let deadline = self.now.add(self.cfg.failover_timeout * 2);
+        let deadline = self.now.plus(self.cfg.failover_timeout * 2);
         let target = self.cfg.data_peer().map(|m| m.id);
         let Some(ls) = self.leader_state.as_mut() else {
             let err = self.not_leader_error();
@@ -525,18 +672,32 @@ impl Engine {
             return;
         };
         let Some(target) = target else {
-            self.actions.push(Action::AdminDone(id, Err(Error::Rejected("no standby to hand over to".into()))));
+            self.actions.push(Action::AdminDone(
+                id,
+                Err(Error::Rejected("no standby to hand over to".into())),
+            ));
             return;
         };
         if ls.transfer.is_some() {
-            self.actions.push(Action::AdminDone(id, Err(Error::Rejected("a switchover is already running".into()))));
+            self.actions.push(Action::AdminDone(
+                id,
+                Err(Error::Rejected("a switchover is already running".into())),
+            ));
             return;
         }
         // Stop writes and lease reads for the rest of this term.
-        ls.transfer = Some(Transfer { target, admin: id, deadline, promote_sent: false });
+        ls.transfer = Some(Transfer {
+            target,
+            admin: id,
+            deadline,
+            promote_sent: false,
+        });
         let reads = std::mem::take(&mut ls.pending_reads);
         for (rid, _) in reads {
-            let err = Error::NotLeader { leader: Some(target), leader_addr: None };
+            let err = Error::NotLeader {
+                leader: Some(target),
+                leader_addr: None,
+            };
             self.actions.push(Action::ReadReady(rid, Err(err)));
         }
     }
@@ -545,15 +706,28 @@ impl Engine {
     fn drive_transfer(&mut self) {
         let last = self.log.last();
         let durable = self.durable;
-        let Some(ls) = self.leader_state.as_mut() else { return };
-        let Some(t) = ls.transfer.as_mut() else { return };
-        let caught_up = ls.peer.as_ref().is_some_and(|p| p.id == t.target && p.matched >= last.index);
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
+        let Some(t) = ls.transfer.as_mut() else {
+            return;
+        };
+        let caught_up = ls
+            .peer
+            .as_ref()
+            .is_some_and(|p| p.id == t.target && p.matched >= last.index);
         if t.promote_sent || !caught_up || durable < last.index || !ls.pending_writes.is_empty() {
             return;
         }
         t.promote_sent = true;
         let target = t.target;
-        self.send(target, Request::Promote(Promote { reason: "switchover".into(), last }));
+        self.send(
+            target,
+            Request::Promote(Promote {
+                reason: "switchover".into(),
+                last,
+            }),
+        );
     }
 
     /// Fails what a stepping-down primary still owes; a switchover to the node that
@@ -566,7 +740,11 @@ impl Engine {
             self.emit(Action::ReadReady(id, Err(err.clone())));
         }
         if let Some(t) = ls.transfer {
-            let result = if self.hs.current_term.node == t.target { Ok(()) } else { Err(err) };
+            let result = if self.hs.current_term.node == t.target {
+                Ok(())
+            } else {
+                Err(err)
+            };
             self.emit(Action::AdminDone(t.admin, result));
         }
     }

@@ -16,7 +16,10 @@ pub(crate) struct Log {
 
 impl Log {
     pub(crate) fn new(snapshot: Position, entries: Vec<WalEntry>) -> Self {
-        let mut log = Log { snapshot, entries: VecDeque::new() };
+        let mut log = Log {
+            snapshot,
+            entries: VecDeque::new(),
+        };
         for e in entries {
             if e.index() == log.last().index.next() {
                 log.entries.push_back(e);
@@ -27,7 +30,10 @@ impl Log {
 
     /// The position of the last entry (or of the snapshot).
     pub(crate) fn last(&self) -> Position {
-        self.entries.back().map(|e| e.position).unwrap_or(self.snapshot)
+        self.entries
+            .back()
+            .map(|e| e.position)
+            .unwrap_or(self.snapshot)
     }
 
     /// The last position the snapshot covers.
@@ -63,7 +69,12 @@ impl Log {
 
     /// Up to `max_entries` entries from `from`, stopping once `max_bytes` is passed
     /// (at least one entry if any exists).
-    pub(crate) fn slice(&self, from: LogIndex, max_entries: usize, max_bytes: usize) -> Vec<WalEntry> {
+    pub(crate) fn slice(
+        &self,
+        from: LogIndex,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Vec<WalEntry> {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut i = from;
@@ -93,7 +104,9 @@ impl Log {
 
     /// Drops entries up to `upto`, which must be held; the log then starts after it.
     pub(crate) fn compact(&mut self, upto: LogIndex) {
-        let Some(pos) = self.position_at(upto) else { return };
+        let Some(pos) = self.position_at(upto) else {
+            return;
+        };
         if upto <= self.snapshot.index {
             return;
         }
@@ -105,7 +118,10 @@ impl Log {
     /// Replaces the log by an empty one at `snapshot`, keeping the suffix after it if
     /// the log holds that position.
     pub(crate) fn reset_to(&mut self, snapshot: Position) {
-        if snapshot != Position::ZERO && self.holds(snapshot) && snapshot.index >= self.snapshot.index {
+        if snapshot != Position::ZERO
+            && self.holds(snapshot)
+            && snapshot.index >= self.snapshot.index
+        {
             self.compact(snapshot.index);
         } else {
             self.entries.clear();
@@ -116,7 +132,9 @@ impl Log {
     /// The first index of the run of entries with the same term that contains
     /// `index`.
     pub(crate) fn first_index_of_term_run(&self, index: LogIndex) -> LogIndex {
-        let Some(term) = self.term_at(index) else { return index };
+        let Some(term) = self.term_at(index) else {
+            return index;
+        };
         let mut i = index;
         while i > self.snapshot.index.next() {
             match self.term_at(i.prev()) {

@@ -29,7 +29,9 @@ use crate::error::Error;
 use crate::health::{HealthStatus, PeerStatus};
 use crate::log_store::Snapshot;
 use crate::message::{Envelope, Request, Response, RpcError};
-use crate::types::{Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry};
+use crate::types::{
+    Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry,
+};
 
 use self::leader::LeaderState;
 use self::log::Log;
@@ -215,7 +217,11 @@ impl Engine {
     /// witness), whatever its config says, and for one failover timeout neither
     /// campaigns nor votes (DESIGN.md section 3, "Terms, votes, start-up").
     pub fn new(cfg: Config, init: InitialState, now: Instant, seed: u64) -> Self {
-        let snapshot_pos = init.snapshot.as_ref().map(|s| s.last_included).unwrap_or(Position::ZERO);
+        let snapshot_pos = init
+            .snapshot
+            .as_ref()
+            .map(|s| s.last_included)
+            .unwrap_or(Position::ZERO);
         let log = Log::new(snapshot_pos, init.entries);
         let durable = log.last().index;
         let kind = cfg.kind;
@@ -346,7 +352,9 @@ impl Engine {
     /// True if this node is the primary and holds a lease at `now` (its own clock):
     /// it may acknowledge writes and serve linearizable reads.
     pub fn has_lease(&self, now: Instant) -> bool {
-        self.leader_state.as_ref().is_some_and(|ls| ls.lease_valid(now, &self.cfg, self.mutations))
+        self.leader_state
+            .as_ref()
+            .is_some_and(|ls| ls.lease_valid(now, &self.cfg, self.mutations))
     }
 
     /// Times a safety assertion fired (a truncation at or below the commit index in a
@@ -369,7 +377,11 @@ impl Engine {
             .peers
             .iter()
             .map(|m| {
-                let contact = self.last_peer_contact.iter().find(|(n, _)| *n == m.id).map(|(_, t)| *t);
+                let contact = self
+                    .last_peer_contact
+                    .iter()
+                    .find(|(n, _)| *n == m.id)
+                    .map(|(_, t)| *t);
                 PeerStatus {
                     id: m.id,
                     addr: m.addr.clone(),
@@ -430,19 +442,38 @@ impl Engine {
 
     fn reset_election_deadline(&mut self) {
         let jitter = self.cfg.failover_jitter.as_nanos() as u64;
-        let extra = if jitter == 0 { 0 } else { self.random_u64() % jitter };
-        self.election_deadline = self.now.add(self.cfg.failover_timeout).add(std::time::Duration::from_nanos(extra));
+        let extra = if jitter == 0 {
+            0
+        } else {
+            self.random_u64() % jitter
+        };
+        self.election_deadline = self
+            .now
+            .plus(self.cfg.failover_timeout)
+            .plus(std::time::Duration::from_nanos(extra));
     }
 
     fn send(&mut self, to: NodeId, body: Request) -> u64 {
         let request_id = self.next_request_id();
-        self.emit(Action::Send(Envelope { from: self.id, to, term: self.hs.current_term, request_id, body }));
+        self.emit(Action::Send(Envelope {
+            from: self.id,
+            to,
+            term: self.hs.current_term,
+            request_id,
+            body,
+        }));
         request_id
     }
 
     fn respond(&mut self, to: NodeId, request_id: u64, body: Response) {
         let term = self.stale_reply_term.take().unwrap_or(self.hs.current_term);
-        self.emit(Action::Respond(Envelope { from: self.id, to, term, request_id, body }));
+        self.emit(Action::Respond(Envelope {
+            from: self.id,
+            to,
+            term,
+            request_id,
+            body,
+        }));
     }
 
     fn persist_hard_state(&mut self) {
@@ -458,7 +489,7 @@ impl Engine {
     }
 
     fn in_startup_window(&self) -> bool {
-        self.now < self.started_at.add(self.cfg.failover_timeout)
+        self.now < self.started_at.plus(self.cfg.failover_timeout)
     }
 
     /// Adopts a higher term: persist it with no vote, and stop leading or
@@ -473,12 +504,17 @@ impl Engine {
 
     fn become_follower(&mut self, leader: Option<NodeId>) {
         if let Some(ls) = self.leader_state.take() {
-            let err = Error::Fenced { term: self.hs.current_term };
+            let err = Error::Fenced {
+                term: self.hs.current_term,
+            };
             self.fail_leader_requests(ls, err);
         }
         if let Some(c) = self.campaign.take() {
             if let Some(id) = c.admin {
-                self.emit(Action::AdminDone(id, Err(Error::Rejected("election lost to a newer term".into()))));
+                self.emit(Action::AdminDone(
+                    id,
+                    Err(Error::Rejected("election lost to a newer term".into())),
+                ));
             }
         }
         let role = match self.kind {
@@ -494,7 +530,11 @@ impl Engine {
         if self.role != role || self.leader != leader {
             self.role = role;
             self.leader = leader;
-            self.emit(Action::RoleChanged { role, term: self.hs.current_term, leader });
+            self.emit(Action::RoleChanged {
+                role,
+                term: self.hs.current_term,
+                leader,
+            });
         }
     }
 
@@ -520,7 +560,11 @@ impl Engine {
 
     fn on_request(&mut self, env: Envelope<Request>) {
         if !self.is_member(env.from) || env.to != self.id {
-            self.respond(env.from, env.request_id, Response::Error(RpcError::NotAMember));
+            self.respond(
+                env.from,
+                env.request_id,
+                Response::Error(RpcError::NotAMember),
+            );
             return;
         }
         self.note_contact(env.from);
@@ -537,7 +581,9 @@ impl Engine {
             Request::Fence(f) => self.on_fence((env.from, env.term, env.request_id), f),
             Request::Promote(p) => self.on_promote((env.from, env.term, env.request_id), p),
             Request::RaiseFloor(r) => self.on_raise_floor((env.from, env.term, env.request_id), r),
-            Request::InstallSnapshot(s) => self.on_install_snapshot((env.from, env.term, env.request_id), s),
+            Request::InstallSnapshot(s) => {
+                self.on_install_snapshot((env.from, env.term, env.request_id), s)
+            }
         }
     }
 
@@ -553,7 +599,9 @@ impl Engine {
         match env.body {
             Response::Vote(v) => self.on_vote_response(env.from, env.term, v),
             Response::WalAck(a) => self.on_wal_ack(env.from, env.request_id, a),
-            Response::HeartbeatAck(a) => self.on_heartbeat_ack(env.from, env.term, env.request_id, a),
+            Response::HeartbeatAck(a) => {
+                self.on_heartbeat_ack(env.from, env.term, env.request_id, a)
+            }
             Response::FloorAck(a) => self.on_floor_ack(env.from, env.term, a),
             Response::SnapshotAck(a) => self.on_snapshot_ack(env.from, a),
             Response::FenceAck(_) | Response::PromoteAck(_) | Response::Error(_) => {}
@@ -593,7 +641,12 @@ impl Engine {
             MemberKind::Witness => Error::StandbyMode,
             MemberKind::Data => {
                 let leader = self.leader.filter(|l| *l != self.id);
-                Error::NotLeader { leader, leader_addr: leader.and_then(|l| self.cfg.member(l)).map(|m| m.addr.clone()) }
+                Error::NotLeader {
+                    leader,
+                    leader_addr: leader
+                        .and_then(|l| self.cfg.member(l))
+                        .map(|m| m.addr.clone()),
+                }
             }
         }
     }

@@ -5,8 +5,8 @@
 use super::{Action, Engine, PendingAck};
 use crate::log_store::Snapshot;
 use crate::message::{
-    AckResult, Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, RaiseFloor, Response, RpcError,
-    SnapshotAck, WalAck, WalBatch,
+    AckResult, Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, RaiseFloor,
+    Response, RpcError, SnapshotAck, WalAck, WalBatch,
 };
 use crate::types::{CommitMode, LogIndex, MemberKind, NodeId, Position, Role, Term};
 
@@ -29,7 +29,10 @@ impl Engine {
     fn accept_leader(&mut self, from: NodeId) {
         if let Some(c) = self.campaign.take() {
             if let Some(id) = c.admin {
-                self.emit(Action::AdminDone(id, Err(crate::error::Error::Rejected("a primary exists".into()))));
+                self.emit(Action::AdminDone(
+                    id,
+                    Err(crate::error::Error::Rejected("a primary exists".into())),
+                ));
             }
         }
         self.last_leader_contact = Some(self.now);
@@ -49,7 +52,11 @@ impl Engine {
     /// is not itself leading (the term rule makes that impossible unless mutated).
     fn leader_message_ok(&mut self, from: NodeId, term: Term, rid: u64) -> bool {
         if term.node != from {
-            self.respond(from, rid, Response::Error(RpcError::Malformed("term does not name its primary".into())));
+            self.respond(
+                from,
+                rid,
+                Response::Error(RpcError::Malformed("term does not name its primary".into())),
+            );
             return false;
         }
         true
@@ -58,13 +65,21 @@ impl Engine {
     pub(super) fn on_wal_batch(&mut self, meta: Meta, b: WalBatch) {
         let (from, term, rid) = meta;
         if self.kind != MemberKind::Data {
-            self.respond(from, rid, Response::Error(RpcError::Malformed("the witness stores no log".into())));
+            self.respond(
+                from,
+                rid,
+                Response::Error(RpcError::Malformed("the witness stores no log".into())),
+            );
             return;
         }
         if !self.leader_message_ok(from, term, rid) {
             return;
         }
-        let stale_ack = |e: &Engine| WalAck { batch_term: term, result: AckResult::StaleTerm, applied: e.applied };
+        let stale_ack = |e: &Engine| WalAck {
+            batch_term: term,
+            result: AckResult::StaleTerm,
+            applied: e.applied,
+        };
         if !self.check_term(term) || self.leader_state.is_some() {
             let ack = stale_ack(self);
             self.respond(from, rid, Response::WalAck(ack));
@@ -75,8 +90,11 @@ impl Engine {
         let mut prev = b.prev;
         let snap = self.log.snapshot();
         let mut entries = b.entries;
-        let below_snapshot_conflict = (prev.index == snap.index && prev.term != snap.term && snap.index > LogIndex::ZERO)
-            || entries.iter().any(|e| e.index() == snap.index && e.term() != snap.term && snap.index > LogIndex::ZERO);
+        let below_snapshot_conflict =
+            (prev.index == snap.index && prev.term != snap.term && snap.index > LogIndex::ZERO)
+                || entries.iter().any(|e| {
+                    e.index() == snap.index && e.term() != snap.term && snap.index > LogIndex::ZERO
+                });
         if below_snapshot_conflict {
             // Only possible in async mode: a failover discarded entries this node's
             // snapshot already holds. Start over from the primary's state.
@@ -86,7 +104,13 @@ impl Engine {
             } else {
                 self.safety_alarms += 1;
                 tracing::error!(node = %self.id, "primary's log conflicts with a committed snapshot");
-                self.respond(from, rid, Response::Error(RpcError::Malformed("conflicts with a committed snapshot".into())));
+                self.respond(
+                    from,
+                    rid,
+                    Response::Error(RpcError::Malformed(
+                        "conflicts with a committed snapshot".into(),
+                    )),
+                );
             }
             return;
         }
@@ -102,7 +126,10 @@ impl Engine {
         }
         if !self.log.holds(prev) {
             let conflict_term = self.log.term_at(prev.index);
-            let next = self.log.first_index_of_term_run(prev.index).max(self.commit.next());
+            let next = self
+                .log
+                .first_index_of_term_run(prev.index)
+                .max(self.commit.next());
             self.reply_mismatch(from, term, rid, next, conflict_term);
             return;
         }
@@ -111,10 +138,18 @@ impl Engine {
             self.respond(from, rid, Response::Error(RpcError::Malformed(msg)));
             return;
         }
-        if entries.windows(2).any(|w| w[1].index() != w[0].index().next())
-            || entries.first().is_some_and(|e| e.index() != prev.index.next())
+        if entries
+            .windows(2)
+            .any(|w| w[1].index() != w[0].index().next())
+            || entries
+                .first()
+                .is_some_and(|e| e.index() != prev.index.next())
         {
-            self.respond(from, rid, Response::Error(RpcError::Malformed("entries are not contiguous".into())));
+            self.respond(
+                from,
+                rid,
+                Response::Error(RpcError::Malformed("entries are not contiguous".into())),
+            );
             return;
         }
         let batch_last = entries.last().map(|e| e.position).unwrap_or(prev);
@@ -136,7 +171,9 @@ impl Engine {
                         self.respond(
                             from,
                             rid,
-                            Response::Error(RpcError::Malformed("batch would truncate committed entries".into())),
+                            Response::Error(RpcError::Malformed(
+                                "batch would truncate committed entries".into(),
+                            )),
                         );
                         return;
                     }
@@ -154,11 +191,30 @@ impl Engine {
             self.leader_verified = self.leader_verified.max(batch_last.index);
         }
         self.learn_commit(b.commit);
-        self.pending_acks.push(PendingAck { to: from, request_id: rid, batch_term: term, last: batch_last });
+        self.pending_acks.push(PendingAck {
+            to: from,
+            request_id: rid,
+            batch_term: term,
+            last: batch_last,
+        });
     }
 
-    fn reply_mismatch(&mut self, to: NodeId, term: Term, rid: u64, next: LogIndex, conflict_term: Option<Term>) {
-        let ack = WalAck { batch_term: term, result: AckResult::Mismatch { next, conflict_term }, applied: self.applied };
+    fn reply_mismatch(
+        &mut self,
+        to: NodeId,
+        term: Term,
+        rid: u64,
+        next: LogIndex,
+        conflict_term: Option<Term>,
+    ) {
+        let ack = WalAck {
+            batch_term: term,
+            result: AckResult::Mismatch {
+                next,
+                conflict_term,
+            },
+            applied: self.applied,
+        };
         self.respond(to, rid, Response::WalAck(ack));
     }
 
@@ -189,7 +245,8 @@ impl Engine {
     fn full_resync(&mut self) {
         let mut discarded = vec![self.log.snapshot()];
         discarded.extend(
-            (self.log.snapshot().index.0 + 1..=self.applied.0).filter_map(|i| self.log.position_at(LogIndex(i))),
+            (self.log.snapshot().index.0 + 1..=self.applied.0)
+                .filter_map(|i| self.log.position_at(LogIndex(i))),
         );
         tracing::warn!(node = %self.id, "async failover discarded entries held in the local snapshot; resyncing");
         self.emit(Action::Discarded(discarded));
@@ -236,7 +293,8 @@ impl Engine {
         if c > self.commit {
             self.commit = c;
         }
-        if !self.hs.voter && self.kind == MemberKind::Data && self.leader_verified >= leader_commit {
+        if !self.hs.voter && self.kind == MemberKind::Data && self.leader_verified >= leader_commit
+        {
             // Caught up after joining with an empty directory: vote from now on.
             self.hs.voter = true;
             self.persist_hard_state();
@@ -257,7 +315,11 @@ impl Engine {
                 let next = self.log.last().index.next();
                 self.reply_mismatch(p.to, p.batch_term, p.request_id, next, None);
             } else if p.last.index <= self.durable || p.last.index <= self.log.snapshot().index {
-                let ack = WalAck { batch_term: p.batch_term, result: AckResult::Durable(p.last), applied: self.applied };
+                let ack = WalAck {
+                    batch_term: p.batch_term,
+                    result: AckResult::Durable(p.last),
+                    applied: self.applied,
+                };
                 self.respond(p.to, p.request_id, Response::WalAck(ack));
             } else {
                 self.pending_acks.push(p);
@@ -279,7 +341,12 @@ impl Engine {
                 MemberKind::Witness => self.commit = self.commit.max(h.commit),
             }
         }
-        let ack = HeartbeatAck { accepted, last: self.log.last(), applied: self.applied, voter: self.hs.voter };
+        let ack = HeartbeatAck {
+            accepted,
+            last: self.log.last(),
+            applied: self.applied,
+            voter: self.hs.voter,
+        };
         self.respond(from, rid, Response::HeartbeatAck(ack));
     }
 
@@ -300,7 +367,11 @@ impl Engine {
     pub(super) fn on_install_snapshot(&mut self, meta: Meta, s: InstallSnapshot) {
         let (from, term, rid) = meta;
         if self.kind != MemberKind::Data {
-            self.respond(from, rid, Response::Error(RpcError::Malformed("the witness stores no log".into())));
+            self.respond(
+                from,
+                rid,
+                Response::Error(RpcError::Malformed("the witness stores no log".into())),
+            );
             return;
         }
         if !self.leader_message_ok(from, term, rid) {
@@ -308,7 +379,11 @@ impl Engine {
         }
         let snap_pos = s.last_included;
         if !self.check_term(term) || self.leader_state.is_some() {
-            let ack = SnapshotAck { snapshot_term: snap_pos.term, installed: false, last: self.log.last() };
+            let ack = SnapshotAck {
+                snapshot_term: snap_pos.term,
+                installed: false,
+                last: self.log.last(),
+            };
             self.respond(from, rid, Response::SnapshotAck(ack));
             return;
         }
@@ -317,7 +392,10 @@ impl Engine {
             if self.log.holds(snap_pos) {
                 // Already hold it; nothing to replace.
             } else {
-                let snapshot = Snapshot { last_included: snap_pos, data: s.data };
+                let snapshot = Snapshot {
+                    last_included: snap_pos,
+                    data: s.data,
+                };
                 self.log.reset_to(snap_pos);
                 self.durable = snap_pos.index;
                 self.commit = snap_pos.index;
@@ -330,7 +408,11 @@ impl Engine {
             self.leader_verified = self.leader_verified.max(snap_pos.index);
         }
         self.learn_commit(s.commit);
-        let ack = SnapshotAck { snapshot_term: snap_pos.term, installed: true, last: snap_pos };
+        let ack = SnapshotAck {
+            snapshot_term: snap_pos.term,
+            installed: true,
+            last: snap_pos,
+        };
         self.respond(from, rid, Response::SnapshotAck(ack));
     }
 
@@ -339,7 +421,11 @@ impl Engine {
     pub(super) fn on_raise_floor(&mut self, meta: Meta, r: RaiseFloor) {
         let (from, term, rid) = meta;
         if self.kind != MemberKind::Witness {
-            self.respond(from, rid, Response::Error(RpcError::Malformed("only the witness keeps floors".into())));
+            self.respond(
+                from,
+                rid,
+                Response::Error(RpcError::Malformed("only the witness keeps floors".into())),
+            );
             return;
         }
         if !self.leader_message_ok(from, term, rid) {
@@ -351,7 +437,11 @@ impl Engine {
             self.accept_leader(from);
             let mut changed = false;
             for (node, pos) in &r.floors {
-                if self.cfg.member(*node).is_some_and(|m| m.kind == MemberKind::Data) {
+                if self
+                    .cfg
+                    .member(*node)
+                    .is_some_and(|m| m.kind == MemberKind::Data)
+                {
                     changed |= self.hs.raise_floor(*node, *pos);
                 }
             }

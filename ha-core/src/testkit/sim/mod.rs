@@ -21,7 +21,9 @@ use crate::engine::{Action, Admin, Engine, Event, InitialState, Mutations};
 use crate::error::Error;
 use crate::log_store::Snapshot;
 use crate::message::{Envelope, Request, Response};
-use crate::types::{CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term};
+use crate::types::{
+    CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term,
+};
 
 const MS: u64 = 1_000_000;
 
@@ -121,7 +123,7 @@ impl SimConfig {
     pub fn for_seed(seed: u64) -> SimConfig {
         let mut c = SimConfig::default();
         match seed % 6 {
-            0 | 1 | 2 => {}
+            0..=2 => {}
             3 => c.commit_mode = CommitMode::SyncApply,
             4 => c.strict_sync = true,
             _ => {
@@ -313,8 +315,16 @@ struct Sim {
 }
 
 fn member(id: NodeId) -> Member {
-    let kind = if id == WITNESS { MemberKind::Witness } else { MemberKind::Data };
-    Member { id, addr: format!("sim-{}", id.0), kind }
+    let kind = if id == WITNESS {
+        MemberKind::Witness
+    } else {
+        MemberKind::Data
+    };
+    Member {
+        id,
+        addr: format!("sim-{}", id.0),
+        kind,
+    }
 }
 
 impl Sim {
@@ -323,8 +333,16 @@ impl Sim {
         let rho = f64::from(cfg.faults.clock_drift_ppm) / 1_000_000.0;
         let mut nodes = Vec::new();
         for id in [DATA[0], DATA[1], WITNESS] {
-            let kind = if id == WITNESS { MemberKind::Witness } else { MemberKind::Data };
-            let peers = [DATA[0], DATA[1], WITNESS].into_iter().filter(|p| *p != id).map(member).collect();
+            let kind = if id == WITNESS {
+                MemberKind::Witness
+            } else {
+                MemberKind::Data
+            };
+            let peers = [DATA[0], DATA[1], WITNESS]
+                .into_iter()
+                .filter(|p| *p != id)
+                .map(member)
+                .collect();
             let mut c = Config::new(id, kind, format!("sim-{}", id.0), peers);
             c.commit_mode = cfg.commit_mode;
             c.strict_sync = cfg.strict_sync;
@@ -339,7 +357,10 @@ impl Sim {
                 cfg: c,
                 engine: None,
                 incarnation: 0,
-                disk: SimDisk { hard_state: Some(HardState::bootstrap()), ..SimDisk::default() },
+                disk: SimDisk {
+                    hard_state: Some(HardState::bootstrap()),
+                    ..SimDisk::default()
+                },
                 sm: SimMachine::default(),
                 rate,
                 offset,
@@ -401,7 +422,11 @@ impl Sim {
 
     fn schedule(&mut self, delay: u64, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Reverse(Scheduled { at: self.now + delay, seq: self.seq, ev }));
+        self.queue.push(Reverse(Scheduled {
+            at: self.now + delay,
+            seq: self.seq,
+            ev,
+        }));
     }
 
     fn trace(&self, what: impl FnOnce() -> String) {
@@ -412,7 +437,11 @@ impl Sim {
 
     fn violation(&mut self, what: String) {
         if self.violations.len() < 20 {
-            self.violations.push(format!("t={:.3}s seed={}: {what}", self.now as f64 / 1e9, self.seed));
+            self.violations.push(format!(
+                "t={:.3}s seed={}: {what}",
+                self.now as f64 / 1e9,
+                self.seed
+            ));
         }
     }
 
@@ -429,13 +458,27 @@ impl Sim {
         n.incarnation += 1;
         n.disk.pending.clear();
         let init = InitialState {
-            hard_state: n.disk.hard_state.clone().unwrap_or_else(HardState::bootstrap),
+            hard_state: n
+                .disk
+                .hard_state
+                .clone()
+                .unwrap_or_else(HardState::bootstrap),
             snapshot: n.disk.snapshot.clone(),
             entries: n.disk.entries.clone(),
         };
-        n.sm = n.disk.snapshot.as_ref().and_then(|s| SimMachine::decode(&s.data)).unwrap_or_default();
+        n.sm = n
+            .disk
+            .snapshot
+            .as_ref()
+            .and_then(|s| SimMachine::decode(&s.data))
+            .unwrap_or_default();
         n.applied_since_snapshot = 0;
-        let mut engine = Engine::new(n.cfg.clone(), init, n.local(now), seed ^ (id.0 << 32) ^ n.incarnation);
+        let mut engine = Engine::new(
+            n.cfg.clone(),
+            init,
+            n.local(now),
+            seed ^ (id.0 << 32) ^ n.incarnation,
+        );
         engine.set_mutations(self.cfg.mutations);
         n.engine = Some(engine);
         let inc = n.incarnation;
@@ -553,7 +596,10 @@ impl Sim {
     }
 
     fn primary(&self) -> Option<NodeId> {
-        self.nodes.iter().find(|n| n.engine.as_ref().is_some_and(|e| e.role() == Role::Primary)).map(|n| n.id)
+        self.nodes
+            .iter()
+            .find(|n| n.engine.as_ref().is_some_and(|e| e.role() == Role::Primary))
+            .map(|n| n.id)
     }
 
     fn scripted(&mut self, step: Scripted) {
@@ -581,7 +627,9 @@ impl Sim {
                 let op = self.next_op;
                 self.next_op += 1;
                 self.admin_ops.insert(op);
-                self.note(format!("operator asks primary {p} for a planned switchover"));
+                self.note(format!(
+                    "operator asks primary {p} for a planned switchover"
+                ));
                 self.disrupted_at = Some(self.now);
                 self.step(p, Event::Admin(op, Admin::Switchover));
             }
@@ -591,7 +639,9 @@ impl Sim {
     fn step(&mut self, id: NodeId, event: Event) {
         let i = Self::idx(id);
         let now = self.nodes[i].local(self.now);
-        let Some(engine) = self.nodes[i].engine.as_mut() else { return };
+        let Some(engine) = self.nodes[i].engine.as_mut() else {
+            return;
+        };
         engine.step(now, event);
         let actions = engine.take_actions();
         self.stats.steps += 1;
@@ -606,7 +656,11 @@ impl Sim {
             return;
         }
         let f = self.cfg.faults.clone();
-        let (drop, dup) = if self.healing { (0.0, 0.0) } else { (f.drop, f.duplicate) };
+        let (drop, dup) = if self.healing {
+            (0.0, 0.0)
+        } else {
+            (f.drop, f.duplicate)
+        };
         if self.rng.random_bool(drop) {
             return;
         }
@@ -636,7 +690,10 @@ impl Sim {
             Action::Append(entries) => {
                 let delay = self.rng.random_range(100..1_000u64) * 1_000;
                 let inc = self.nodes[i].incarnation;
-                self.nodes[i].disk.pending.push_back((self.now + delay, entries));
+                self.nodes[i]
+                    .disk
+                    .pending
+                    .push_back((self.now + delay, entries));
                 self.schedule(delay, Ev::DiskDone(id, inc));
             }
             Action::Truncate(from) => {
@@ -664,7 +721,10 @@ impl Sim {
             Action::ResetStateMachine => self.nodes[i].sm = SimMachine::default(),
             Action::ResetLog => {
                 self.flush_disk(id);
-                let empty = Snapshot { last_included: Position::ZERO, data: SimMachine::default().encode() };
+                let empty = Snapshot {
+                    last_included: Position::ZERO,
+                    data: SimMachine::default().encode(),
+                };
                 self.nodes[i].disk.entries.clear();
                 self.nodes[i].disk.save_snapshot(empty);
             }
@@ -692,7 +752,10 @@ impl Sim {
             Action::Discarded(positions) => {
                 self.stats.discarded += positions.len() as u64;
                 if self.cfg.commit_mode != CommitMode::Async {
-                    self.violation(format!("{id} discarded {} applied entries in a sync mode", positions.len()));
+                    self.violation(format!(
+                        "{id} discarded {} applied entries in a sync mode",
+                        positions.len()
+                    ));
                 }
             }
             Action::RoleChanged { role, term, leader } => {
@@ -712,8 +775,13 @@ impl Sim {
         let i = Self::idx(id);
         let n = &mut self.nodes[i];
         let applied = n.sm.applied_index();
-        let Some(term) = n.sm.term_at(applied) else { return };
-        let snap = Snapshot { last_included: Position::new(term, applied), data: n.sm.encode() };
+        let Some(term) = n.sm.term_at(applied) else {
+            return;
+        };
+        let snap = Snapshot {
+            last_included: Position::new(term, applied),
+            data: n.sm.encode(),
+        };
         n.applied_since_snapshot = 0;
         n.disk.save_snapshot(snap.clone());
         let inc = n.incarnation;
@@ -770,7 +838,8 @@ impl Sim {
             .filter(|p| p.term < term)
             .filter(|p| {
                 let in_log = e.term_at(p.index) == Some(p.term);
-                let in_snapshot = p.index <= e.snapshot_position().index && n.sm.term_at(p.index) == Some(p.term);
+                let in_snapshot =
+                    p.index <= e.snapshot_position().index && n.sm.term_at(p.index) == Some(p.term);
                 !in_log && !in_snapshot
             })
             .copied()
@@ -810,7 +879,11 @@ impl Sim {
                 self.canonical.push(pos.term);
             }
         }
-        let floors = self.nodes[Self::idx(WITNESS)].disk.hard_state.clone().unwrap_or_default();
+        let floors = self.nodes[Self::idx(WITNESS)]
+            .disk
+            .hard_state
+            .clone()
+            .unwrap_or_default();
         for d in DATA {
             let holds = self.nodes[Self::idx(d)].disk.holds(pos);
             if !holds && floors.floor(d) < pos {
@@ -829,7 +902,10 @@ impl Sim {
         for (k, t) in m.applied.iter().enumerate() {
             match self.canonical.get(k) {
                 Some(c) if c != t => {
-                    self.violation(format!("{id} installed a snapshot disagreeing at index {}", k + 1));
+                    self.violation(format!(
+                        "{id} installed a snapshot disagreeing at index {}",
+                        k + 1
+                    ));
                     return;
                 }
                 Some(_) => {}
@@ -840,14 +916,19 @@ impl Sim {
 
     fn lease_checked(&mut self, id: NodeId, what: &str) {
         let n = &self.nodes[Self::idx(id)];
-        let ok = n.engine.as_ref().is_some_and(|e| e.has_lease(n.local(self.now)));
+        let ok = n
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.has_lease(n.local(self.now)));
         if !ok {
             self.violation(format!("{id} emitted {what} without a lease"));
         }
     }
 
     fn write_done(&mut self, id: NodeId, op: u64, result: Result<Position, Error>) {
-        let Some(o) = self.ops.remove(&op) else { return };
+        let Some(o) = self.ops.remove(&op) else {
+            return;
+        };
         let OpKind::Write(w) = o.kind else { return };
         match result {
             Ok(pos) => {
@@ -876,8 +957,12 @@ impl Sim {
     /// Invariant 6: a linearizable read sees every write acknowledged before it
     /// was invoked (the log order is the linearization).
     fn read_ready(&mut self, id: NodeId, op: u64, result: Result<Term, Error>) {
-        let Some(o) = self.ops.remove(&op) else { return };
-        let OpKind::Read { key, must_see } = o.kind else { return };
+        let Some(o) = self.ops.remove(&op) else {
+            return;
+        };
+        let OpKind::Read { key, must_see } = o.kind else {
+            return;
+        };
         match result {
             Ok(_) => {
                 self.lease_checked(id, "a read");
@@ -893,7 +978,9 @@ impl Sim {
                 if let Some(v) = value {
                     if let Some(p) = self.acked_ids.get(&v) {
                         if p.index > seen {
-                            self.violation(format!("read on {id} returned a value written after its state"));
+                            self.violation(format!(
+                                "read on {id} returned a value written after its state"
+                            ));
                         }
                     }
                 }
@@ -904,9 +991,16 @@ impl Sim {
     }
 
     fn final_checks(&mut self) {
-        let states: Vec<(NodeId, Vec<Term>)> = DATA.iter().map(|d| (*d, self.nodes[Self::idx(*d)].sm.applied.clone())).collect();
-        let alarms: Vec<(NodeId, u64)> =
-            self.nodes.iter().filter_map(|n| n.engine.as_ref().map(|e| (n.id, e.safety_alarms()))).filter(|(_, a)| *a > 0).collect();
+        let states: Vec<(NodeId, Vec<Term>)> = DATA
+            .iter()
+            .map(|d| (*d, self.nodes[Self::idx(*d)].sm.applied.clone()))
+            .collect();
+        let alarms: Vec<(NodeId, u64)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref().map(|e| (n.id, e.safety_alarms())))
+            .filter(|(_, a)| *a > 0)
+            .collect();
         if !alarms.is_empty() {
             self.violation(format!("engine safety alarms fired: {alarms:?}"));
         }
@@ -923,23 +1017,43 @@ impl Sim {
                 b.len()
             ));
         }
-        let longest = if a.len() >= b.len() { a.clone() } else { b.clone() };
-        let lost: Vec<Position> =
-            self.acked.iter().filter(|p| longest.get((p.index.0 - 1) as usize) != Some(&p.term)).copied().collect();
+        let longest = if a.len() >= b.len() {
+            a.clone()
+        } else {
+            b.clone()
+        };
+        let lost: Vec<Position> = self
+            .acked
+            .iter()
+            .filter(|p| longest.get((p.index.0 - 1) as usize) != Some(&p.term))
+            .copied()
+            .collect();
         if self.sync_mode() {
             if let Some(p) = lost.first() {
-                self.violation(format!("{} acknowledged writes lost, first {p}", lost.len()));
+                self.violation(format!(
+                    "{} acknowledged writes lost, first {p}",
+                    lost.len()
+                ));
             }
             for (d, s) in &states {
-                let behind = self.acked.iter().filter(|p| s.get((p.index.0 - 1) as usize) != Some(&p.term)).count();
+                let behind = self
+                    .acked
+                    .iter()
+                    .filter(|p| s.get((p.index.0 - 1) as usize) != Some(&p.term))
+                    .count();
                 if behind > 0 && self.live(*d) {
-                    self.violation(format!("{d} ends without {behind} acknowledged writes after healing"));
+                    self.violation(format!(
+                        "{d} ends without {behind} acknowledged writes after healing"
+                    ));
                 }
             }
         } else {
             let bound = self.cfg.max_lag_on_failover * self.stats.elections.max(1);
             if lost.len() as u64 > bound {
-                self.violation(format!("async mode lost {} acknowledged writes, bound {bound}", lost.len()));
+                self.violation(format!(
+                    "async mode lost {} acknowledged writes, bound {bound}",
+                    lost.len()
+                ));
             }
         }
         // Invariant 5: after healing, a primary appears and writes succeed.
@@ -949,7 +1063,11 @@ impl Sim {
         let leaders = self
             .nodes
             .iter()
-            .filter(|n| n.engine.as_ref().is_some_and(|e| e.has_lease(n.local(self.now))))
+            .filter(|n| {
+                n.engine
+                    .as_ref()
+                    .is_some_and(|e| e.has_lease(n.local(self.now)))
+            })
             .count();
         if leaders == 0 {
             self.violation("no primary holds a lease at the end".into());
@@ -968,7 +1086,11 @@ impl Sim {
             Some(l) if self.rng.random_bool(0.9) => l,
             _ => DATA[self.rng.random_range(0..2)],
         };
-        if !self.live(target) || self.nodes[Self::idx(target)].paused_until.is_some_and(|t| t > self.now) {
+        if !self.live(target)
+            || self.nodes[Self::idx(target)]
+                .paused_until
+                .is_some_and(|t| t > self.now)
+        {
             self.leader_hint = None;
             return;
         }
@@ -977,11 +1099,23 @@ impl Sim {
         let key = self.rng.random_range(0..4u8);
         if self.rng.random_bool(0.8) {
             let w = SimWrite { id: op, key };
-            self.ops.insert(op, Op { kind: OpKind::Write(w), invoked: self.now });
+            self.ops.insert(
+                op,
+                Op {
+                    kind: OpKind::Write(w),
+                    invoked: self.now,
+                },
+            );
             self.step(target, Event::ClientWrites(vec![(op, w.command())]));
         } else {
             let must_see = self.max_acked;
-            self.ops.insert(op, Op { kind: OpKind::Read { key, must_see }, invoked: self.now });
+            self.ops.insert(
+                op,
+                Op {
+                    kind: OpKind::Read { key, must_see },
+                    invoked: self.now,
+                },
+            );
             self.step(target, Event::ClientRead(op));
         }
     }
@@ -995,7 +1129,11 @@ impl Sim {
         let r: f64 = self.rng.random();
         let victim = [DATA[0], DATA[1], WITNESS][self.rng.random_range(0..3)];
         if r < self.cfg.switchover {
-            if let Some(l) = self.nodes.iter().find(|n| n.engine.as_ref().is_some_and(|e| e.role() == Role::Primary)) {
+            if let Some(l) = self
+                .nodes
+                .iter()
+                .find(|n| n.engine.as_ref().is_some_and(|e| e.role() == Role::Primary))
+            {
                 let id = l.id;
                 let op = self.next_op;
                 self.next_op += 1;
@@ -1033,7 +1171,8 @@ impl Sim {
             let i = Self::idx(victim);
             let until = self.now + d;
             self.trace(|| format!("PAUSE {victim} for {}ms", d / MS));
-            self.nodes[i].paused_until = Some(self.nodes[i].paused_until.map_or(until, |u| u.max(until)));
+            self.nodes[i].paused_until =
+                Some(self.nodes[i].paused_until.map_or(until, |u| u.max(until)));
         }
     }
 

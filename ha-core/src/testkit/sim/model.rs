@@ -42,7 +42,11 @@ impl SimMachine {
     /// Applies one entry; returns an error text if it does not follow the last one.
     pub(crate) fn apply(&mut self, e: &WalEntry) -> Result<(), String> {
         if e.index() != self.applied_index().next() {
-            return Err(format!("applied index {} after {}", e.index(), self.applied_index()));
+            return Err(format!(
+                "applied index {} after {}",
+                e.index(),
+                self.applied_index()
+            ));
         }
         self.applied.push(e.term());
         if let Payload::Command(c) = &e.payload {
@@ -121,7 +125,8 @@ impl SimDisk {
         if let Some(s) = &self.snapshot {
             if pos.index <= s.last_included.index {
                 return s.last_included == pos
-                    || self.snapshot_terms.get((pos.index.0.max(1) - 1) as usize) == Some(&pos.term);
+                    || self.snapshot_terms.get((pos.index.0.max(1) - 1) as usize)
+                        == Some(&pos.term);
             }
         }
         self.entries.iter().any(|e| e.position == pos)
@@ -136,14 +141,20 @@ impl SimDisk {
     }
 
     pub(crate) fn save_snapshot(&mut self, snap: Snapshot) {
-        self.snapshot_terms = SimMachine::decode(&snap.data).map(|m| m.applied).unwrap_or_default();
+        self.snapshot_terms = SimMachine::decode(&snap.data)
+            .map(|m| m.applied)
+            .unwrap_or_default();
         self.snapshot = Some(snap);
     }
 
     pub(crate) fn install(&mut self, snap: Snapshot) {
-        let keep = self.entries.iter().any(|e| e.position == snap.last_included);
+        let keep = self
+            .entries
+            .iter()
+            .any(|e| e.position == snap.last_included);
         if keep {
-            self.entries.retain(|e| e.index() > snap.last_included.index);
+            self.entries
+                .retain(|e| e.index() > snap.last_included.index);
         } else {
             self.entries.clear();
         }
