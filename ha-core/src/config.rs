@@ -92,13 +92,21 @@ pub struct ConfigError {
 }
 
 fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { field, reason: reason.into() }
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
 }
 
 impl Config {
     /// A config with LAN defaults: heartbeat 50 ms, failover after 150–250 ms, sync
     /// commit, degraded sync through the witness after 100 ms.
-    pub fn new(node_id: NodeId, kind: MemberKind, bind_addr: impl Into<String>, peers: Vec<Member>) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        kind: MemberKind,
+        bind_addr: impl Into<String>,
+        peers: Vec<Member>,
+    ) -> Self {
         let bind_addr = bind_addr.into();
         Config {
             node_id,
@@ -155,7 +163,8 @@ impl Config {
     /// True if automatic failover is on and allowed: there is a witness, or the
     /// unsafe option says so.
     pub fn auto_failover_enabled(&self) -> bool {
-        self.auto_failover && (self.witness().is_some() || self.unsafe_auto_failover_without_witness)
+        self.auto_failover
+            && (self.witness().is_some() || self.unsafe_auto_failover_without_witness)
     }
 
     /// The longest lease a primary may hold, measured on its own clock:
@@ -178,7 +187,10 @@ impl Config {
     /// Checks every field; the error names the first bad field and why.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id.0 == 0 {
-            return Err(bad("node_id", "0 is reserved for the empty term; use 1 or more"));
+            return Err(bad(
+                "node_id",
+                "0 is reserved for the empty term; use 1 or more",
+            ));
         }
         if self.bind_addr.trim().is_empty() {
             return Err(bad("bind_addr", "must not be empty"));
@@ -190,7 +202,10 @@ impl Config {
         ids.push(self.node_id);
         ids.sort();
         if ids.windows(2).any(|w| w[0] == w[1]) {
-            return Err(bad("peers", "member ids must be distinct from each other and from node_id"));
+            return Err(bad(
+                "peers",
+                "member ids must be distinct from each other and from node_id",
+            ));
         }
         if self.peers.iter().any(|m| m.id.0 == 0) {
             return Err(bad("peers", "member id 0 is reserved"));
@@ -198,15 +213,29 @@ impl Config {
         if self.peers.iter().any(|m| m.addr.trim().is_empty()) {
             return Err(bad("peers", "every member needs an address"));
         }
-        let data = self.peers.iter().filter(|m| m.kind == MemberKind::Data).count();
-        let witnesses = self.peers.iter().filter(|m| m.kind == MemberKind::Witness).count();
+        let data = self
+            .peers
+            .iter()
+            .filter(|m| m.kind == MemberKind::Data)
+            .count();
+        let witnesses = self
+            .peers
+            .iter()
+            .filter(|m| m.kind == MemberKind::Witness)
+            .count();
         match self.kind {
             MemberKind::Data if data != 1 => {
-                return Err(bad("peers", format!("a data node needs exactly one other data node, found {data}")))
+                return Err(bad(
+                    "peers",
+                    format!("a data node needs exactly one other data node, found {data}"),
+                ))
             }
             MemberKind::Data if witnesses > 1 => return Err(bad("peers", "at most one witness")),
             MemberKind::Witness if data != 2 || witnesses != 0 => {
-                return Err(bad("peers", "a witness needs exactly the two data nodes as peers"))
+                return Err(bad(
+                    "peers",
+                    "a witness needs exactly the two data nodes as peers",
+                ))
             }
             _ => {}
         }
@@ -220,7 +249,10 @@ impl Config {
             return Err(bad("tick_interval", "must not exceed heartbeat_interval"));
         }
         if self.failover_timeout < self.heartbeat_interval * 2 {
-            return Err(bad("failover_timeout", "must be at least twice heartbeat_interval"));
+            return Err(bad(
+                "failover_timeout",
+                "must be at least twice heartbeat_interval",
+            ));
         }
         if self.clock_drift_ppm >= 500_000 {
             return Err(bad("clock_drift_ppm", "must be below 500000 (50 %)"));
@@ -250,13 +282,19 @@ impl Config {
             return Err(bad("reconnect_interval", "must be greater than zero"));
         }
         if self.max_reconnect_backoff < self.reconnect_interval {
-            return Err(bad("max_reconnect_backoff", "must be at least reconnect_interval"));
+            return Err(bad(
+                "max_reconnect_backoff",
+                "must be at least reconnect_interval",
+            ));
         }
         if self.snapshot_every == 0 {
             return Err(bad("snapshot_every", "must be at least 1"));
         }
         if self.commit_mode != CommitMode::Async && self.max_lag_on_failover != 0 {
-            return Err(bad("max_lag_on_failover", "only applies in async commit mode; set it to 0"));
+            return Err(bad(
+                "max_lag_on_failover",
+                "only applies in async commit mode; set it to 0",
+            ));
         }
         Ok(())
     }
@@ -272,8 +310,16 @@ mod tests {
             MemberKind::Data,
             "127.0.0.1:7001",
             vec![
-                Member { id: NodeId(2), addr: "127.0.0.1:7002".into(), kind: MemberKind::Data },
-                Member { id: NodeId(3), addr: "127.0.0.1:7003".into(), kind: MemberKind::Witness },
+                Member {
+                    id: NodeId(2),
+                    addr: "127.0.0.1:7002".into(),
+                    kind: MemberKind::Data,
+                },
+                Member {
+                    id: NodeId(3),
+                    addr: "127.0.0.1:7003".into(),
+                    kind: MemberKind::Witness,
+                },
             ],
         )
     }
@@ -303,7 +349,10 @@ mod tests {
 
         let mut c = data_config();
         c.max_lag_on_failover = 5;
-        assert_eq!(c.validate().map_err(|e| e.field), Err("max_lag_on_failover"));
+        assert_eq!(
+            c.validate().map_err(|e| e.field),
+            Err("max_lag_on_failover")
+        );
     }
 
     #[test]

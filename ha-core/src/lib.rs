@@ -31,5 +31,6 @@ pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};
 pub use replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
 pub use types::{
-    Command, CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, Term, WalEntry,
+    Command, CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role,
+    Term, WalEntry,
 };

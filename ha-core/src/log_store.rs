@@ -47,7 +47,10 @@ pub trait LogStore: Send + Sync + 'static {
     fn load(&self) -> impl Future<Output = Result<StoredState, StorageError>> + Send;
 
     /// Appends entries; resolves when they are durable.
-    fn append(&self, entries: Vec<WalEntry>) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn append(
+        &self,
+        entries: Vec<WalEntry>,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Reads entries `[from, to)`, stopping early once `max_bytes` is exceeded (at
     /// least one entry is returned if any exists).
@@ -59,20 +62,33 @@ pub trait LogStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<WalEntry>, StorageError>> + Send;
 
     /// Removes entries with index `>= from`.
-    fn truncate_suffix(&self, from: LogIndex) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn truncate_suffix(
+        &self,
+        from: LogIndex,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Removes entries with index `<= upto`.
-    fn purge_prefix(&self, upto: LogIndex) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn purge_prefix(&self, upto: LogIndex)
+        -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Replaces the hard state atomically.
-    fn save_hard_state(&self, state: HardState) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn save_hard_state(
+        &self,
+        state: HardState,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Saves a snapshot durably, replacing the previous one.
-    fn save_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn save_snapshot(
+        &self,
+        snapshot: Snapshot,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Replaces the whole log with a received snapshot: entries up to its position
     /// are dropped (and any that conflict with it), and the snapshot is saved.
-    fn install_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn install_snapshot(
+        &self,
+        snapshot: Snapshot,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// The position of the last durable entry (or of the snapshot, if the log after
     /// it is empty).

@@ -50,7 +50,11 @@ pub trait Replicator: Send + Sync {
     fn start(&self) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Replicates one command; resolves once the commit mode is satisfied.
-    fn apply(&self, command: Command, timeout: Duration) -> impl Future<Output = Result<WriteAck, Error>> + Send;
+    fn apply(
+        &self,
+        command: Command,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<WriteAck, Error>> + Send;
 
     /// Replicates several commands; each succeeds or fails on its own.
     fn apply_batch(
@@ -80,7 +84,10 @@ pub trait Replicator: Send + Sync {
     fn health(&self) -> HealthStatus;
 
     /// Waits until some node is primary and this node knows which.
-    fn wait_for_leader(&self, timeout: Duration) -> impl Future<Output = Result<NodeId, Error>> + Send;
+    fn wait_for_leader(
+        &self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<NodeId, Error>> + Send;
 
     /// Asks for this node to become primary: an ordinary election, or a forced one.
     fn promote(&self, options: PromoteOptions) -> impl Future<Output = Result<(), Error>> + Send;

@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::config::Member;
 use crate::error::TransportError;
 use crate::message::{
-    Envelope, Fence, FenceAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, PromoteAck, RaiseFloor, FloorAck,
-    Request, Response, SnapshotAck, VoteRequest, VoteResponse, WalAck, WalBatch,
+    Envelope, Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote,
+    PromoteAck, RaiseFloor, Request, Response, SnapshotAck, VoteRequest, VoteResponse, WalAck,
+    WalBatch,
 };
 use crate::types::NodeId;
 
@@ -60,10 +61,16 @@ pub trait Transport: Send + Sync + 'static {
     type Conn: PeerConnection;
 
     /// Opens (or reuses) a connection to `peer`.
-    fn connect(&self, peer: &Member) -> impl Future<Output = Result<Self::Conn, TransportError>> + Send;
+    fn connect(
+        &self,
+        peer: &Member,
+    ) -> impl Future<Output = Result<Self::Conn, TransportError>> + Send;
 
     /// Starts accepting peers; returns once listening. Requests go to `handler`.
-    fn listen(&self, handler: Arc<dyn RequestHandler>) -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn listen(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Stops accepting and closes every connection; idempotent and prompt.
     fn close(&self) -> impl Future<Output = ()> + Send;
@@ -97,7 +104,13 @@ macro_rules! typed_rpc {
 }
 
 fn map_body<A, B>(e: Envelope<A>, f: impl FnOnce(A) -> B) -> Envelope<B> {
-    Envelope { from: e.from, to: e.to, term: e.term, request_id: e.request_id, body: f(e.body) }
+    Envelope {
+        from: e.from,
+        to: e.to,
+        term: e.term,
+        request_id: e.request_id,
+        body: f(e.body),
+    }
 }
 
 /// The seed's typed RPCs, on top of [`PeerConnection::call`].
