@@ -17,6 +17,18 @@ pub struct Member {
     pub kind: MemberKind,
 }
 
+/// The role named in a node's config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfiguredRole {
+    /// The data node expected to lead.
+    Primary,
+    /// The data node expected to follow.
+    Standby,
+    /// The witness.
+    Witness,
+}
+
 /// Everything a node needs to take part in replication.
 ///
 /// Build one with [`Config::new`] (LAN defaults) and check it with
@@ -27,6 +39,10 @@ pub struct Config {
     pub node_id: NodeId,
     /// What this node is: a data node or the witness.
     pub kind: MemberKind,
+    /// The role the operator intends (the seed's `Role`). Every node still starts
+    /// as a follower; a data node configured as primary only campaigns first when
+    /// no primary is found (it skips the election-timeout jitter once).
+    pub role: ConfiguredRole,
     /// The local address to listen on.
     pub bind_addr: String,
     /// The address peers use to reach this node.
@@ -108,9 +124,14 @@ impl Config {
         peers: Vec<Member>,
     ) -> Self {
         let bind_addr = bind_addr.into();
+        let role = match kind {
+            MemberKind::Data => ConfiguredRole::Standby,
+            MemberKind::Witness => ConfiguredRole::Witness,
+        };
         Config {
             node_id,
             kind,
+            role,
             advertise_addr: bind_addr.clone(),
             bind_addr,
             peers,
@@ -197,6 +218,12 @@ impl Config {
         }
         if self.advertise_addr.trim().is_empty() {
             return Err(bad("advertise_addr", "must not be empty"));
+        }
+        if (self.kind == MemberKind::Witness) != (self.role == ConfiguredRole::Witness) {
+            return Err(bad(
+                "role",
+                "must be `witness` exactly when the node is the witness",
+            ));
         }
         let mut ids: Vec<NodeId> = self.peers.iter().map(|m| m.id).collect();
         ids.push(self.node_id);
@@ -346,6 +373,10 @@ mod tests {
         let mut c = data_config();
         c.peers[1].id = NodeId(1);
         assert_eq!(c.validate().map_err(|e| e.field), Err("peers"));
+
+        let mut c = data_config();
+        c.role = ConfiguredRole::Witness;
+        assert_eq!(c.validate().map_err(|e| e.field), Err("role"));
 
         let mut c = data_config();
         c.max_lag_on_failover = 5;

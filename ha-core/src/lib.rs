@@ -26,7 +26,7 @@ pub mod types;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use config::{Config, ConfigError, Member};
+pub use config::{Config, ConfigError, ConfiguredRole, Member};
 pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};
 pub use replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};

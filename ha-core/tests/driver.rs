@@ -794,8 +794,6 @@ async fn snapshots_are_taken_and_a_lagging_standby_catches_up_through_one() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "engine issue: the primary never lowers a data peer's match index, so a standby that \
-            rejoins with an empty disk is never sent what it lacks (see the driver work report)"]
 async fn a_wiped_standby_rejoins_with_an_empty_disk() {
     let every = |cfg: &mut Config| cfg.snapshot_every = 5;
     let c = Cluster::start_with(|_| MemLogStore::new(), every).await;

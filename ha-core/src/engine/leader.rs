@@ -422,6 +422,12 @@ impl Engine {
                 if rid < p.reset_after {
                     return;
                 }
+                if next <= p.matched {
+                    // A standby never loses what it acked durably, unless its disk
+                    // was wiped and it rejoined empty (as a non-voter): start over.
+                    tracing::warn!(standby = %from, matched = %p.matched, %next, "standby lost acknowledged entries; resending");
+                    p.matched = next.prev();
+                }
                 p.next = next.max(p.matched.next()).min(last.next()).max(LogIndex(1));
                 p.inflight.clear();
                 p.reset_after = reset_id;
@@ -475,8 +481,22 @@ impl Engine {
         }
         if let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) {
             p.applied = p.applied.max(ack.applied);
+            if !ack.voter && ack.last.index < p.matched {
+                // It rejoined with a wiped disk (a non-voter holding less than it
+                // once acked): replicate to it from what it holds now.
+                tracing::warn!(standby = %from, matched = %p.matched, last = %ack.last.index, "standby rejoined empty; resending");
+                p.matched = ack.last.index;
+                p.next = ack.last.index.next();
+                p.inflight.clear();
+                p.reset_after = self.next_request_id;
+            }
         }
+        // Only once this term's no-op is committed does the primary's commit index
+        // cover everything earlier primaries committed; floors written before
+        // that could be too low.
+        let noop_committed = self.commit >= ls.noop_index;
         if is_witness
+            && noop_committed
             && !ack.voter
             && ls
                 .witness_rewrite_sent

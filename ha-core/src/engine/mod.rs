@@ -24,7 +24,7 @@ mod replica;
 
 use std::collections::BTreeSet;
 
-use crate::config::Config;
+use crate::config::{Config, ConfiguredRole};
 use crate::error::Error;
 use crate::health::{HealthStatus, PeerStatus};
 use crate::log_store::Snapshot;
@@ -193,6 +193,8 @@ pub struct Engine {
     applied: LogIndex,
     /// Highest index known to match the current leader's log.
     leader_verified: LogIndex,
+    /// The primary's last index, from its heartbeats (for lag reporting).
+    leader_last: LogIndex,
     now: Instant,
     started_at: Instant,
     election_deadline: Instant,
@@ -241,6 +243,7 @@ impl Engine {
             commit: snapshot_pos.index,
             applied: snapshot_pos.index,
             leader_verified: LogIndex::ZERO,
+            leader_last: LogIndex::ZERO,
             now,
             started_at: now,
             election_deadline: now,
@@ -260,6 +263,10 @@ impl Engine {
             cfg,
         };
         e.reset_election_deadline();
+        if e.cfg.role == ConfiguredRole::Primary {
+            // The configured primary campaigns first when the cluster has none.
+            e.election_deadline = now.plus(e.cfg.failover_timeout);
+        }
         e
     }
 
@@ -392,9 +399,9 @@ impl Engine {
                 }
             })
             .collect();
-        let lag = match (leader_last, ls) {
-            (Some(_), _) => 0,
-            _ => self.commit.0.saturating_sub(self.log.last().index.0),
+        let lag = match leader_last {
+            Some(_) => 0,
+            None => self.leader_last.0.saturating_sub(self.durable.0),
         };
         HealthStatus {
             node_id: self.id,

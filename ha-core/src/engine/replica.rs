@@ -293,8 +293,12 @@ impl Engine {
         if c > self.commit {
             self.commit = c;
         }
-        if !self.hs.voter && self.kind == MemberKind::Data && self.leader_verified >= leader_commit
-        {
+        // The primary's commit index covers every earlier commit only once an entry
+        // of its own term (its no-op) is committed.
+        let covers_all = self.leader_verified >= leader_commit
+            && self.log.term_at(leader_commit) == Some(self.hs.current_term)
+            && self.leader == Some(self.hs.current_term.node);
+        if !self.hs.voter && self.kind == MemberKind::Data && covers_all {
             // Caught up after joining with an empty directory: vote from now on.
             self.hs.voter = true;
             self.persist_hard_state();
@@ -335,6 +339,7 @@ impl Engine {
         let accepted = self.check_term(term) && self.leader_state.is_none();
         if accepted {
             self.accept_leader(from);
+            self.leader_last = h.last.index;
             match self.kind {
                 MemberKind::Data => self.learn_commit(h.commit),
                 // Advisory only at the witness (status and metrics).

@@ -14,8 +14,11 @@ use crate::types::{Command, HardState, LogIndex, NodeId, Payload, Position, Term
 /// reopened store reads back what was written. Pass `None` for a store that cannot
 /// be reopened.
 ///
-/// ```ignore
+/// ```
+/// # use ha_core::testkit::{conformance::log_store_suite, memory::MemLogStore};
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// log_store_suite(MemLogStore::new, Some(&|s| s)).await;
+/// # });
 /// ```
 pub async fn log_store_suite<S: LogStore>(
     make: impl Fn() -> S,

@@ -42,6 +42,8 @@ pub struct FaultConfig {
     pub mean_fault_interval_ms: u64,
     /// Relative clock rate bound in ppm (each node drifts within ±half of it).
     pub clock_drift_ppm: u32,
+    /// Probability that a crash also loses the node's disk (it rejoins empty).
+    pub wipe: f64,
 }
 
 impl Default for FaultConfig {
@@ -53,6 +55,7 @@ impl Default for FaultConfig {
             delay_spike: 0.01,
             mean_fault_interval_ms: 400,
             clock_drift_ppm: 10_000,
+            wipe: 0.1,
         }
     }
 }
@@ -148,6 +151,8 @@ pub struct SimStats {
     pub elections: u64,
     /// Crashes injected.
     pub crashes: u64,
+    /// Crashes that also lost the disk.
+    pub wipes: u64,
     /// Partitions injected.
     pub partitions: u64,
     /// Pauses injected.
@@ -304,6 +309,11 @@ struct Sim {
     acked_ids: BTreeMap<u64, Position>,
     max_acked: LogIndex,
     canonical: Vec<Term>,
+    /// The highest floors the witness ever recorded (a wiped witness forgets them,
+    /// but commits made on their strength stay justified).
+    ghost_floors: HardState,
+    /// What wiped disks held: acks they sent before the wipe still justify commits.
+    wiped_durable: HashMap<NodeId, BTreeSet<Position>>,
     term_leaders: HashMap<Term, NodeId>,
     progress_acked: bool,
     last_holders: Vec<NodeId>,
@@ -391,6 +401,8 @@ impl Sim {
             acked_ids: BTreeMap::new(),
             max_acked: LogIndex::ZERO,
             canonical: Vec::new(),
+            ghost_floors: HardState::default(),
+            wiped_durable: HashMap::new(),
             term_leaders: HashMap::new(),
             progress_acked: false,
             last_holders: Vec::new(),
@@ -686,7 +698,14 @@ impl Sim {
     fn execute(&mut self, id: NodeId, action: Action) {
         let i = Self::idx(id);
         match action {
-            Action::PersistHardState(hs) => self.nodes[i].disk.hard_state = Some(hs),
+            Action::PersistHardState(hs) => {
+                if id == WITNESS {
+                    for (node, floor) in &hs.floors {
+                        self.ghost_floors.raise_floor(*node, *floor);
+                    }
+                }
+                self.nodes[i].disk.hard_state = Some(hs);
+            }
             Action::Append(entries) => {
                 let delay = self.rng.random_range(100..1_000u64) * 1_000;
                 let inc = self.nodes[i].incarnation;
@@ -866,27 +885,25 @@ impl Sim {
                     pos.index, self.canonical[i]
                 ));
             }
-        } else {
-            let n = &self.nodes[Self::idx(id)];
-            while self.canonical.len() < i {
-                let k = self.canonical.len();
-                match n.sm.applied.get(k) {
-                    Some(t) => self.canonical.push(*t),
-                    None => break,
-                }
-            }
-            if self.canonical.len() == i {
-                self.canonical.push(pos.term);
+            return;
+        }
+        let n = &self.nodes[Self::idx(id)];
+        while self.canonical.len() < i {
+            let k = self.canonical.len();
+            match n.sm.applied.get(k) {
+                Some(t) => self.canonical.push(*t),
+                None => break,
             }
         }
-        let floors = self.nodes[Self::idx(WITNESS)]
-            .disk
-            .hard_state
-            .clone()
-            .unwrap_or_default();
+        if self.canonical.len() == i {
+            self.canonical.push(pos.term);
+        }
+        // The first time an index is applied anywhere its commit must have been
+        // justified: durable on both data nodes, or above a witness floor.
         for d in DATA {
-            let holds = self.nodes[Self::idx(d)].disk.holds(pos);
-            if !holds && floors.floor(d) < pos {
+            let holds = self.nodes[Self::idx(d)].disk.holds(pos)
+                || self.wiped_durable.get(&d).is_some_and(|w| w.contains(&pos));
+            if !holds && self.ghost_floors.floor(d) < pos {
                 self.violation(format!(
                     "{id} applied {pos} which is neither durable on {d} nor covered by its witness floor"
                 ));
@@ -1148,6 +1165,24 @@ impl Sim {
                 self.nodes[i].engine = None;
                 self.nodes[i].disk.pending.clear();
                 self.nodes[i].paused_until = None;
+                if self.rng.random_bool(self.cfg.faults.wipe) && self.may_wipe(victim) {
+                    // The disk is lost: the node rejoins empty, as a non-voter.
+                    self.stats.wipes += 1;
+                    self.trace(|| format!("WIPE {victim}"));
+                    let lost = &self.nodes[i].disk;
+                    let mut held: Vec<Position> = lost.entries.iter().map(|e| e.position).collect();
+                    held.extend(
+                        lost.snapshot_terms
+                            .iter()
+                            .enumerate()
+                            .map(|(k, t)| Position::new(*t, LogIndex(k as u64 + 1))),
+                    );
+                    self.wiped_durable.entry(victim).or_default().extend(held);
+                    self.nodes[i].disk = SimDisk {
+                        hard_state: Some(HardState::joining()),
+                        ..SimDisk::default()
+                    };
+                }
                 let down = self.rng.random_range(50..1_500) * MS;
                 self.schedule(down, Ev::Undo(Undo::Restart(victim)));
             }
@@ -1174,6 +1209,61 @@ impl Sim {
             self.nodes[i].paused_until =
                 Some(self.nodes[i].paused_until.map_or(until, |u| u.max(until)));
         }
+    }
+
+    /// Losing a disk is survivable only while another copy of every acknowledged
+    /// write exists: a data node's disk may go only if the other data node is a
+    /// voter holding every acknowledged write durably.
+    fn may_wipe(&self, victim: NodeId) -> bool {
+        // Losing the state of two of three members at once is not survivable (as in
+        // any majority protocol): wipe only while every other member votes.
+        let others_vote = [DATA[0], DATA[1], WITNESS]
+            .into_iter()
+            .filter(|n| *n != victim)
+            .all(|n| {
+                self.nodes[Self::idx(n)]
+                    .disk
+                    .hard_state
+                    .as_ref()
+                    .is_some_and(|h| h.voter)
+            });
+        if !others_vote {
+            return false;
+        }
+        if victim == WITNESS {
+            return true;
+        }
+        let other = if victim == DATA[0] { DATA[1] } else { DATA[0] };
+        let o = &self.nodes[Self::idx(other)];
+        let voter = o.disk.hard_state.as_ref().is_some_and(|h| h.voter);
+        // Degraded sync's documented trade-off: a standby below its witness floor
+        // cannot be elected; if the primary's disk is then lost, an operator must
+        // force a promotion. Not a fault the cluster can ride out alone.
+        let witness = &self.nodes[Self::idx(WITNESS)].disk;
+        let floor = witness
+            .hard_state
+            .as_ref()
+            .map(|h| h.floor(other))
+            .unwrap_or_default();
+        let last = o
+            .disk
+            .entries
+            .last()
+            .map(|e| e.position)
+            .or(o.disk.snapshot.as_ref().map(|s| s.last_included))
+            .unwrap_or_default();
+        // Nor may it take the only copy of something it acked: the other node holds
+        // the victim's last durable entry (and so, by log matching, all before it).
+        let v = &self.nodes[Self::idx(victim)].disk;
+        let victim_last = v
+            .entries
+            .last()
+            .map(|e| e.position)
+            .or(v.snapshot.as_ref().map(|s| s.last_included));
+        let covered = victim_last.is_none_or(|p| {
+            o.disk.holds(p) || p.index <= o.disk.last_index() && p.term < last.term
+        });
+        voter && covered && last >= floor && self.acked.iter().all(|p| o.disk.holds(*p))
     }
 
     fn cut(&mut self, a: NodeId, b: NodeId, symmetric: bool) {
