@@ -362,8 +362,12 @@ impl<T: Transport, L: LogStore, S: StateMachine> Core<T, L, S> {
                 }
             }
             Action::Apply(entries) => self.apply(store, appends, entries, follow_up).await?,
-            Action::WriteDone(id, result) => self.write_done(id, result),
+            Action::WriteDone(id, result) => {
+                let result = self.recheck_lease(result);
+                self.write_done(id, result)
+            }
             Action::ReadReady(id, result) => {
+                let result = self.recheck_lease(result);
                 if let Some((query, reply)) = self.reads.remove(&id) {
                     let answer = result.map(|_term| self.sm.query(&query));
                     if answer.is_ok() {
@@ -458,6 +462,18 @@ impl<T: Transport, L: LogStore, S: StateMachine> Core<T, L, S> {
             }
         }
         Ok(())
+    }
+
+    /// The engine decided under a lease, but a pause (or a slow durable action
+    /// before this one) can fall between deciding and answering: check the lease
+    /// again at the moment of answering (DESIGN.md section 3, "Fencing"). A write
+    /// refused here is committed but unacknowledged: its outcome is unknown to the
+    /// client, as with a timeout.
+    fn recheck_lease<R>(&self, result: Result<R, Error>) -> Result<R, Error> {
+        match result {
+            Ok(_) if !self.engine.has_lease(self.now()) => Err(Error::Timeout),
+            other => other,
+        }
     }
 
     fn write_done(&mut self, id: ClientId, result: Result<Position, Error>) {
