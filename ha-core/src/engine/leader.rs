@@ -328,20 +328,27 @@ impl Engine {
             let Some(prev) = self.log.position_at(next.prev()) else {
                 return;
             };
-            let rid = self.send(
-                peer,
-                Request::WalBatch(WalBatch {
-                    prev,
-                    entries,
-                    commit,
-                }),
-            );
-            if let Some(ls) = self.leader_state.as_mut() {
-                ls.commit_notified = ls.commit_notified.max(commit);
-                if let Some(p) = ls.peer.as_mut() {
-                    p.inflight.push_back((rid, last, now));
-                    p.next = last.next();
-                }
+            self.send_batch(peer, prev, entries, last);
+        }
+    }
+
+    /// Sends one batch (possibly empty, to carry the commit index) and records it in
+    /// flight; the standby's next expected index becomes `last + 1`.
+    fn send_batch(&mut self, peer: NodeId, prev: Position, entries: Vec<WalEntry>, last: LogIndex) {
+        let (commit, now) = (self.commit, self.now);
+        let rid = self.send(
+            peer,
+            Request::WalBatch(WalBatch {
+                prev,
+                entries,
+                commit,
+            }),
+        );
+        if let Some(ls) = self.leader_state.as_mut() {
+            ls.commit_notified = ls.commit_notified.max(commit);
+            if let Some(p) = ls.peer.as_mut() {
+                p.inflight.push_back((rid, last, now));
+                p.next = last.next();
             }
         }
     }
@@ -350,7 +357,6 @@ impl Engine {
     /// commit moved (so it applies promptly; `sync-apply` waits on that).
     fn notify_commit(&mut self) {
         let commit = self.commit;
-        let now = self.now;
         let Some(ls) = self.leader_state.as_ref() else {
             return;
         };
@@ -365,20 +371,7 @@ impl Engine {
         let Some(prev) = self.log.position_at(next.prev()) else {
             return;
         };
-        let rid = self.send(
-            peer,
-            Request::WalBatch(WalBatch {
-                prev,
-                entries: Vec::new(),
-                commit,
-            }),
-        );
-        if let Some(ls) = self.leader_state.as_mut() {
-            ls.commit_notified = commit;
-            if let Some(p) = ls.peer.as_mut() {
-                p.inflight.push_back((rid, prev.index, now));
-            }
-        }
+        self.send_batch(peer, prev, Vec::new(), prev.index);
     }
 
     pub(super) fn on_wal_ack(&mut self, from: NodeId, rid: u64, ack: WalAck) {
