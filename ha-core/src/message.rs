@@ -273,3 +273,13 @@ pub struct SnapshotAck {
     /// The receiver's last position afterwards.
     pub last: Position,
 }
+
+/// Raft's name for [`WalBatch`]: the primary's AppendEntries request.
+pub type AppendEntriesRequest = WalBatch;
+/// Raft's name for [`WalAck`]: the AppendEntries response, with conflict hints in
+/// [`AckResult::Mismatch`].
+pub type AppendEntriesResponse = WalAck;
+/// Raft's RequestVote (and, with `pre_vote`, the pre-vote) request.
+pub type RequestVote = VoteRequest;
+/// Raft's TimeoutNow, used for leadership transfer: [`Promote`].
+pub type TimeoutNow = Promote;
