@@ -95,6 +95,9 @@ pub struct Config {
     pub clock_drift_ppm: u32,
     /// Take a state-machine snapshot and compact the log every this many entries.
     pub snapshot_every: u64,
+    /// Backpressure: the primary refuses new writes while this many entries wait
+    /// to commit (for example while strict sync waits for an absent standby).
+    pub max_uncommitted_entries: u64,
 }
 
 /// A config field that is out of range, and why.
@@ -154,6 +157,7 @@ impl Config {
             tick_interval: Duration::from_millis(5),
             clock_drift_ppm: 10_000,
             snapshot_every: 100_000,
+            max_uncommitted_entries: 100_000,
         }
     }
 
@@ -313,6 +317,9 @@ impl Config {
                 "max_reconnect_backoff",
                 "must be at least reconnect_interval",
             ));
+        }
+        if self.max_uncommitted_entries == 0 {
+            return Err(bad("max_uncommitted_entries", "must be at least 1"));
         }
         if self.snapshot_every == 0 {
             return Err(bad("snapshot_every", "must be at least 1"));

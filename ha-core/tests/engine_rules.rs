@@ -899,3 +899,164 @@ fn without_a_witness_automatic_failover_is_off() {
     assert!(sent(&e.take_actions()).is_empty());
     assert_eq!(e.role(), Role::Standby);
 }
+
+/// Answers every heartbeat `p` sent to `from` (accepted, as a voter).
+fn ack_heartbeats(p: &mut Engine, acts: &[Action], from: NodeId, at: Instant) {
+    let term = p.term();
+    for s in sent(acts) {
+        if s.to == from && matches!(s.body, Request::Heartbeat(_)) {
+            p.step(
+                at,
+                Event::Response(Envelope {
+                    from,
+                    to: p.id(),
+                    term,
+                    request_id: s.request_id,
+                    body: Response::HeartbeatAck(ha_core::message::HeartbeatAck {
+                        accepted: true,
+                        last: Position::ZERO,
+                        applied: LogIndex(0),
+                        voter: true,
+                    }),
+                }),
+            );
+        }
+    }
+}
+
+/// Acks durably every batch `p` sent to the standby, reporting `applied`.
+fn ack_batches(p: &mut Engine, acts: &[Action], applied: u64, at: Instant) {
+    let term = p.term();
+    for s in sent(acts) {
+        if let (N2, Request::WalBatch(b)) = (s.to, &s.body) {
+            let last = b.entries.last().map(|e| e.position).unwrap_or(b.prev);
+            p.step(
+                at,
+                Event::Response(Envelope {
+                    from: N2,
+                    to: p.id(),
+                    term,
+                    request_id: s.request_id,
+                    body: Response::WalAck(ha_core::message::WalAck {
+                        batch_term: term,
+                        result: AckResult::Durable(last),
+                        applied: LogIndex(applied),
+                    }),
+                }),
+            );
+        }
+    }
+}
+
+fn write_done(acts: &[Action], id: u64) -> Option<Result<Position, ha_core::Error>> {
+    acts.iter().find_map(|a| match a {
+        Action::WriteDone(i, r) if *i == id => Some(r.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn switchover_acknowledges_writes_in_flight_before_handing_over() {
+    let t1 = term(1, N1);
+    let mut p = elected_n1();
+    let acts = p.take_actions();
+    ack_heartbeats(&mut p, &acts, W, ms(400));
+    p.take_actions();
+    p.step(ms(401), Event::ClientWrites(vec![(7, Command(vec![7]))]));
+    p.step(ms(401), Event::Admin(8, Admin::Switchover));
+    p.step(ms(401), Event::Persisted(Position::new(t1, LogIndex(2))));
+    let acts = p.take_actions();
+    assert!(!sent(&acts).iter().any(|s| matches!(s.body, Request::Promote(_))), "promote before the write is safe");
+    ack_batches(&mut p, &acts, 0, ms(402));
+    let acts = p.take_actions();
+    assert_eq!(write_done(&acts, 7), Some(Ok(Position::new(t1, LogIndex(2)))), "{acts:?}");
+    p.step(ms(407), Event::Tick);
+    let acts = p.take_actions();
+    assert!(sent(&acts).iter().any(|s| s.to == N2 && matches!(s.body, Request::Promote(_))), "{acts:?}");
+    assert!(!p.has_lease(ms(407)), "the lease is given up with the promote");
+}
+
+#[test]
+fn manual_promote_is_refused_while_a_primary_is_heard_or_during_start_up() {
+    let t1 = term(1, N1);
+    let mut s = engine_with(N2, HardState { current_term: t1, ..HardState::bootstrap() }, Vec::new());
+    s.step(ms(10), Event::Admin(1, Admin::Promote));
+    let acts = s.take_actions();
+    assert!(acts.iter().any(|a| matches!(a, Action::AdminDone(1, Err(ha_core::Error::Rejected(_))))), "{acts:?}");
+    s.step(ms(400), req(N1, N2, t1, 1, Request::Heartbeat(Heartbeat { commit: LogIndex(0), last: Position::ZERO })));
+    s.take_actions();
+    s.step(ms(401), Event::Admin(2, Admin::Promote));
+    let acts = s.take_actions();
+    assert!(acts.iter().any(|a| matches!(a, Action::AdminDone(2, Err(ha_core::Error::Rejected(_))))), "{acts:?}");
+    assert!(sent(&acts).is_empty(), "no vote requested while the primary is heard");
+    assert_eq!(s.term(), t1);
+    // Once the primary has been silent for a failover timeout, promote campaigns.
+    s.step(ms(600), Event::Admin(3, Admin::Promote));
+    assert!(sent(&s.take_actions()).iter().any(|r| matches!(&r.body, Request::Vote(v) if v.pre_vote)));
+}
+
+#[test]
+fn sync_apply_acknowledges_through_a_witness_floor_when_the_standby_stops_applying() {
+    let t1 = term(1, N1);
+    let mut c = config(N1);
+    c.commit_mode = ha_core::CommitMode::SyncApply;
+    let mut p = Engine::new(c, InitialState { hard_state: HardState::bootstrap(), snapshot: None, entries: vec![] }, ms(0), 7);
+    p.step(ms(10), Event::Admin(0, Admin::ForcePromote));
+    let acts = p.take_actions();
+    p.step(ms(10), Event::Persisted(Position::new(t1, LogIndex(1))));
+    ack_heartbeats(&mut p, &acts, W, ms(11)); // a lease from the witness
+    ack_batches(&mut p, &acts, 1, ms(11)); // the standby follows: an ordinary primary now
+    p.take_actions();
+    // A write the standby holds durably but never applies (it dies).
+    p.step(ms(20), Event::ClientWrites(vec![(9, Command(vec![9]))]));
+    p.step(ms(20), Event::Persisted(Position::new(t1, LogIndex(2))));
+    let acts = p.take_actions();
+    ack_batches(&mut p, &acts, 1, ms(21));
+    assert_eq!(write_done(&p.take_actions(), 9), None, "waits for the standby to apply");
+    // After degrade_timeout the primary asks the witness for a floor instead.
+    p.step(ms(130), Event::Tick);
+    let acts = p.take_actions();
+    let raise = sent(&acts).into_iter().find(|s| s.to == W && matches!(s.body, Request::RaiseFloor(_)));
+    let raise = raise.expect("floor requested from the witness");
+    ack_heartbeats(&mut p, &acts, W, ms(130));
+    p.step(
+        ms(131),
+        Event::Response(Envelope {
+            from: W,
+            to: N1,
+            term: t1,
+            request_id: raise.request_id,
+            body: Response::FloorAck(ha_core::message::FloorAck {
+                floors: vec![(N2, Position::new(t1, LogIndex(2)))],
+                accepted: true,
+            }),
+        }),
+    );
+    assert_eq!(write_done(&p.take_actions(), 9), Some(Ok(Position::new(t1, LogIndex(2)))));
+}
+
+#[test]
+fn a_forced_primary_follows_ordinary_rules_once_the_standby_follows_it() {
+    let t1 = term(1, N1);
+    let mut p = fresh(N1);
+    p.step(ms(10), Event::Admin(0, Admin::ForcePromote));
+    assert!(p.has_lease(ms(10)), "forced: serves without a majority");
+    let acts = p.take_actions();
+    p.step(ms(10), Event::Persisted(Position::new(t1, LogIndex(1))));
+    ack_batches(&mut p, &acts, 0, ms(11));
+    p.take_actions();
+    assert!(!p.has_lease(ms(12)), "no heartbeat acknowledged yet: no lease");
+}
+
+#[test]
+fn the_primary_refuses_writes_beyond_the_uncommitted_limit() {
+    let mut c = config(N1);
+    c.max_uncommitted_entries = 3;
+    let mut p = Engine::new(c, InitialState { hard_state: HardState::bootstrap(), snapshot: None, entries: vec![] }, ms(0), 7);
+    p.step(ms(10), Event::Admin(0, Admin::ForcePromote));
+    p.take_actions();
+    p.step(ms(10), Event::ClientWrites(vec![(1, Command(vec![1])), (2, Command(vec![2]))]));
+    assert_eq!(write_done(&p.take_actions(), 1), None, "within the limit: accepted");
+    p.step(ms(10), Event::ClientWrites(vec![(3, Command(vec![3]))]));
+    assert!(matches!(write_done(&p.take_actions(), 3), Some(Err(ha_core::Error::Rejected(_)))));
+}

@@ -278,14 +278,31 @@ impl Engine {
             self.emit(Action::AdminDone(id, Ok(())));
             return;
         }
+        // An ordinary election obeys the same rules as one on the timer: not in the
+        // start-up window, and not while a live primary is heard (it may hold a
+        // lease). A planned handover is the primary's switchover.
+        let primary_heard = self
+            .last_leader_contact
+            .is_some_and(|t| self.now < t.plus(self.cfg.failover_timeout));
+        if self.in_startup_window() || primary_heard {
+            let why = if primary_heard {
+                "a primary is alive; ask it for a switchover instead"
+            } else {
+                "still in the start-up window; try again after one failover timeout"
+            };
+            self.emit(Action::AdminDone(id, Err(Error::Rejected(why.into()))));
+            return;
+        }
         self.start_campaign(true, false, Some(id));
     }
 
     pub(super) fn admin_force_promote(&mut self, id: ClientId) {
-        if self.kind != MemberKind::Data {
+        if self.kind != MemberKind::Data || !self.hs.voter {
             self.emit(Action::AdminDone(
                 id,
-                Err(Error::Rejected("a witness cannot be promoted".into())),
+                Err(Error::Rejected(
+                    "only a data node that has caught up (a voter) can be promoted".into(),
+                )),
             ));
             return;
         }

@@ -61,6 +61,9 @@ pub(super) struct LeaderState {
     /// (last index, appended at) of this term's appends not yet acked by the standby.
     unacked: VecDeque<(LogIndex, Instant)>,
     pub(super) degraded: bool,
+    /// sync-apply: since when the oldest acknowledgement waits for the standby to
+    /// apply an entry it holds.
+    apply_wait_since: Option<Instant>,
     transfer: Option<Transfer>,
     commit_notified: LogIndex,
     witness_rewrite_sent: Option<Instant>,
@@ -69,9 +72,11 @@ pub(super) struct LeaderState {
 impl LeaderState {
     /// The lease rule (DESIGN.md section 3, "Lease").
     pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
-        // A primary handing over gives up its lease: it serves nothing more in this
-        // term, and its target may be elected before the lease would have run out.
-        if self.transfer.is_some() {
+        // A primary handing over gives up its lease once it has told the target to
+        // campaign: the target may be elected before the lease would have run out.
+        // Before that no one else can win (the witness still hears this primary),
+        // so writes already accepted are still acknowledged under the lease.
+        if self.transfer.as_ref().is_some_and(|t| t.promote_sent) {
             return false;
         }
         if m.no_lease || self.forced {
@@ -144,6 +149,7 @@ impl Engine {
                 },
             )]),
             degraded: false,
+            apply_wait_since: None,
             transfer: None,
             commit_notified: self.commit,
             witness_rewrite_sent: None,
@@ -255,6 +261,16 @@ impl Engine {
                     leader: Some(target),
                     leader_addr: addr.clone(),
                 };
+                self.actions.push(Action::WriteDone(id, Err(err)));
+            }
+            return;
+        }
+        let uncommitted = self.log.last().index.0.saturating_sub(self.commit.0);
+        if uncommitted.saturating_add(writes.len() as u64) > self.cfg.max_uncommitted_entries {
+            for (id, _) in writes {
+                let err = Error::Rejected(format!(
+                    "backpressure: {uncommitted} writes are waiting to commit"
+                ));
                 self.actions.push(Action::WriteDone(id, Err(err)));
             }
             return;
@@ -409,6 +425,13 @@ impl Engine {
                 }
                 if ls.unacked.is_empty() {
                     ls.degraded = false;
+                }
+                if ls.forced && matched >= ls.noop_index {
+                    // The standby followed the forced primary: from here on it is an
+                    // ordinary primary (lease from acks, commit rule, floors).
+                    tracing::info!(node = %self.id, "standby caught up with the forced primary; ordinary rules resume");
+                    ls.forced = false;
+                    ls.since = self.now;
                 }
             }
             AckResult::Mismatch { next, .. } => {
@@ -582,6 +605,9 @@ impl Engine {
         let Some(ls) = self.leader_state.as_mut() else {
             return;
         };
+        // Acks leave under the lease; the Promote that gives the lease up waits for
+        // a step that acknowledged nothing, so no ack follows it out of this step.
+        let had_pending = !ls.pending_writes.is_empty();
         // The lease is checked where a write is acknowledged (DESIGN.md section 3).
         if lease {
             let (peer_applied, peer_matched) = ls
@@ -589,18 +615,25 @@ impl Engine {
                 .as_ref()
                 .map(|p| (p.applied, p.matched))
                 .unwrap_or((LogIndex::ZERO, LogIndex::ZERO));
+            let mut blocked = false;
             while let Some(&(id, idx)) = ls.pending_writes.front() {
                 if idx > commit || idx > applied {
                     break;
                 }
                 // sync-apply also waits for the standby to apply, unless the entry
-                // committed through a witness floor without it.
-                if sync_apply && idx <= peer_matched && idx > peer_applied {
+                // committed through a witness floor without it (degraded: the
+                // standby is away, so it is treated as for sync).
+                if sync_apply && idx <= peer_matched && idx > peer_applied && ls.floor.index < idx {
+                    ls.apply_wait_since.get_or_insert(now);
+                    blocked = true;
                     break;
                 }
                 ls.pending_writes.pop_front();
                 self.actions
                     .push(Action::WriteDone(id, Ok(Position::new(term, idx))));
+            }
+            if !blocked {
+                ls.apply_wait_since = None;
             }
             let noop = ls.noop_index;
             let mut i = 0;
@@ -615,7 +648,9 @@ impl Engine {
             }
         }
         self.maybe_raise_floor();
-        self.drive_transfer();
+        if !had_pending {
+            self.drive_transfer();
+        }
         self.replicate();
         self.notify_commit();
     }
@@ -639,14 +674,19 @@ impl Engine {
         if ls.forced || ls.floor_inflight.is_some() {
             return;
         }
-        let covered = p.matched.max(ls.floor.index).0.saturating_add(lag);
+        // sync-apply also needs the standby to have applied what it holds.
+        let standby_cover = if self.cfg.commit_mode == CommitMode::SyncApply {
+            p.matched.min(p.applied)
+        } else {
+            p.matched
+        };
+        let covered = standby_cover.max(ls.floor.index).0.saturating_add(lag);
         if own.0 <= covered {
             return;
         }
-        let waited_long = ls
-            .unacked
-            .front()
-            .is_some_and(|(_, t)| now >= t.plus(self.cfg.degrade_timeout));
+        let old =
+            |since: Option<Instant>| since.is_some_and(|t| now >= t.plus(self.cfg.degrade_timeout));
+        let waited_long = old(ls.unacked.front().map(|(_, t)| *t)) || old(ls.apply_wait_since);
         if !is_async && !waited_long {
             return;
         }

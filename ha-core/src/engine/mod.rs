@@ -36,6 +36,9 @@ use crate::types::{
 use self::leader::LeaderState;
 use self::log::Log;
 
+/// Most entries handed to the state machine in one step.
+const MAX_APPLY_PER_STEP: u64 = 4096;
+
 /// A client request's identity, chosen by the driver; echoed in replies.
 pub type ClientId = u64;
 
@@ -262,6 +265,9 @@ impl Engine {
             actions: Vec::new(),
             cfg,
         };
+        // Request ids start at a random point so a restarted node's requests are
+        // not confused with answers still in flight to its previous incarnation.
+        e.next_request_id = (e.random_u64() >> 16).max(1);
         e.reset_election_deadline();
         if e.cfg.role == ConfiguredRole::Primary {
             // The configured primary campaigns first when the cluster has none.
@@ -713,7 +719,12 @@ impl Engine {
         if self.leader_state.is_some() {
             self.advance_commit();
         }
-        let upto = self.commit.min(self.durable);
+        // Bounded per step so a long replay does not stall the driver's task; the
+        // rest follows on the next step.
+        let upto = self
+            .commit
+            .min(self.durable)
+            .min(LogIndex(self.applied.0 + MAX_APPLY_PER_STEP));
         if upto > self.applied {
             let mut batch = Vec::new();
             let mut i = self.applied.next();

@@ -126,10 +126,14 @@ impl Engine {
         }
         if !self.log.holds(prev) {
             let conflict_term = self.log.term_at(prev.index);
-            let next = self
-                .log
-                .first_index_of_term_run(prev.index)
-                .max(self.commit.next());
+            // In sync modes the divergence lies above the commit index; in async
+            // mode committed entries may be the divergent ones.
+            let run_start = self.log.first_index_of_term_run(prev.index);
+            let next = if self.cfg.commit_mode == CommitMode::Async {
+                run_start
+            } else {
+                run_start.max(self.commit.next())
+            };
             self.reply_mismatch(from, term, rid, next, conflict_term);
             return;
         }
@@ -393,25 +397,46 @@ impl Engine {
             return;
         }
         self.accept_leader(from);
-        if snap_pos.index > self.commit {
-            if self.log.holds(snap_pos) {
-                // Already hold it; nothing to replace.
-            } else {
-                let snapshot = Snapshot {
-                    last_included: snap_pos,
-                    data: s.data,
+        let is_async = self.cfg.commit_mode == CommitMode::Async;
+        let own_snap = self.log.snapshot();
+        // Held already: in the log, or inside our own snapshot (which in sync modes
+        // holds only committed, hence matching, entries).
+        let held = self.log.holds(snap_pos)
+            || (snap_pos.index <= own_snap.index && (!is_async || own_snap == snap_pos));
+        if !held {
+            if snap_pos.index <= self.commit && !is_async {
+                // The primary's state disagrees with entries this node knows are
+                // committed: refuse rather than discard them (DESIGN.md section 3).
+                self.safety_alarms += 1;
+                tracing::error!(node = %self.id, snapshot = %snap_pos, commit = %self.commit, "refused a snapshot that conflicts with committed entries");
+                let ack = SnapshotAck {
+                    snapshot_term: snap_pos.term,
+                    installed: false,
+                    last: self.log.last(),
                 };
-                self.log.reset_to(snap_pos);
-                self.durable = snap_pos.index;
-                self.commit = snap_pos.index;
-                self.applied = snap_pos.index;
-                self.snapshot = Some(snapshot.clone());
-                self.emit(Action::InstallSnapshot(snapshot));
+                self.respond(from, rid, Response::SnapshotAck(ack));
+                return;
             }
+            if snap_pos.index < self.applied {
+                // Async mode: the snapshot replaces applied entries a failover
+                // discarded.
+                let discarded = (snap_pos.index.0 + 1..=self.applied.0)
+                    .filter_map(|i| self.log.position_at(LogIndex(i)))
+                    .collect();
+                self.emit(Action::Discarded(discarded));
+            }
+            let snapshot = Snapshot {
+                last_included: snap_pos,
+                data: s.data,
+            };
+            self.log.reset_to(snap_pos);
+            self.durable = snap_pos.index;
+            self.commit = snap_pos.index;
+            self.applied = snap_pos.index;
+            self.snapshot = Some(snapshot.clone());
+            self.emit(Action::InstallSnapshot(snapshot));
         }
-        if self.log.holds(snap_pos) || snap_pos.index <= self.log.snapshot().index {
-            self.leader_verified = self.leader_verified.max(snap_pos.index);
-        }
+        self.leader_verified = self.leader_verified.max(snap_pos.index);
         self.learn_commit(s.commit);
         let ack = SnapshotAck {
             snapshot_term: snap_pos.term,
