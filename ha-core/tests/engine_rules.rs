@@ -966,33 +966,82 @@ fn switchover_acknowledges_writes_in_flight_before_handing_over() {
     p.step(ms(401), Event::Admin(8, Admin::Switchover));
     p.step(ms(401), Event::Persisted(Position::new(t1, LogIndex(2))));
     let acts = p.take_actions();
-    assert!(!sent(&acts).iter().any(|s| matches!(s.body, Request::Promote(_))), "promote before the write is safe");
+    assert!(
+        !sent(&acts)
+            .iter()
+            .any(|s| matches!(s.body, Request::Promote(_))),
+        "promote before the write is safe"
+    );
     ack_batches(&mut p, &acts, 0, ms(402));
     let acts = p.take_actions();
-    assert_eq!(write_done(&acts, 7), Some(Ok(Position::new(t1, LogIndex(2)))), "{acts:?}");
+    assert_eq!(
+        write_done(&acts, 7),
+        Some(Ok(Position::new(t1, LogIndex(2)))),
+        "{acts:?}"
+    );
     p.step(ms(407), Event::Tick);
     let acts = p.take_actions();
-    assert!(sent(&acts).iter().any(|s| s.to == N2 && matches!(s.body, Request::Promote(_))), "{acts:?}");
-    assert!(!p.has_lease(ms(407)), "the lease is given up with the promote");
+    assert!(
+        sent(&acts)
+            .iter()
+            .any(|s| s.to == N2 && matches!(s.body, Request::Promote(_))),
+        "{acts:?}"
+    );
+    assert!(
+        !p.has_lease(ms(407)),
+        "the lease is given up with the promote"
+    );
 }
 
 #[test]
 fn manual_promote_is_refused_while_a_primary_is_heard_or_during_start_up() {
     let t1 = term(1, N1);
-    let mut s = engine_with(N2, HardState { current_term: t1, ..HardState::bootstrap() }, Vec::new());
+    let mut s = engine_with(
+        N2,
+        HardState {
+            current_term: t1,
+            ..HardState::bootstrap()
+        },
+        Vec::new(),
+    );
     s.step(ms(10), Event::Admin(1, Admin::Promote));
     let acts = s.take_actions();
-    assert!(acts.iter().any(|a| matches!(a, Action::AdminDone(1, Err(ha_core::Error::Rejected(_))))), "{acts:?}");
-    s.step(ms(400), req(N1, N2, t1, 1, Request::Heartbeat(Heartbeat { commit: LogIndex(0), last: Position::ZERO })));
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::AdminDone(1, Err(ha_core::Error::Rejected(_))))),
+        "{acts:?}"
+    );
+    s.step(
+        ms(400),
+        req(
+            N1,
+            N2,
+            t1,
+            1,
+            Request::Heartbeat(Heartbeat {
+                commit: LogIndex(0),
+                last: Position::ZERO,
+            }),
+        ),
+    );
     s.take_actions();
     s.step(ms(401), Event::Admin(2, Admin::Promote));
     let acts = s.take_actions();
-    assert!(acts.iter().any(|a| matches!(a, Action::AdminDone(2, Err(ha_core::Error::Rejected(_))))), "{acts:?}");
-    assert!(sent(&acts).is_empty(), "no vote requested while the primary is heard");
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::AdminDone(2, Err(ha_core::Error::Rejected(_))))),
+        "{acts:?}"
+    );
+    assert!(
+        sent(&acts).is_empty(),
+        "no vote requested while the primary is heard"
+    );
     assert_eq!(s.term(), t1);
     // Once the primary has been silent for a failover timeout, promote campaigns.
     s.step(ms(600), Event::Admin(3, Admin::Promote));
-    assert!(sent(&s.take_actions()).iter().any(|r| matches!(&r.body, Request::Vote(v) if v.pre_vote)));
+    assert!(sent(&s.take_actions())
+        .iter()
+        .any(|r| matches!(&r.body, Request::Vote(v) if v.pre_vote)));
 }
 
 #[test]
@@ -1000,7 +1049,16 @@ fn sync_apply_acknowledges_through_a_witness_floor_when_the_standby_stops_applyi
     let t1 = term(1, N1);
     let mut c = config(N1);
     c.commit_mode = ha_core::CommitMode::SyncApply;
-    let mut p = Engine::new(c, InitialState { hard_state: HardState::bootstrap(), snapshot: None, entries: vec![] }, ms(0), 7);
+    let mut p = Engine::new(
+        c,
+        InitialState {
+            hard_state: HardState::bootstrap(),
+            snapshot: None,
+            entries: vec![],
+        },
+        ms(0),
+        7,
+    );
     p.step(ms(10), Event::Admin(0, Admin::ForcePromote));
     let acts = p.take_actions();
     p.step(ms(10), Event::Persisted(Position::new(t1, LogIndex(1))));
@@ -1012,11 +1070,17 @@ fn sync_apply_acknowledges_through_a_witness_floor_when_the_standby_stops_applyi
     p.step(ms(20), Event::Persisted(Position::new(t1, LogIndex(2))));
     let acts = p.take_actions();
     ack_batches(&mut p, &acts, 1, ms(21));
-    assert_eq!(write_done(&p.take_actions(), 9), None, "waits for the standby to apply");
+    assert_eq!(
+        write_done(&p.take_actions(), 9),
+        None,
+        "waits for the standby to apply"
+    );
     // After degrade_timeout the primary asks the witness for a floor instead.
     p.step(ms(130), Event::Tick);
     let acts = p.take_actions();
-    let raise = sent(&acts).into_iter().find(|s| s.to == W && matches!(s.body, Request::RaiseFloor(_)));
+    let raise = sent(&acts)
+        .into_iter()
+        .find(|s| s.to == W && matches!(s.body, Request::RaiseFloor(_)));
     let raise = raise.expect("floor requested from the witness");
     ack_heartbeats(&mut p, &acts, W, ms(130));
     p.step(
@@ -1032,7 +1096,10 @@ fn sync_apply_acknowledges_through_a_witness_floor_when_the_standby_stops_applyi
             }),
         }),
     );
-    assert_eq!(write_done(&p.take_actions(), 9), Some(Ok(Position::new(t1, LogIndex(2)))));
+    assert_eq!(
+        write_done(&p.take_actions(), 9),
+        Some(Ok(Position::new(t1, LogIndex(2))))
+    );
 }
 
 #[test]
@@ -1045,18 +1112,40 @@ fn a_forced_primary_follows_ordinary_rules_once_the_standby_follows_it() {
     p.step(ms(10), Event::Persisted(Position::new(t1, LogIndex(1))));
     ack_batches(&mut p, &acts, 0, ms(11));
     p.take_actions();
-    assert!(!p.has_lease(ms(12)), "no heartbeat acknowledged yet: no lease");
+    assert!(
+        !p.has_lease(ms(12)),
+        "no heartbeat acknowledged yet: no lease"
+    );
 }
 
 #[test]
 fn the_primary_refuses_writes_beyond_the_uncommitted_limit() {
     let mut c = config(N1);
     c.max_uncommitted_entries = 3;
-    let mut p = Engine::new(c, InitialState { hard_state: HardState::bootstrap(), snapshot: None, entries: vec![] }, ms(0), 7);
+    let mut p = Engine::new(
+        c,
+        InitialState {
+            hard_state: HardState::bootstrap(),
+            snapshot: None,
+            entries: vec![],
+        },
+        ms(0),
+        7,
+    );
     p.step(ms(10), Event::Admin(0, Admin::ForcePromote));
     p.take_actions();
-    p.step(ms(10), Event::ClientWrites(vec![(1, Command(vec![1])), (2, Command(vec![2]))]));
-    assert_eq!(write_done(&p.take_actions(), 1), None, "within the limit: accepted");
+    p.step(
+        ms(10),
+        Event::ClientWrites(vec![(1, Command(vec![1])), (2, Command(vec![2]))]),
+    );
+    assert_eq!(
+        write_done(&p.take_actions(), 1),
+        None,
+        "within the limit: accepted"
+    );
     p.step(ms(10), Event::ClientWrites(vec![(3, Command(vec![3]))]));
-    assert!(matches!(write_done(&p.take_actions(), 3), Some(Err(ha_core::Error::Rejected(_)))));
+    assert!(matches!(
+        write_done(&p.take_actions(), 3),
+        Some(Err(ha_core::Error::Rejected(_)))
+    ));
 }
