@@ -55,6 +55,11 @@ fn term(n: u64) -> Term {
     }
 }
 
+/// A position in term 1.
+fn at(i: u64) -> Position {
+    Position::new(term(1), LogIndex(i))
+}
+
 fn entry(t: u64, i: u64) -> WalEntry {
     WalEntry::new(
         Position::new(term(t), LogIndex(i)),
@@ -103,12 +108,12 @@ fn kv_apply_query_and_outputs() {
     let mut sm = KvStateMachine::new();
     assert_eq!(sm.applied_index(), LogIndex::ZERO);
 
-    let out = sm.apply(LogIndex(1), &KvCommand::put("a", "1"));
+    let out = sm.apply(at(1), &KvCommand::put("a", "1"));
     assert_eq!(KvCommand::decode_output(&out), Ok(None));
-    let out = sm.apply(LogIndex(2), &KvCommand::put("a", "2"));
+    let out = sm.apply(at(2), &KvCommand::put("a", "2"));
     assert_eq!(KvCommand::decode_output(&out), Ok(Some(b"1".to_vec())));
-    sm.apply_noop(LogIndex(3));
-    let out = sm.apply(LogIndex(4), &KvCommand::put("b", "x"));
+    sm.apply_noop(at(3));
+    let out = sm.apply(at(4), &KvCommand::put("b", "x"));
     assert_eq!(KvCommand::decode_output(&out), Ok(None));
 
     assert_eq!(
@@ -118,9 +123,9 @@ fn kv_apply_query_and_outputs() {
     assert_eq!(KvCommand::decode_output(&sm.query(b"missing")), Ok(None));
     assert_eq!(sm.get(b"b"), Some(&b"x"[..]));
 
-    let out = sm.apply(LogIndex(5), &KvCommand::delete("a"));
+    let out = sm.apply(at(5), &KvCommand::delete("a"));
     assert_eq!(KvCommand::decode_output(&out), Ok(Some(b"2".to_vec())));
-    let out = sm.apply(LogIndex(6), &KvCommand::delete("a"));
+    let out = sm.apply(at(6), &KvCommand::delete("a"));
     assert_eq!(KvCommand::decode_output(&out), Ok(None));
     assert_eq!(sm.applied_index(), LogIndex(6));
     assert_eq!(sm.len(), 1);
@@ -137,7 +142,7 @@ fn kv_apply_query_and_outputs() {
 #[test]
 fn kv_garbage_command_is_an_error_output_not_a_panic() {
     let mut sm = KvStateMachine::new();
-    sm.apply(LogIndex(1), &KvCommand::put("a", "1"));
+    sm.apply(at(1), &KvCommand::put("a", "1"));
     for garbage in [
         vec![],
         vec![0xFF, 0xFF, 0xFF],
@@ -145,7 +150,7 @@ fn kv_garbage_command_is_an_error_output_not_a_panic() {
         vec![0, 200, 1],
     ] {
         let before = sm.clone();
-        let out = sm.apply(LogIndex(2), &Command(garbage.clone()));
+        let out = sm.apply(at(2), &Command(garbage.clone()));
         assert_eq!(out.first(), Some(&KV_ERROR_TAG), "garbage {garbage:?}");
         assert!(
             matches!(KvCommand::decode_output(&out), Err(KvError::Rejected(_))),
@@ -177,18 +182,27 @@ fn kv_snapshot_restore_roundtrip() {
     let mut sm = KvStateMachine::new();
     for i in 1..=20u64 {
         sm.apply(
-            LogIndex(i),
+            at(i),
             &KvCommand::put(format!("k{}", i % 7), format!("v{i}")),
         );
     }
-    sm.apply(LogIndex(21), &KvCommand::delete("k3"));
+    sm.apply(
+        Position::new(term(2), LogIndex(21)),
+        &KvCommand::delete("k3"),
+    );
+    assert_eq!(sm.fencing_term(), term(2));
     let snap = sm.snapshot().unwrap();
 
     let mut other = KvStateMachine::new();
-    other.apply(LogIndex(1), &KvCommand::put("stale", "x"));
+    other.apply(at(1), &KvCommand::put("stale", "x"));
     other.restore(LogIndex(21), &snap).unwrap();
     assert_eq!(other, sm);
     assert_eq!(other.applied_index(), LogIndex(21));
+    assert_eq!(
+        other.fencing_term(),
+        term(2),
+        "the snapshot keeps the token"
+    );
     assert_eq!(KvCommand::decode_output(&other.query(b"k3")), Ok(None));
 
     // A snapshot restored at another index, or a corrupt one, is refused and
@@ -206,6 +220,23 @@ fn kv_snapshot_restore_roundtrip() {
     // The empty snapshot restores the initial state.
     other.restore(LogIndex::ZERO, &[]).unwrap();
     assert_eq!(other, KvStateMachine::new());
+}
+
+#[test]
+fn kv_reset_returns_to_the_empty_initial_state() {
+    let mut sm = KvStateMachine::new();
+    sm.apply(at(1), &KvCommand::put("a", "1"));
+    sm.apply_noop(Position::new(term(2), LogIndex(2)));
+    assert_eq!(sm.fencing_term(), term(2), "a no-op carries its term too");
+    sm.reset();
+    assert_eq!(sm, KvStateMachine::new());
+    assert_eq!(sm.applied_index(), LogIndex::ZERO);
+    assert_eq!(sm.fencing_term(), Term::ZERO);
+    assert_eq!(KvCommand::decode_output(&sm.query(b"a")), Ok(None));
+    // It applies from the start again.
+    sm.apply(at(1), &KvCommand::put("b", "2"));
+    assert_eq!(sm.applied_index(), LogIndex(1));
+    assert_eq!(sm.len(), 1);
 }
 
 // ---- MemNetwork fault hooks ----

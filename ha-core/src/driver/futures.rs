@@ -36,6 +36,11 @@ impl<'a, K, O> FutureSet<'a, K, O> {
         self.items.is_empty()
     }
 
+    /// How many futures are pending or waiting to be taken.
+    pub(super) fn len(&self) -> usize {
+        self.items.len()
+    }
+
     /// Adds a future at the back.
     pub(super) fn push(&mut self, key: K, fut: BoxFut<'a, O>) {
         self.items.push_back((key, Slot::Running(fut)));

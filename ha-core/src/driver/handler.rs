@@ -99,6 +99,7 @@ mod tests {
             status,
             counters: Counters::default(),
             failure: Mutex::new(None),
+            engine_alive: watch::channel(false).0,
         });
         Handler {
             inputs,

@@ -21,11 +21,28 @@
 //! Appends are issued to the store at once (the store orders operations at call
 //! time) and their completion is awaited alongside everything else, then reported as
 //! [`Event::Persisted`](crate::engine::Event::Persisted), so the primary's own fsync
-//! overlaps sending to the standby. Sends go to a per-peer connection: WAL-channel
-//! requests through one ordered sender task per peer, control requests on tasks of
-//! their own so they never wait behind WAL data. Lost connections are re-established
-//! with exponential backoff and jitter, never blocking the engine task; transport
-//! errors are only logged, since the engine retries by itself.
+//! overlaps sending to the standby. Every entry reaches the state machine with its
+//! [`Position`], whose term is the fencing token of the primary that wrote it.
+//!
+//! Every `snapshot_every` applied entries the task serializes the state machine
+//! (after the step's actions ran, never between entries of one apply) and starts
+//! saving it; the save's fsync completes in the background, like an append, and is
+//! then reported as [`Event::SnapshotTaken`](crate::engine::Event::SnapshotTaken).
+//! One save is in flight at a time. A slow disk therefore never stalls ticks or
+//! heartbeats, which would risk a false failover.
+//!
+//! Sends go to a per-peer connection: WAL-channel requests through one ordered
+//! sender task per peer, fed by a bounded queue (when it is full, a request is
+//! dropped: the engine resends lost batches on its own timer), control requests on
+//! tasks of their own so they never wait behind WAL data. Lost connections are
+//! re-established with exponential backoff and jitter, never blocking the engine
+//! task; transport errors are only logged, since the engine retries by itself.
+//!
+//! # Shutdown
+//! [`Replicator::shutdown`] stops the engine task, which fails pending calls, aborts
+//! and awaits every peer task (so none reaches the transport afterwards) and closes
+//! the transport. Every caller of `shutdown`, concurrent or later, returns only once
+//! all that is done.
 //!
 //! # Failures
 //! A log-store or state-machine error is fatal: the node logs it, stops the engine
@@ -217,6 +234,19 @@ struct Shared {
     counters: Counters,
     /// Set once a storage failure stopped the engine task.
     failure: Mutex<Option<String>>,
+    /// True while an engine task exists: set before it is spawned, cleared when it
+    /// has stopped (its peer tasks stopped, the transport closed), even if it
+    /// panicked or was aborted.
+    engine_alive: watch::Sender<bool>,
+}
+
+/// Clears [`Shared::engine_alive`] when the engine task ends, however it ends.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.engine_alive.send_replace(false);
+    }
 }
 
 /// An input to the engine task.
@@ -321,6 +351,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
             status,
             counters: Counters::default(),
             failure: Mutex::new(None),
+            engine_alive: watch::channel(false).0,
         });
         Ok(Node {
             inner: Arc::new(Inner {
@@ -538,12 +569,6 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
                 }
             }
         }
-        let empty_state = if sm.applied_index() == LogIndex::ZERO {
-            sm.snapshot().ok()
-        } else {
-            None
-        };
-
         let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
         let handler = Arc::new(Handler {
             inputs: inputs.clone(),
@@ -579,12 +604,17 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
             shared: Arc::clone(&inner.shared),
             origin,
             inputs: inputs.clone(),
-            empty_state,
             seed: inner.seed,
         });
         core.publish();
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_engine(core, rx, stop_rx));
+        // Alive before the task exists, so a shutdown never misses it.
+        inner.shared.engine_alive.send_replace(true);
+        let alive = AliveGuard(Arc::clone(&inner.shared));
+        let task = tokio::spawn(async move {
+            let _alive = alive;
+            run_engine(core, rx, stop_rx).await;
+        });
         let mut lifecycle = inner.lifecycle.lock();
         if matches!(*lifecycle, Lifecycle::Closed) {
             // Shut down while starting: the task stops and closes the transport.
@@ -600,29 +630,35 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         Ok(())
     }
 
+    /// Stops the node; every caller returns only once the engine task has stopped
+    /// and the transport is closed.
     async fn shutdown_inner(&self) -> Result<(), Error> {
-        let previous = std::mem::replace(&mut *self.inner.lifecycle.lock(), Lifecycle::Closed);
-        match previous {
-            Lifecycle::Closed => Ok(()),
-            Lifecycle::NotStarted => {
-                self.inner.transport.close().await;
-                Ok(())
-            }
-            Lifecycle::Running { inputs, stop, task } => {
-                let _ = stop.send(true);
-                drop(inputs);
-                if let Some(task) = task {
-                    // The task fails pending calls, stops the peer senders and
-                    // closes the transport.
-                    if let Err(e) = task.await {
-                        tracing::warn!(node = %self.node_id(), error = %e, "engine task ended abnormally");
-                    }
+        let inner = &*self.inner;
+        let previous = std::mem::replace(&mut *inner.lifecycle.lock(), Lifecycle::Closed);
+        let first = !matches!(previous, Lifecycle::Closed);
+        if let Lifecycle::Running { inputs, stop, task } = previous {
+            // The task fails pending calls, stops the peer tasks and closes the
+            // transport.
+            let _ = stop.send(true);
+            drop(inputs);
+            if let Some(task) = task {
+                if let Err(e) = task.await {
+                    tracing::warn!(node = %self.node_id(), error = %e, "engine task ended abnormally");
                 }
-                self.inner.transport.close().await;
-                tracing::info!(node = %self.node_id(), "shut down");
-                Ok(())
             }
         }
+        // A `start` in progress sees `Closed` and stops what it started; wait for it
+        // (only contended while a start runs).
+        drop(inner.start_lock.lock().await);
+        // Then for the engine task, whichever caller stopped it.
+        let mut alive = inner.shared.engine_alive.subscribe();
+        // The sender lives in `Shared`, as long as this handle.
+        let _ = alive.wait_for(|alive| !*alive).await;
+        inner.transport.close().await;
+        if first {
+            tracing::info!(node = %self.node_id(), "shut down");
+        }
+        Ok(())
     }
 }
 

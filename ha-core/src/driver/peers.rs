@@ -1,6 +1,10 @@
 //! Outgoing traffic: one cached connection per peer, reconnects with exponential
 //! backoff and jitter, an ordered sender task per peer for the WAL channel, and
 //! independent tasks for control requests so they never wait behind WAL data.
+//!
+//! Every task started here lives in the engine task's [`JoinSet`]: the engine task
+//! aborts and awaits them all before it closes the transport, so none outlives a
+//! shutdown (or reaches the transport after it was closed).
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -8,6 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant as TokioInstant;
 
 use super::futures::FutureSet;
@@ -210,13 +215,15 @@ impl<T: Transport> PeerLink<T> {
     }
 }
 
-/// Sends a control request on its own task: it never waits behind WAL data.
+/// Sends a control request on its own task (tracked in `tasks`): it never waits
+/// behind WAL data.
 pub(super) fn spawn_control<T: Transport>(
+    tasks: &mut JoinSet<()>,
     link: Arc<PeerLink<T>>,
     request: Envelope<Request>,
     inputs: mpsc::Sender<Input>,
 ) {
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let kind = request.body.kind();
         let conn = match link.connection().await {
             Ok(c) => c,
@@ -238,14 +245,17 @@ pub(super) fn spawn_control<T: Transport>(
 }
 
 /// The WAL sender of one peer: issues requests in the order the engine emitted
-/// them (the transport delivers WAL requests in call order), keeps several in
-/// flight, and feeds every response back to the engine. Requests queued while the
-/// peer is unreachable are dropped: the engine resends from its own state.
+/// them (the transport delivers WAL requests in call order), keeps up to
+/// `max_inflight` in flight, and feeds every response back to the engine. Requests
+/// queued while the peer is unreachable are dropped: the engine resends from its
+/// own state.
 pub(super) async fn wal_sender<T: Transport>(
     link: Arc<PeerLink<T>>,
-    mut queue: mpsc::UnboundedReceiver<Envelope<Request>>,
+    mut queue: mpsc::Receiver<Envelope<Request>>,
     inputs: mpsc::Sender<Input>,
+    max_inflight: usize,
 ) {
+    let max_inflight = max_inflight.max(1);
     'connect: loop {
         let Some(first) = queue.recv().await else {
             return;
@@ -276,7 +286,8 @@ pub(super) async fn wal_sender<T: Transport>(
                         }
                     }
                 },
-                next = queue.recv() => match next {
+                // While the window is full, requests wait in the (bounded) queue.
+                next = queue.recv(), if inflight.len() < max_inflight => match next {
                     Some(request) => inflight.push(request.body.kind(), Box::pin(link.call(&conn, request))),
                     None => return,
                 },

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StorageError;
 use crate::state_machine::StateMachine;
-use crate::types::{Command, LogIndex};
+use crate::types::{Command, LogIndex, Position, Term};
 
 /// The first byte of an error output of [`KvStateMachine::apply`].
 ///
@@ -122,6 +122,7 @@ fn error_output(reason: &str) -> Vec<u8> {
 #[derive(Serialize, Deserialize)]
 struct KvSnapshot {
     applied: u64,
+    fencing_term: Term,
     data: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -133,12 +134,16 @@ struct KvSnapshot {
 ///   [`KvCommand::decode_output`].
 /// - A query is a key; `query` returns its current value as a postcard-encoded
 ///   `Option<Vec<u8>>`.
-/// - Snapshots are the postcard encoding of the map and the applied index.
-///   `restore` of an empty byte string restores the empty initial state.
+/// - It remembers the term of the last applied entry, the fencing token of the
+///   primary that wrote it ([`KvStateMachine::fencing_term`]).
+/// - Snapshots are the postcard encoding of the map, the applied index and the
+///   fencing term. `restore` of an empty byte string restores the empty initial
+///   state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvStateMachine {
     data: BTreeMap<Vec<u8>, Vec<u8>>,
     applied: LogIndex,
+    fencing_term: Term,
 }
 
 impl KvStateMachine {
@@ -150,6 +155,12 @@ impl KvStateMachine {
     /// The current value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
         self.data.get(key).map(Vec::as_slice)
+    }
+
+    /// The term of the last applied entry (the fencing token of the primary that
+    /// wrote it); [`Term::ZERO`] before anything was applied.
+    pub fn fencing_term(&self) -> Term {
+        self.fencing_term
     }
 
     /// The whole map.
@@ -169,17 +180,19 @@ impl KvStateMachine {
 }
 
 impl StateMachine for KvStateMachine {
-    fn apply(&mut self, index: LogIndex, command: &Command) -> Vec<u8> {
-        self.applied = index;
+    fn apply(&mut self, position: Position, command: &Command) -> Vec<u8> {
+        self.applied = position.index;
+        self.fencing_term = position.term;
         match KvCommand::decode(command) {
             Ok(KvCommand::Put { key, value }) => encode_value(self.data.insert(key, value)),
             Ok(KvCommand::Delete { key }) => encode_value(self.data.remove(&key)),
-            Err(e) => error_output(&format!("undecodable command at index {index}: {e}")),
+            Err(e) => error_output(&format!("undecodable command at {position}: {e}")),
         }
     }
 
-    fn apply_noop(&mut self, index: LogIndex) {
-        self.applied = index;
+    fn apply_noop(&mut self, position: Position) {
+        self.applied = position.index;
+        self.fencing_term = position.term;
     }
 
     fn query(&self, query: &[u8]) -> Vec<u8> {
@@ -193,6 +206,7 @@ impl StateMachine for KvStateMachine {
     fn snapshot(&self) -> Result<Vec<u8>, StorageError> {
         let snap = KvSnapshot {
             applied: self.applied.0,
+            fencing_term: self.fencing_term,
             data: self.data.clone(),
         };
         postcard::to_allocvec(&snap)
@@ -203,6 +217,7 @@ impl StateMachine for KvStateMachine {
         if data.is_empty() {
             self.data.clear();
             self.applied = index;
+            self.fencing_term = Term::ZERO;
             return Ok(());
         }
         let snap: KvSnapshot = decode_exact(data)
@@ -215,6 +230,11 @@ impl StateMachine for KvStateMachine {
         }
         self.data = snap.data;
         self.applied = index;
+        self.fencing_term = snap.fencing_term;
         Ok(())
+    }
+
+    fn reset(&mut self) {
+        *self = KvStateMachine::new();
     }
 }
