@@ -1,1 +1,37 @@
-//! `ha-wal`: the durable write-ahead log, the WAL streamer (primary side) and the applier (standby side). The durable log lands with its own issue; this crate is empty until then.
+//! `ha-wal`: the durable write-ahead log of the HA replication system.
+//!
+//! [`Wal`] implements [`ha_core::log_store::LogStore`] over a data directory:
+//!
+//! - **Segmented record files.** Each record carries its length, CRC-32s of its
+//!   header and body, its `(term, index)` and the postcard-encoded
+//!   [`WalEntry`](ha_core::types::WalEntry); each segment starts with a header naming
+//!   a magic and the format version. Segments roll at [`WalConfig::segment_size`].
+//!   The formats are described in [`mod@format`].
+//! - **Group commit.** A dedicated writer thread takes every queued operation,
+//!   writes all queued appends with one write and one `fdatasync`, then tells each
+//!   appender its entries are durable. [`Wal::metrics`] counts entries per fsync.
+//! - **Atomic small files.** The hard state, the snapshot and the log metadata are
+//!   replaced by writing a temporary file, fsyncing it, renaming it over the old one
+//!   and fsyncing the directory.
+//! - **Recovery.** [`Wal::open`] verifies every record. A torn record at the very
+//!   tail of the last segment (a write that was never acknowledged) is truncated;
+//!   any other damage refuses to open with an error naming the file and byte offset.
+//! - **A lock file** (`LOCK`): a second open of the same directory fails.
+//! - **Retention.** [`Retention`] says how far `purge_prefix` may go while keeping
+//!   entries for a lagging standby, with a hard cap.
+//!
+//! The WAL streamer and applier (the rest of issue 3) are not here yet.
+
+mod config;
+pub mod format;
+mod fsutil;
+mod metrics;
+mod retention;
+mod state;
+mod wal;
+mod writer;
+
+pub use config::WalConfig;
+pub use metrics::WalMetrics;
+pub use retention::{RetainedLog, Retention};
+pub use wal::{Wal, LOCK_FILE};

@@ -1,0 +1,243 @@
+//! The published (durable) state of the log, shared by the writer thread and readers.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ha_core::log_store::{Snapshot, StoredState};
+use ha_core::types::{HardState, LogIndex, Position, Term, WalEntry};
+use ha_core::StorageError;
+
+use crate::format::{decode_record, RecordDecode, SEGMENT_HEADER_LEN};
+use crate::fsutil::{corrupt, io_err};
+
+/// One segment file.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// Its sequence number (and file name).
+    pub(crate) seq: u64,
+    /// The index of its first record.
+    pub(crate) first_index: u64,
+    /// How many records it holds.
+    pub(crate) count: u64,
+    /// The durable length of its records in bytes (header included).
+    pub(crate) len: u64,
+    /// The file's length when the log was opened: bytes from `len` on are zeros
+    /// written ahead (see [`crate::WalConfig::preallocate`]). Only the writer's
+    /// starting point; it tracks the length from then on.
+    pub(crate) file_len: u64,
+    /// Its path.
+    pub(crate) path: PathBuf,
+    /// An open handle (read and write).
+    pub(crate) file: Arc<File>,
+}
+
+impl Segment {
+    /// One past the index of its last record.
+    pub(crate) fn end_index(&self) -> u64 {
+        self.first_index.saturating_add(self.count)
+    }
+}
+
+/// Where an entry's record lives.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Loc {
+    /// The segment's sequence number.
+    pub(crate) seq: u64,
+    /// The record's byte offset in the segment.
+    pub(crate) offset: u64,
+    /// The record's length in bytes.
+    pub(crate) len: u32,
+    /// The entry's term.
+    pub(crate) term: Term,
+}
+
+/// What is durable: the log's start, its segments, where each entry is, the hard
+/// state and the snapshot. Changed only by the writer thread, after the change is
+/// durable.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// The position just before the first entry of the log.
+    pub(crate) base: Position,
+    /// Segments with a lower sequence number are obsolete.
+    pub(crate) min_seq: u64,
+    /// The live segments, by sequence number.
+    pub(crate) segments: Vec<Segment>,
+    /// The location of every entry after `base`, in order.
+    pub(crate) locs: VecDeque<Loc>,
+    /// The hard state, if one was saved.
+    pub(crate) hard_state: Option<HardState>,
+    /// The latest snapshot, if one was saved.
+    pub(crate) snapshot: Option<Snapshot>,
+}
+
+/// Reads are done in chunks of at most this many bytes.
+const READ_CHUNK: u64 = 1 << 20;
+
+impl State {
+    /// The position of the last entry, or `base` if the log is empty.
+    pub(crate) fn last(&self) -> Position {
+        match self.locs.back() {
+            Some(loc) => Position::new(
+                loc.term,
+                LogIndex(self.base.index.0.saturating_add(self.locs.len() as u64)),
+            ),
+            None => self.base,
+        }
+    }
+
+    /// The location of the entry at `index`, if the log holds it.
+    pub(crate) fn loc(&self, index: u64) -> Option<&Loc> {
+        let k = index.checked_sub(self.base.index.0)?.checked_sub(1)?;
+        self.locs.get(usize::try_from(k).ok()?)
+    }
+
+    /// The segment with sequence number `seq`.
+    pub(crate) fn segment(&self, seq: u64) -> Option<&Segment> {
+        let k = self.segments.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        self.segments.get(k)
+    }
+
+    /// The snapshot's index, zero without one.
+    pub(crate) fn snapshot_index(&self) -> LogIndex {
+        self.snapshot
+            .as_ref()
+            .map(|s| s.last_included.index)
+            .unwrap_or(LogIndex::ZERO)
+    }
+
+    /// Entries `[from, to)`, stopping once `max_bytes` (by
+    /// [`WalEntry::approx_size`]) is exceeded, but with at least one entry.
+    pub(crate) fn read(
+        &self,
+        from: LogIndex,
+        to: LogIndex,
+        max_bytes: usize,
+    ) -> Result<Vec<WalEntry>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        if from <= self.base.index {
+            return Err(StorageError::Invalid(format!(
+                "read from index {from}: entries up to {} are compacted (or index 0, which is no entry)",
+                self.base.index
+            )));
+        }
+        // Positions in `locs`: [k, end).
+        let base = self.base.index.0;
+        let k0 = usize::try_from(from.0 - base - 1).unwrap_or(usize::MAX);
+        let end = usize::try_from(to.0 - base - 1)
+            .unwrap_or(usize::MAX)
+            .min(self.locs.len());
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut k = k0;
+        let mut buf = Vec::new();
+        while k < end {
+            let Some(first) = self.locs.get(k).copied() else {
+                break;
+            };
+            let seg = self.segment(first.seq).ok_or_else(|| {
+                StorageError::Io(format!(
+                    "an entry is in segment {} which is not open (internal error)",
+                    first.seq
+                ))
+            })?;
+            // A run of records of this segment, back to back, bounded in size.
+            let budget = (max_bytes.saturating_sub(bytes) as u64)
+                .saturating_add(64 << 10)
+                .min(READ_CHUNK);
+            let mut stop = first.offset + u64::from(first.len);
+            let mut j = k + 1;
+            while j < end && stop - first.offset < budget {
+                match self.locs.get(j) {
+                    Some(l) if l.seq == first.seq && l.offset == stop => {
+                        stop += u64::from(l.len);
+                        j += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let span = usize::try_from(stop - first.offset)
+                .map_err(|_| StorageError::Io("read span too large".to_string()))?;
+            buf.resize(span, 0);
+            seg.file
+                .read_exact_at(&mut buf, first.offset)
+                .map_err(|e| {
+                    io_err(
+                        &format!("read at byte offset {} of", first.offset),
+                        &seg.path,
+                        e,
+                    )
+                })?;
+            let mut at = 0usize;
+            for n in k..j {
+                let offset = first.offset + at as u64;
+                let slice = buf.get(at..).unwrap_or(&[]);
+                let entry = match decode_record(slice) {
+                    RecordDecode::Record { entry, len } => {
+                        at += len;
+                        entry
+                    }
+                    RecordDecode::Truncated => {
+                        return Err(corrupt(
+                            &seg.path,
+                            offset,
+                            "record cut short (the file changed under the log)",
+                        ))
+                    }
+                    RecordDecode::Invalid(why) => return Err(corrupt(&seg.path, offset, &why)),
+                };
+                let want = (base as u128) + 1 + n as u128;
+                if u128::from(entry.index().0) != want {
+                    return Err(corrupt(
+                        &seg.path,
+                        offset,
+                        &format!("record holds index {}, expected {want}", entry.index()),
+                    ));
+                }
+                bytes = bytes.saturating_add(entry.approx_size());
+                if !out.is_empty() && bytes > max_bytes {
+                    return Ok(out);
+                }
+                out.push(entry);
+            }
+            k = j;
+        }
+        Ok(out)
+    }
+
+    /// Everything durable, as [`ha_core::log_store::LogStore::load`] returns it.
+    pub(crate) fn load(&self) -> Result<StoredState, StorageError> {
+        let after = self.snapshot_index().max(self.base.index);
+        let last = self.last().index;
+        let entries = if after < last {
+            self.read(after.next(), last.next(), usize::MAX)?
+        } else {
+            Vec::new()
+        };
+        Ok(StoredState {
+            hard_state: self.hard_state.clone(),
+            snapshot: self.snapshot.clone(),
+            entries,
+        })
+    }
+
+    /// The record bytes of the entries after `index`.
+    pub(crate) fn bytes_after(&self, index: LogIndex) -> u64 {
+        let i = index.0.max(self.base.index.0);
+        let Some(loc) = self.loc(i + 1) else {
+            return 0;
+        };
+        let Ok(k) = self.segments.binary_search_by_key(&loc.seq, |s| s.seq) else {
+            return 0;
+        };
+        let mut total = self.segments[k].len.saturating_sub(loc.offset);
+        for s in &self.segments[k + 1..] {
+            total += s.len.saturating_sub(SEGMENT_HEADER_LEN as u64);
+        }
+        total
+    }
+}
