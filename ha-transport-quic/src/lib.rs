@@ -12,3 +12,6 @@
 pub mod certs;
 pub mod framing;
 pub mod tls;
+pub mod transport;
+
+pub use transport::{QuicConnection, QuicOptions, QuicTransport};

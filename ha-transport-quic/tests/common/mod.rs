@@ -1,0 +1,96 @@
+//! A [`TransportHarness`] over real UDP sockets on 127.0.0.1 with a fresh CA per
+//! call, plus helpers for the rejection tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ha_core::config::Member;
+use ha_core::message::{Envelope, Heartbeat, Request, Response};
+use ha_core::testkit::conformance::{HarnessNode, TransportHarness};
+use ha_core::transport::{BoxFuture, RequestHandler};
+use ha_core::types::{LogIndex, MemberKind, NodeId, Position, Term};
+use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_transport_quic::{QuicOptions, QuicTransport};
+
+/// Nodes `1..=n`, all members, certificates from one fresh CA.
+pub struct QuicHarness;
+
+pub fn loopback() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
+    let c = ca.issue(spec).unwrap();
+    Identity::from_pem(&ca.cert_pem(), &c.cert_pem, &c.key_pem).unwrap()
+}
+
+pub fn node(identity: &Identity, members: &[NodeId]) -> HarnessNode<QuicTransport> {
+    let t = QuicTransport::new(identity, QuicOptions::new(loopback(), members.to_vec())).unwrap();
+    HarnessNode {
+        member: Member {
+            id: identity.node,
+            addr: t.local_addr().unwrap().to_string(),
+            kind: MemberKind::Data,
+        },
+        transport: t,
+    }
+}
+
+impl TransportHarness for QuicHarness {
+    type Transport = QuicTransport;
+
+    fn nodes(&self, n: usize) -> impl Future<Output = Vec<HarnessNode<QuicTransport>>> + Send {
+        let ca = CertificateAuthority::generate("harness", 1).unwrap();
+        let members: Vec<NodeId> = (1..=n as u64).map(NodeId).collect();
+        let nodes = members
+            .iter()
+            .map(|&id| node(&identity(&ca, &NodeCertSpec::new(id, 1)), &members))
+            .collect();
+        std::future::ready(nodes)
+    }
+}
+
+pub struct Echo(pub NodeId);
+
+impl RequestHandler for Echo {
+    fn handle(&self, _peer: NodeId, req: Envelope<Request>) -> BoxFuture<Envelope<Response>> {
+        let body = match &req.body {
+            Request::Heartbeat(h) => Response::HeartbeatAck(ha_core::message::HeartbeatAck {
+                accepted: true,
+                last: h.last,
+                applied: h.commit,
+                voter: true,
+            }),
+            _ => Response::Error(ha_core::message::RpcError::Malformed("echo".into())),
+        };
+        Box::pin(std::future::ready(Envelope {
+            from: self.0,
+            to: req.from,
+            term: req.term,
+            request_id: req.request_id,
+            body,
+        }))
+    }
+}
+
+pub fn echo(id: NodeId) -> Arc<dyn RequestHandler> {
+    Arc::new(Echo(id))
+}
+
+pub fn heartbeat(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
+    let term = Term {
+        number: 1,
+        node: from,
+    };
+    Envelope {
+        from,
+        to,
+        term,
+        request_id: id,
+        body: Request::Heartbeat(Heartbeat {
+            commit: LogIndex(1),
+            last: Position::new(term, LogIndex(1)),
+        }),
+    }
+}
