@@ -29,11 +29,14 @@
 //! | 8..16     | term number                                     |
 //! | 16..24    | term node                                       |
 //! | 24..32    | log index                                       |
-//! | 32..36    | CRC-32 of bytes 0..32 (the header)              |
-//! | 36..36+n  | body: the postcard-encoded [`WalEntry`]         |
+//! | 32..40    | byte offset where the record's write group starts |
+//! | 40..44    | CRC-32 of bytes 0..40 (the header)              |
+//! | 44..44+n  | body: the postcard-encoded [`WalEntry`]         |
 //!
 //! The header has its own CRC so that a damaged length is told apart from a record
-//! that was cut short by a crash.
+//! that was cut short by a crash. The group start lets recovery tell a torn last
+//! group (written with one fdatasync that never completed, so its sectors may land
+//! in any order) from damage followed by a later, acknowledged group.
 
 use ha_core::log_store::Snapshot;
 use ha_core::types::{LogIndex, NodeId, Position, Term, WalEntry};
@@ -42,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 /// The version of every format in this module. A file with another version is
 /// refused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The magic bytes at the start of a segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"HAWALSEG";
@@ -51,7 +54,7 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"HAWALSEG";
 pub const SEGMENT_HEADER_LEN: usize = 40;
 
 /// The length of a record header in bytes (before the body).
-pub const RECORD_HEADER_LEN: usize = 36;
+pub const RECORD_HEADER_LEN: usize = 44;
 
 /// The largest record body accepted (encoded entry), in bytes.
 pub const MAX_RECORD_BODY: usize = 256 << 20;
@@ -174,10 +177,21 @@ pub fn encode_record(entry: &WalEntry, out: &mut Vec<u8>) -> Result<usize, Stora
     h[8..16].copy_from_slice(&entry.position.term.number.to_le_bytes());
     h[16..24].copy_from_slice(&entry.position.term.node.0.to_le_bytes());
     h[24..32].copy_from_slice(&entry.position.index.0.to_le_bytes());
-    let header_crc = crc32fast::hash(&h[0..32]);
-    h[32..36].copy_from_slice(&header_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&h[0..40]);
+    h[40..44].copy_from_slice(&header_crc.to_le_bytes());
     *out = buf;
     Ok(RECORD_HEADER_LEN + body_len)
+}
+
+/// Stamps an encoded record with the byte offset where its write group starts in
+/// its segment (and fixes the header CRC). The writer calls it just before the
+/// group is written; `record` must start with a header from [`encode_record`].
+pub fn set_group_start(record: &mut [u8], group_start: u64) {
+    if let Some(h) = record.get_mut(..RECORD_HEADER_LEN) {
+        h[32..40].copy_from_slice(&group_start.to_le_bytes());
+        let header_crc = crc32fast::hash(&h[0..40]);
+        h[40..44].copy_from_slice(&header_crc.to_le_bytes());
+    }
 }
 
 /// What [`decode_record`] found at the start of a buffer.
@@ -190,6 +204,8 @@ pub enum RecordDecode {
         entry: WalEntry,
         /// The record's length in bytes (header and body).
         len: usize,
+        /// Where the record's write group starts in its segment.
+        group_start: u64,
     },
     /// The buffer ends inside the record: either the header is incomplete, or the
     /// header is valid and its body runs past the end of the buffer.
@@ -203,7 +219,7 @@ pub fn decode_record(buf: &[u8]) -> RecordDecode {
     let Some(h) = buf.get(..RECORD_HEADER_LEN) else {
         return RecordDecode::Truncated;
     };
-    if u32_at(h, 32) != crc32fast::hash(&h[0..32]) {
+    if u32_at(h, 40) != crc32fast::hash(&h[0..40]) {
         return RecordDecode::Invalid("record header fails its checksum".to_string());
     }
     let body_len = u32_at(h, 0) as usize;
@@ -253,6 +269,7 @@ pub fn decode_record(buf: &[u8]) -> RecordDecode {
     RecordDecode::Record {
         entry,
         len: RECORD_HEADER_LEN + body_len,
+        group_start: u64_at(h, 32),
     }
 }
 
@@ -374,7 +391,11 @@ mod tests {
         assert_eq!(n, buf.len());
         assert_eq!(
             decode_record(&buf),
-            RecordDecode::Record { entry: e, len: n }
+            RecordDecode::Record {
+                entry: e,
+                len: n,
+                group_start: 0
+            }
         );
         for cut in 0..n {
             assert_eq!(decode_record(&buf[..cut]), RecordDecode::Truncated, "{cut}");

@@ -177,7 +177,7 @@ impl State {
                 let offset = first.offset + at as u64;
                 let slice = buf.get(at..).unwrap_or(&[]);
                 let entry = match decode_record(slice) {
-                    RecordDecode::Record { entry, len } => {
+                    RecordDecode::Record { entry, len, .. } => {
                         at += len;
                         entry
                     }
@@ -228,7 +228,7 @@ impl State {
     /// The record bytes of the entries after `index`.
     pub(crate) fn bytes_after(&self, index: LogIndex) -> u64 {
         let i = index.0.max(self.base.index.0);
-        let Some(loc) = self.loc(i + 1) else {
+        let Some(loc) = self.loc(i.saturating_add(1)) else {
             return 0;
         };
         let Ok(k) = self.segments.binary_search_by_key(&loc.seq, |s| s.seq) else {

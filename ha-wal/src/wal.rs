@@ -114,13 +114,17 @@ fn lock_dir(dir: &Path) -> Result<File, StorageError> {
     Ok(f)
 }
 
-/// True if a whole valid record starts in `bytes` after `from` and at or before
-/// `last_start` (the last non-zero byte: a record header is never all zeros).
+/// True if a whole valid record of a *later* write group starts in `bytes` after
+/// `from` and at or before `last_start` (the last non-zero byte: a record header is
+/// never all zeros). Valid records of the group the damage lies in (group start at
+/// or before `from`) do not count: that group's fdatasync never completed, so its
+/// sectors may have landed in any order and none of it was acknowledged.
 ///
 /// Only called on damage.
-fn valid_record_after(bytes: &[u8], from: usize, last_start: usize) -> bool {
-    (from + 1..=last_start.min(bytes.len()))
-        .any(|p| matches!(decode_record(&bytes[p..]), RecordDecode::Record { .. }))
+fn later_group_after(bytes: &[u8], from: usize, last_start: usize) -> bool {
+    (from + 1..=last_start.min(bytes.len())).any(|p| {
+        matches!(decode_record(&bytes[p..]), RecordDecode::Record { group_start, .. } if group_start > from as u64)
+    })
 }
 
 /// What scanning the segments found.
@@ -181,7 +185,7 @@ fn scan_segments(
         let mut index = header.first_index;
         while off < bytes.len() {
             let damage = match decode_record(&bytes[off..]) {
-                RecordDecode::Record { entry, len } => {
+                RecordDecode::Record { entry, len, .. } => {
                     let pos = entry.position;
                     let problem = if pos.index.0 != index {
                         Some(format!(
@@ -238,11 +242,13 @@ fn scan_segments(
                     &format!("{damage} (not at the end of the log)"),
                 ));
             }
-            if valid_record_after(&bytes, off, off + last_nonzero) {
+            if later_group_after(&bytes, off, off + last_nonzero) {
                 return Err(corrupt(
                     path,
                     off as u64,
-                    &format!("{damage}, and valid records follow (not a torn tail)"),
+                    &format!(
+                        "{damage}, and records of a later write group follow (not a torn tail)"
+                    ),
                 ));
             }
             tracing::warn!(
@@ -780,7 +786,7 @@ mod tests {
         let ranges = {
             let mut v = Vec::new();
             let mut off = SEGMENT_HEADER_LEN;
-            while let RecordDecode::Record { entry, len } = decode_record(&bytes[off..]) {
+            while let RecordDecode::Record { entry, len, .. } = decode_record(&bytes[off..]) {
                 v.push(entry.index().0);
                 off += len;
             }

@@ -21,8 +21,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::WalConfig;
 use crate::format::{
-    segment_file_name, LogMeta, SegmentHeader, SnapshotRecord, HARD_STATE_MAGIC, META_MAGIC,
-    SEGMENT_HEADER_LEN, SNAPSHOT_MAGIC,
+    segment_file_name, set_group_start, LogMeta, SegmentHeader, SnapshotRecord, HARD_STATE_MAGIC,
+    META_MAGIC, SEGMENT_HEADER_LEN, SNAPSHOT_MAGIC,
 };
 use crate::fsutil::{encode_payload, io_err, remove_file, sync_dir, write_small_file, TMP_SUFFIX};
 use crate::metrics::Counters;
@@ -337,7 +337,11 @@ impl Writer {
         }
         for &(pos, start, len) in &batch.records {
             let Some(record) = batch.bytes.get(start..start + len) else {
-                let _ = reply.send(Err(StorageError::Io("malformed encoded batch".to_string())));
+                // Earlier records of this batch may be staged already: stop the log
+                // rather than let them become durable for a refused append.
+                let e = StorageError::Io("malformed encoded batch (internal error)".to_string());
+                self.fail(e.clone());
+                let _ = reply.send(Err(e));
                 return;
             };
             let len64 = len as u64;
@@ -356,9 +360,9 @@ impl Writer {
                 }
             }
             let Some(active) = self.active.as_mut() else {
-                let _ = reply.send(Err(StorageError::Io(
-                    "no active segment (internal error)".to_string(),
-                )));
+                let e = StorageError::Io("no active segment (internal error)".to_string());
+                self.fail(e.clone());
+                let _ = reply.send(Err(e));
                 return;
             };
             self.buf.extend_from_slice(record);
@@ -390,6 +394,14 @@ impl Writer {
                 ));
             };
             let offset = active.len - self.buf.len() as u64;
+            // Stamp every record with where this group starts (recovery tells a torn
+            // last group from damage before a later group by it).
+            for loc in &self.staged {
+                let at = (loc.offset - offset) as usize;
+                if let Some(record) = self.buf.get_mut(at..at + loc.len as usize) {
+                    set_group_start(record, offset);
+                }
+            }
             let zeroed = if active.len > active.zeroed && self.cfg.preallocate > 0 && self.cfg.sync
             {
                 // Zeros ahead, written with this group and synced by its fdatasync.

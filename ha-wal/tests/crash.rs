@@ -257,3 +257,44 @@ fn damaged_headers_and_gaps_are_refused() {
 
     assert_eq!(load_entries(dir).unwrap(), all);
 }
+
+/// One fdatasync covers a whole write group, and a crash during it may persist the
+/// group's sectors in any order: a hole inside the last group, with valid records of
+/// the same group after it, is still a torn tail (none of the group was
+/// acknowledged). A hole followed by a later group is corruption.
+#[test]
+fn a_hole_in_the_last_write_group_is_a_torn_tail_but_not_before_a_later_group() {
+    let big = WalConfig::default().with_segment_size(1 << 20);
+    let write = |dir: &Path| {
+        let wal = Wal::open(dir, big.clone()).unwrap();
+        block_on(async {
+            wal.append((1..=2).map(entry).collect()).await.unwrap(); // group A
+            wal.append((3..=5).map(entry).collect()).await.unwrap(); // group B, last
+        });
+    };
+    let zero_record = |dir: &Path, k: usize| {
+        let seg = segments(dir).pop().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let (start, end) = record_ranges(&bytes)[k];
+        bytes[start..end].iter_mut().for_each(|b| *b = 0);
+        fs::write(&seg, bytes).unwrap();
+    };
+
+    // A hole at entry 3 (first of the last group), entries 4-5 intact.
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path());
+    zero_record(tmp.path(), 2);
+    let wal = Wal::open(tmp.path(), big.clone()).expect("a torn last group opens");
+    let state = block_on(wal.load()).unwrap();
+    assert_eq!(state.entries, (1..=2).map(entry).collect::<Vec<_>>());
+    drop(wal);
+
+    // A hole at entry 2 (group A), with group B after it: refused, naming the offset.
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path());
+    zero_record(tmp.path(), 1);
+    match Wal::open(tmp.path(), big) {
+        Err(StorageError::Corrupt(msg)) => assert!(msg.contains("byte offset"), "{msg}"),
+        other => panic!("expected corruption, got {:?}", other.map(|_| ())),
+    }
+}
