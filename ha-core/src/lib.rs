@@ -16,6 +16,7 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod latch;
 pub mod log_store;
 pub mod message;
 pub mod replicator;

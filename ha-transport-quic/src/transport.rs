@@ -37,7 +37,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
 use rand::{Rng, SeedableRng};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+
+use ha_core::latch::Latch;
 use tokio::time::Instant;
 
 use crate::certs::{node_dns_name, Identity};
@@ -115,39 +117,6 @@ impl QuicOptions {
             idle_timeout: idle,
             keep_alive: idle / 3,
             ..QuicOptions::new(bind, members)
-        }
-    }
-}
-
-/// A flag that is set once and can be awaited.
-#[derive(Clone)]
-struct Latch {
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Latch {
-    fn new() -> Self {
-        Latch {
-            tx: Arc::new(watch::Sender::new(false)),
-        }
-    }
-
-    fn set(&self) {
-        self.tx.send_replace(true);
-    }
-
-    fn is_set(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.tx.subscribe();
-        let keep = self.tx.clone();
-        async move {
-            if rx.wait_for(|set| *set).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            drop(keep);
         }
     }
 }

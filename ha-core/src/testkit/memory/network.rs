@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::latch::Latch;
 
 use crate::config::Member;
 use crate::error::TransportError;
@@ -19,41 +21,6 @@ use crate::types::{MemberKind, NodeId};
 /// The largest request or response frame [`MemNetwork::new`] carries (64 MiB); a
 /// larger one fails with [`TransportError::Protocol`].
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
-
-/// A flag that is set once and can be awaited.
-#[derive(Clone)]
-struct Latch {
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Latch {
-    fn new() -> Self {
-        Latch {
-            tx: Arc::new(watch::Sender::new(false)),
-        }
-    }
-
-    fn set(&self) {
-        self.tx.send_replace(true);
-    }
-
-    fn is_set(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    /// Resolves once the latch is set.
-    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.tx.subscribe();
-        let keep = self.tx.clone();
-        async move {
-            if rx.wait_for(|set| *set).await.is_err() {
-                // Unreachable while `keep` holds the sender; never resolve spuriously.
-                std::future::pending::<()>().await;
-            }
-            drop(keep);
-        }
-    }
-}
 
 /// A registered listener: the handler of one node id.
 #[derive(Clone)]
