@@ -39,7 +39,8 @@ pub struct StoredState {
 /// - `save_hard_state` replaces the hard state atomically: after a crash the old or
 ///   the new state is read back, never a mix.
 /// - Reading compacted entries fails with [`StorageError::Invalid`], never returns
-///   a shorter range silently.
+///   a shorter range silently. Entries that a snapshot covers but that were not
+///   purged yet can still be read: a primary streams them to a lagging standby.
 ///
 /// Implementations are checked by `ha_core::testkit::log_store_suite`.
 pub trait LogStore: Send + Sync + 'static {
@@ -93,4 +94,19 @@ pub trait LogStore: Send + Sync + 'static {
     /// The position of the last durable entry (or of the snapshot, if the log after
     /// it is empty).
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send;
+
+    /// The retention policy: once a durable snapshot covers the entries up to
+    /// `snapshot`, how far [`purge_prefix`](Self::purge_prefix) should go. A primary
+    /// serves a lagging standby from the durable log, so keeping the entries from
+    /// `keep_from` on (the standby's match index, whose entry's position starts the
+    /// next batch; `None` when there is no standby to keep entries for) spares it a
+    /// full snapshot, like a replication slot; a policy should cap what it keeps so
+    /// that a dead standby cannot fill the disk. The driver never purges past
+    /// `snapshot`, whatever this returns.
+    ///
+    /// The default keeps nothing the snapshot covers.
+    fn purge_point(&self, snapshot: LogIndex, keep_from: Option<LogIndex>) -> LogIndex {
+        let _ = keep_from;
+        snapshot
+    }
 }

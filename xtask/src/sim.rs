@@ -110,6 +110,8 @@ pub fn run(args: SimArgs) -> ExitCode {
     let failed = Mutex::new(Vec::new());
     let acked = AtomicU64::new(0);
     let elections = AtomicU64::new(0);
+    let snapshots = AtomicU64::new(0);
+    let catch_ups = AtomicU64::new(0);
     std::thread::scope(|s| {
         for _ in 0..args.threads.max(1) {
             s.spawn(|| loop {
@@ -120,6 +122,8 @@ pub fn run(args: SimArgs) -> ExitCode {
                 let r = run_seed(seed, &config(args.mode, seed));
                 acked.fetch_add(r.stats.writes_acked, Ordering::Relaxed);
                 elections.fetch_add(r.stats.elections, Ordering::Relaxed);
+                snapshots.fetch_add(r.stats.snapshots_installed, Ordering::Relaxed);
+                catch_ups.fetch_add(r.stats.catch_up_reads, Ordering::Relaxed);
                 if !r.violations.is_empty() {
                     eprintln!("seed {seed} FAILED: {}", r.violations[0]);
                     eprintln!(
@@ -135,9 +139,11 @@ pub fn run(args: SimArgs) -> ExitCode {
     });
     let failed = failed.into_inner().unwrap_or_default();
     println!(
-        "writes_acked={} elections={}",
+        "writes_acked={} elections={} snapshots_installed={} catch_up_reads={}",
         acked.load(Ordering::Relaxed),
-        elections.load(Ordering::Relaxed)
+        elections.load(Ordering::Relaxed),
+        snapshots.load(Ordering::Relaxed),
+        catch_ups.load(Ordering::Relaxed)
     );
     println!("seeds={} violations={}", args.seeds, failed.len());
     if failed.is_empty() {

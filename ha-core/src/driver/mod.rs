@@ -121,6 +121,12 @@ pub struct Metrics {
     pub peer_requests: u64,
     /// Requests to peers that failed in the transport (the engine retries).
     pub send_failures: u64,
+    /// Snapshots received from the primary and installed (the log could not
+    /// serve this node's catch-up).
+    pub snapshots_installed: u64,
+    /// Reads of this node's durable log that served a lagging standby's catch-up
+    /// (entries older than the in-memory log).
+    pub catch_up_reads: u64,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +140,8 @@ struct Counters {
     snapshots_taken: AtomicU64,
     peer_requests: AtomicU64,
     send_failures: AtomicU64,
+    snapshots_installed: AtomicU64,
+    catch_up_reads: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -168,6 +176,12 @@ impl Counters {
     fn bump_send_failure(&self) {
         bump(&self.send_failures, 1)
     }
+    fn bump_snapshot_installed(&self) {
+        bump(&self.snapshots_installed, 1)
+    }
+    fn bump_catch_up_read(&self) {
+        bump(&self.catch_up_reads, 1)
+    }
 
     fn read(&self) -> Metrics {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -181,6 +195,8 @@ impl Counters {
             snapshots_taken: r(&self.snapshots_taken),
             peer_requests: r(&self.peer_requests),
             send_failures: r(&self.send_failures),
+            snapshots_installed: r(&self.snapshots_installed),
+            catch_up_reads: r(&self.catch_up_reads),
         }
     }
 }

@@ -104,6 +104,18 @@ enum Finished {
     Persisted(Position),
     /// A snapshot save finished.
     SnapshotSaved { snapshot: Snapshot, stale: bool },
+    /// A read for the engine ([`Action::ReadEntries`]) finished; its failure is
+    /// the engine's to handle, not the node's.
+    EntriesRead {
+        read_id: u64,
+        result: Result<Vec<WalEntry>, StorageError>,
+    },
+}
+
+/// A read of the durable log for the engine.
+struct PendingRead<'s> {
+    read_id: u64,
+    running: BoxFut<'s, Result<Vec<WalEntry>, StorageError>>,
 }
 
 /// The store operations the engine task issued and has not seen finish: appends,
@@ -111,6 +123,8 @@ enum Finished {
 struct Background<'s> {
     appends: Appends<'s>,
     snapshot: Option<SnapshotSave<'s>>,
+    /// Reads for the engine; a handful at most (one per peer).
+    reads: Vec<PendingRead<'s>>,
 }
 
 impl<'s> Background<'s> {
@@ -118,11 +132,12 @@ impl<'s> Background<'s> {
         Background {
             appends: FutureSet::new(),
             snapshot: None,
+            reads: Vec::new(),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.appends.is_empty() && self.snapshot.is_none()
+        self.appends.is_empty() && self.snapshot.is_none() && self.reads.is_empty()
     }
 
     /// Polls everything once, recording what finished (reported by `poll_finished`).
@@ -146,6 +161,12 @@ impl<'s> Background<'s> {
             }
         }
         self.poll_progress(cx);
+        for k in 0..self.reads.len() {
+            if let Poll::Ready(result) = self.reads[k].running.as_mut().poll(cx) {
+                let read_id = self.reads.swap_remove(k).read_id;
+                return Poll::Ready(Ok(Finished::EntriesRead { read_id, result }));
+            }
+        }
         let outcome = self.snapshot.as_mut().and_then(|save| save.outcome.take());
         match (outcome, self.snapshot.take()) {
             (Some(outcome), Some(save)) => Poll::Ready(outcome.map(|()| Finished::SnapshotSaved {
@@ -321,6 +342,14 @@ impl<T: Transport, L: LogStore, S: StateMachine> Core<T, L, S> {
                             }
                             Finished::SnapshotSaved { snapshot, stale } => {
                                 self.snapshot_saved(store, &mut bg, snapshot, stale).await?;
+                            }
+                            Finished::EntriesRead { read_id, result } => {
+                                match &result {
+                                    Ok(_) => self.shared.counters.bump_catch_up_read(),
+                                    Err(e) => tracing::debug!(node = %self.shared.cfg.node_id, read_id, error = %e, "read of the durable log failed"),
+                                }
+                                let event = Event::EntriesRead { read_id, result };
+                                self.step(store, &mut bg, event).await?;
                             }
                         }
                         continue;
@@ -516,6 +545,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Core<T, L, S> {
                 let (pos, data) = (snapshot.last_included, snapshot.data.clone());
                 durable(bg, store.install_snapshot(snapshot)).await?;
                 self.sm.restore(pos.index, &data)?;
+                self.shared.counters.bump_snapshot_installed();
                 self.state_replaced(Some(pos));
             }
             Action::ResetStateMachine => {
@@ -557,7 +587,27 @@ impl<T: Transport, L: LogStore, S: StateMachine> Core<T, L, S> {
                 durable(bg, store.truncate_suffix(LogIndex(1))).await?;
                 self.state_replaced(None);
             }
-            Action::Compact(upto) => durable(bg, store.purge_prefix(upto)).await?,
+            Action::Compact { upto, keep_from } => {
+                // The store's retention policy keeps entries for a lagging standby;
+                // never past the snapshot.
+                let to = store.purge_point(upto, keep_from).min(upto);
+                if to > LogIndex::ZERO {
+                    durable(bg, store.purge_prefix(to)).await?;
+                }
+            }
+            Action::ReadEntries {
+                read_id,
+                from,
+                to,
+                max_bytes,
+            } => {
+                // Issued now (ordered after every earlier operation), awaited off
+                // the critical path.
+                bg.reads.push(PendingRead {
+                    read_id,
+                    running: Box::pin(store.read(from, to, max_bytes)),
+                });
+            }
             Action::Send(request) => self.send(request),
             Action::Respond(response) => {
                 match self.responders.remove(&(response.to, response.request_id)) {

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, StorageError};
 use crate::message::{
     AckResult, Fence, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, RaiseFloor,
     Request, SnapshotAck, WalAck, WalBatch,
@@ -26,8 +26,11 @@ pub(super) struct Progress {
     matched: LogIndex,
     next: LogIndex,
     applied: LogIndex,
-    /// (request id, last index, sent at) of batches awaiting an ack.
-    inflight: VecDeque<(u64, LogIndex, Instant)>,
+    /// (request id, last position, sent at) of batches awaiting an ack.
+    inflight: VecDeque<(u64, Position, Instant)>,
+    /// A read of entries older than the in-memory log, for this peer: (read id,
+    /// the peer's next index it serves, issued at). At most one at a time.
+    reading: Option<(u64, LogIndex, Instant)>,
     /// Mismatch replies to requests older than this are stale.
     reset_after: u64,
     snapshot_inflight: Option<Instant>,
@@ -120,6 +123,7 @@ impl Engine {
             next: before.index.next(),
             applied: LogIndex::ZERO,
             inflight: VecDeque::new(),
+            reading: None,
             reset_after: 0,
             snapshot_inflight: None,
         });
@@ -234,6 +238,12 @@ impl Engine {
             {
                 p.snapshot_inflight = None;
             }
+            // The driver always answers a read; this only bounds a lost answer.
+            if p.reading
+                .is_some_and(|(_, _, t)| now >= t.plus(self.cfg.rpc_timeout))
+            {
+                p.reading = None;
+            }
         }
         if ls
             .floor_inflight
@@ -308,37 +318,47 @@ impl Engine {
         ls.pending_reads.push((id, commit));
     }
 
-    /// Sends batches to the data peer while its window has room.
-    fn replicate(&mut self) {
+    /// Sends batches to the data peer while its window has room: from the
+    /// in-memory log, or, for entries older than it, from the durable log (read
+    /// with [`Action::ReadEntries`], sent in [`Self::on_entries_read`]).
+    pub(super) fn replicate(&mut self) {
         let now = self.now;
-        let commit = self.commit;
         let max_inflight = self.cfg.max_inflight_batches;
         let (batch_size, batch_bytes) = (self.cfg.wal_batch_size, self.cfg.wal_batch_bytes);
         loop {
             let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
                 return;
             };
-            if p.inflight.len() >= max_inflight || p.snapshot_inflight.is_some() {
+            if p.inflight.len() >= max_inflight
+                || p.snapshot_inflight.is_some()
+                || p.reading.is_some()
+            {
                 return;
             }
             let (peer, next) = (p.id, p.next);
             if next <= self.log.snapshot().index {
-                let Some(snap) = self.snapshot.clone() else {
-                    return;
+                // Read the entry before `next` too: its position is the batch's
+                // `prev` (index 0 is no entry; its position is zero).
+                let from = if next.0 <= 1 {
+                    LogIndex(1)
+                } else {
+                    next.prev()
                 };
-                let req = InstallSnapshot {
-                    last_included: snap.last_included,
-                    data: snap.data,
-                    commit,
-                };
-                self.send(peer, Request::InstallSnapshot(req));
+                let read_id = self.next_request_id();
+                let to = LogIndex(next.0.saturating_add(batch_size as u64));
+                self.emit(Action::ReadEntries {
+                    read_id,
+                    from,
+                    to,
+                    max_bytes: batch_bytes,
+                });
                 if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-                    p.snapshot_inflight = Some(now);
+                    p.reading = Some((read_id, next, now));
                 }
                 return;
             }
             let entries = self.log.slice(next, batch_size, batch_bytes);
-            let Some(last) = entries.last().map(|e| e.index()) else {
+            let Some(last) = entries.last().map(|e| e.position) else {
                 return;
             };
             let Some(prev) = self.log.position_at(next.prev()) else {
@@ -348,9 +368,65 @@ impl Engine {
         }
     }
 
+    /// Entries read from the durable log for the peer: send them as a batch, or
+    /// the snapshot if the log could not provide them (purged by its retention
+    /// policy, or a read error).
+    pub(super) fn on_entries_read(
+        &mut self,
+        read_id: u64,
+        result: Result<Vec<WalEntry>, StorageError>,
+    ) {
+        let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) else {
+            return;
+        };
+        let Some((id, next, _)) = p.reading else {
+            return;
+        };
+        if id != read_id {
+            return;
+        }
+        p.reading = None;
+        let peer = p.id;
+        if p.next != next {
+            // An ack or a mismatch moved the peer while the read ran.
+            self.replicate();
+            return;
+        }
+        let batch = result.and_then(|entries| catch_up_batch(next, entries));
+        match batch {
+            Ok((prev, entries)) => {
+                let last = entries.last().map(|e| e.position).unwrap_or(prev);
+                self.send_batch(peer, prev, entries, last);
+                self.replicate();
+            }
+            Err(e) => {
+                tracing::info!(node = %self.id, %peer, %next, error = %e, "the durable log cannot serve the standby's catch-up; sending the snapshot");
+                self.send_snapshot(peer);
+            }
+        }
+    }
+
+    /// Sends the latest snapshot to the peer (it needs entries the log no longer
+    /// holds).
+    fn send_snapshot(&mut self, peer: NodeId) {
+        let Some(snap) = self.snapshot.clone() else {
+            return;
+        };
+        let req = InstallSnapshot {
+            last_included: snap.last_included,
+            data: snap.data,
+            commit: self.commit,
+        };
+        self.send(peer, Request::InstallSnapshot(req));
+        let now = self.now;
+        if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
+            p.snapshot_inflight = Some(now);
+        }
+    }
+
     /// Sends one batch (possibly empty, to carry the commit index) and records it in
     /// flight; the standby's next expected index becomes `last + 1`.
-    fn send_batch(&mut self, peer: NodeId, prev: Position, entries: Vec<WalEntry>, last: LogIndex) {
+    fn send_batch(&mut self, peer: NodeId, prev: Position, entries: Vec<WalEntry>, last: Position) {
         let (commit, now) = (self.commit, self.now);
         let rid = self.send(
             peer,
@@ -364,7 +440,7 @@ impl Engine {
             ls.commit_notified = ls.commit_notified.max(commit);
             if let Some(p) = ls.peer.as_mut() {
                 p.inflight.push_back((rid, last, now));
-                p.next = last.next();
+                p.next = last.index.next();
             }
         }
     }
@@ -387,7 +463,7 @@ impl Engine {
         let Some(prev) = self.log.position_at(next.prev()) else {
             return;
         };
-        self.send_batch(peer, prev, Vec::new(), prev.index);
+        self.send_batch(peer, prev, Vec::new(), prev);
     }
 
     pub(super) fn on_wal_ack(&mut self, from: NodeId, rid: u64, ack: WalAck) {
@@ -395,15 +471,23 @@ impl Engine {
         let last = self.log.last().index;
         let reset_id = self.next_request_id;
         let holds = |pos: Position| self.log.holds(pos);
-        let held = match ack.result {
-            AckResult::Durable(pos) => holds(pos),
-            _ => false,
-        };
         let Some(ls) = self.leader_state.as_mut() else {
             return;
         };
         let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
             return;
+        };
+        // The standby holds the position it acks; this primary's log holds it too if
+        // its in-memory log does, or if it is the end of the batch acked (sent from
+        // the durable log, below the in-memory log).
+        let held = match ack.result {
+            AckResult::Durable(pos) => {
+                holds(pos)
+                    || p.inflight
+                        .iter()
+                        .any(|(id, last, _)| *id == rid && *last == pos)
+            }
+            _ => false,
         };
         // The primary ignores replies that do not carry its own term.
         if ack.batch_term != term {
@@ -801,4 +885,35 @@ impl Engine {
             self.emit(Action::AdminDone(t.admin, result));
         }
     }
+}
+
+/// Splits entries read from the durable log for a peer whose next index is `next`
+/// into the batch's `prev` position and its entries: the read starts at `next - 1`
+/// (or at 1 when `next` is 1, whose `prev` is position zero).
+fn catch_up_batch(
+    next: LogIndex,
+    mut entries: Vec<WalEntry>,
+) -> Result<(Position, Vec<WalEntry>), StorageError> {
+    let contiguous = entries
+        .windows(2)
+        .all(|w| w[1].index() == w[0].index().next());
+    let bad = |why: &str| StorageError::Invalid(format!("catch-up read for index {next}: {why}"));
+    if !contiguous {
+        return Err(bad("entries are not contiguous"));
+    }
+    if next.0 <= 1 {
+        return match entries.first() {
+            Some(e) if e.index() == LogIndex(1) => Ok((Position::ZERO, entries)),
+            Some(_) => Err(bad("does not start at index 1")),
+            None => Err(bad("holds no entry")),
+        };
+    }
+    if entries.first().map(|e| e.index()) != Some(next.prev()) {
+        return Err(bad("does not start at the entry before it"));
+    }
+    let prev = entries.remove(0).position;
+    if entries.is_empty() {
+        return Err(bad("holds no entry after the one before it"));
+    }
+    Ok((prev, entries))
 }

@@ -16,6 +16,14 @@
 //!   depend on those entries are only emitted after that event.
 //! - [`Action::Apply`] applies entries to the state machine, in order, before the
 //!   next action; [`Action::WriteDone`] and [`Action::ReadReady`] refer to that state.
+//! - [`Action::ReadEntries`] may complete asynchronously; the driver reports the
+//!   entries (or the failure) with [`Event::EntriesRead`], always, exactly once.
+//!
+//! # Memory and the durable log
+//! The engine keeps in memory only the entries after its latest snapshot. A peer
+//! that needs older entries is served from the durable log: the engine asks for them
+//! with [`Action::ReadEntries`] and sends them when they arrive; if the log no longer
+//! holds them (its retention policy purged them) the peer gets the snapshot.
 
 mod election;
 mod leader;
@@ -25,7 +33,7 @@ mod replica;
 use std::collections::BTreeSet;
 
 use crate::config::{Config, ConfiguredRole};
-use crate::error::Error;
+use crate::error::{Error, StorageError};
 use crate::health::{HealthStatus, PeerStatus};
 use crate::log_store::Snapshot;
 use crate::message::{Envelope, Request, Response, RpcError};
@@ -61,6 +69,14 @@ pub enum Event {
     SnapshotTaken(Snapshot),
     /// An operator's request.
     Admin(ClientId, Admin),
+    /// The answer to [`Action::ReadEntries`] with the same `read_id`: the entries
+    /// read from the durable log, or why they could not be read (compacted, I/O).
+    EntriesRead {
+        /// The id the action carried.
+        read_id: u64,
+        /// The entries, in order from the requested index, or the failure.
+        result: Result<Vec<WalEntry>, StorageError>,
+    },
 }
 
 /// Operator requests.
@@ -100,8 +116,31 @@ pub enum Action {
     /// snapshot already holds; the node then resyncs from the primary). Always
     /// preceded by [`Action::ResetStateMachine`].
     ResetLog,
-    /// Drop log entries up to and including this index (a snapshot covers them).
-    Compact(LogIndex),
+    /// A durable snapshot covers the entries up to and including `upto`: the log
+    /// store may purge them, keeping what its retention policy keeps for a lagging
+    /// standby, which needs the entries from `keep_from` on (`None`: no standby to
+    /// keep entries for). See [`crate::log_store::LogStore::purge_point`].
+    Compact {
+        /// The snapshot's index: nothing after it may be purged.
+        upto: LogIndex,
+        /// The standby's match index, if this node leads one: the last entry it is
+        /// known to hold, whose position the next batch names as `prev`.
+        keep_from: Option<LogIndex>,
+    },
+    /// Read entries `[from, to)` from the durable log, stopping once `max_bytes`
+    /// is exceeded (at least one entry), and report them with
+    /// [`Event::EntriesRead`]. Used to stream to a peer that needs entries older
+    /// than the engine's in-memory log.
+    ReadEntries {
+        /// Echoed in [`Event::EntriesRead`].
+        read_id: u64,
+        /// The first index to read.
+        from: LogIndex,
+        /// One past the last index to read.
+        to: LogIndex,
+        /// The byte bound (by [`WalEntry::approx_size`]).
+        max_bytes: usize,
+    },
     /// Send a request to a peer; deliver its response as [`Event::Response`].
     Send(Envelope<Request>),
     /// Answer a request received from a peer.
@@ -116,6 +155,9 @@ pub enum Action {
     /// An operator request finished.
     AdminDone(ClientId, Result<(), Error>),
     /// Writes this node had acknowledged (async mode) were discarded by a failover.
+    /// When the divergence reaches into the local snapshot, the snapshot's
+    /// position stands for the discarded entries it holds (their count is then a
+    /// lower bound).
     Discarded(Vec<Position>),
     /// The node's role, term or known primary changed.
     RoleChanged {
@@ -297,6 +339,7 @@ impl Engine {
             Event::Persisted(pos) => self.on_persisted(pos),
             Event::SnapshotTaken(snap) => self.on_snapshot_taken(snap),
             Event::Admin(id, admin) => self.on_admin(id, admin),
+            Event::EntriesRead { read_id, result } => self.on_entries_read(read_id, result),
         }
         self.stale_reply_term = None;
         self.after_step();
@@ -677,20 +720,18 @@ impl Engine {
             return;
         }
         let upto = snap.last_included.index;
-        // Keep what a lagging standby still needs, within a cap (DESIGN.md section 3,
-        // "Fencing, rejoin, catch-up": a standby that needs compacted entries gets a
-        // snapshot).
-        let keep_from = self
-            .leader_state
-            .as_ref()
-            .and_then(|ls| ls.data_peer_match())
-            .filter(|m| upto.0.saturating_sub(m.0) < self.cfg.snapshot_every.saturating_mul(4))
-            .unwrap_or(upto);
-        let compact_to = keep_from.min(upto);
         self.snapshot = Some(snap);
-        if compact_to > self.log.snapshot().index {
-            self.log.compact(compact_to);
-            self.emit(Action::Compact(compact_to));
+        // The in-memory log starts after the snapshot; what a lagging standby still
+        // needs is the durable log's to keep (its retention policy), and is read
+        // back from there (DESIGN.md section 3, "Fencing, rejoin, catch-up": a
+        // standby that needs purged entries gets the snapshot).
+        if upto > self.log.snapshot().index {
+            self.log.compact(upto);
+            let keep_from = self
+                .leader_state
+                .as_ref()
+                .and_then(|ls| ls.data_peer_match());
+            self.emit(Action::Compact { upto, keep_from });
         }
     }
 

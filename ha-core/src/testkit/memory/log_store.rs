@@ -22,10 +22,25 @@ use crate::types::{HardState, LogIndex, Position, WalEntry};
 /// appending an entry whose term is lower than the previous entry's, truncating at
 /// or below the snapshot or the compacted prefix, purging entries that no saved
 /// snapshot covers, and saving a snapshot behind the compacted prefix.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemLogStore {
     inner: Arc<Mutex<Inner>>,
+    /// The retention policy's cap (see [`MemLogStore::with_retention`]).
+    retain_max: u64,
 }
+
+impl Default for MemLogStore {
+    fn default() -> Self {
+        MemLogStore {
+            inner: Arc::default(),
+            retain_max: DEFAULT_RETAIN_MAX,
+        }
+    }
+}
+
+/// How many entries behind its snapshot a [`MemLogStore`] keeps for a lagging
+/// standby unless told otherwise.
+pub const DEFAULT_RETAIN_MAX: u64 = 1_000_000;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -42,6 +57,16 @@ impl MemLogStore {
     /// An empty store: no hard state, no snapshot, no entries (a fresh node).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose retention policy keeps the entries a lagging standby
+    /// still needs, but at most `max_entries` behind the snapshot (0: purge
+    /// everything a snapshot covers).
+    pub fn with_retention(max_entries: u64) -> Self {
+        MemLogStore {
+            inner: Arc::default(),
+            retain_max: max_entries,
+        }
     }
 
     /// Everything the store holds, read synchronously (what [`LogStore::load`]
@@ -292,5 +317,26 @@ impl LogStore for MemLogStore {
 
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send {
         ready(Ok(self.inner.lock().last()))
+    }
+
+    fn purge_point(&self, snapshot: LogIndex, keep_from: Option<LogIndex>) -> LogIndex {
+        retention_point(snapshot, keep_from, self.retain_max)
+    }
+}
+
+/// The purge point that keeps the entries from `keep_from` on, but at most `max`
+/// entries behind the snapshot; never past the snapshot.
+pub(crate) fn retention_point(
+    snapshot: LogIndex,
+    keep_from: Option<LogIndex>,
+    max: u64,
+) -> LogIndex {
+    match keep_from {
+        Some(k) => LogIndex(
+            k.0.saturating_sub(1)
+                .max(snapshot.0.saturating_sub(max))
+                .min(snapshot.0),
+        ),
+        None => snapshot,
     }
 }

@@ -14,5 +14,6 @@ mod log_store;
 mod network;
 
 pub use kv::{KvCommand, KvError, KvStateMachine, KV_ERROR_TAG};
-pub use log_store::MemLogStore;
+pub(crate) use log_store::retention_point;
+pub use log_store::{MemLogStore, DEFAULT_RETAIN_MAX};
 pub use network::{MemConnection, MemHarness, MemNetwork, MemTransport, MAX_FRAME_BYTES};

@@ -18,11 +18,12 @@ use rand::{Rng, SeedableRng};
 use self::model::{SimDisk, SimMachine, SimWrite};
 use crate::config::{Config, Member};
 use crate::engine::{Action, Admin, Engine, Event, InitialState, Mutations};
-use crate::error::Error;
+use crate::error::{Error, StorageError};
 use crate::log_store::Snapshot;
 use crate::message::{Envelope, Request, Response};
+use crate::testkit::memory::retention_point;
 use crate::types::{
-    CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term,
+    CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry,
 };
 
 const MS: u64 = 1_000_000;
@@ -77,6 +78,13 @@ pub struct SimConfig {
     pub faults: FaultConfig,
     /// Snapshot and compact every this many applied entries.
     pub snapshot_every: u64,
+    /// The disks' retention policy: entries kept behind the snapshot for a lagging
+    /// standby, at most (0: purge all a snapshot covers, so a lagging standby
+    /// always gets the snapshot).
+    pub retain_entries: u64,
+    /// Probability that a read of the durable log fails (an I/O error), so the
+    /// primary falls back to sending the snapshot.
+    pub read_failure: f64,
     /// Mean time between client operations, in microseconds.
     pub mean_op_interval_us: u64,
     /// Rules switched off (mutation tests).
@@ -111,6 +119,8 @@ impl Default for SimConfig {
             heal_time: Duration::from_secs(4),
             faults: FaultConfig::default(),
             snapshot_every: 64,
+            retain_entries: 256,
+            read_failure: 0.05,
             mean_op_interval_us: 4_000,
             mutations: Mutations::default(),
             switchover: 0.1,
@@ -125,6 +135,8 @@ impl SimConfig {
     /// picks a commit mode so every mode is covered.
     pub fn for_seed(seed: u64) -> SimConfig {
         let mut c = SimConfig::default();
+        // Retention: none (snapshots only), a short tail, a long one.
+        c.retain_entries = [0, 48, 256][((seed / 6) % 3) as usize];
         match seed % 6 {
             0..=2 => {}
             3 => c.commit_mode = CommitMode::SyncApply,
@@ -161,6 +173,8 @@ pub struct SimStats {
     pub switchovers: u64,
     /// Snapshots installed on a lagging node.
     pub snapshots_installed: u64,
+    /// Reads of a primary's durable log that served a lagging standby.
+    pub catch_up_reads: u64,
     /// Acknowledged writes discarded by async failovers.
     pub discarded: u64,
 }
@@ -220,6 +234,7 @@ enum Ev {
     DiskDone(NodeId, u64),
     Persisted(NodeId, u64, Position),
     SnapshotTaken(NodeId, u64, Snapshot),
+    EntriesRead(NodeId, u64, u64, Result<Vec<WalEntry>, StorageError>),
     ClientOp,
     Fault,
     Undo(Undo),
@@ -588,6 +603,15 @@ impl Sim {
                     self.step(id, Event::SnapshotTaken(snap));
                 }
             }
+            Ev::EntriesRead(id, inc, read_id, result) => {
+                if self.nodes[Self::idx(id)].incarnation == inc && self.live(id) {
+                    let ev = Ev::EntriesRead(id, inc, read_id, result.clone());
+                    if self.deferred(id, &ev) {
+                        return;
+                    }
+                    self.step(id, Event::EntriesRead { read_id, result });
+                }
+            }
             Ev::ClientOp => self.client_op(),
             Ev::Fault => self.inject_fault(),
             Ev::Undo(u) => self.undo(u),
@@ -719,9 +743,30 @@ impl Sim {
                 self.flush_disk(id);
                 self.nodes[i].disk.truncate(from);
             }
-            Action::Compact(upto) => {
+            Action::Compact { upto, keep_from } => {
                 self.flush_disk(id);
-                self.nodes[i].disk.compact(upto);
+                let to = retention_point(upto, keep_from, self.cfg.retain_entries);
+                self.nodes[i].disk.compact(to);
+            }
+            Action::ReadEntries {
+                read_id,
+                from,
+                to,
+                max_bytes,
+            } => {
+                // Ordered after every earlier operation, as a real store does.
+                self.flush_disk(id);
+                let result = if self.rng.random_bool(self.cfg.read_failure) {
+                    Err(StorageError::Io("simulated read error".into()))
+                } else {
+                    self.nodes[i].disk.read(from, to, max_bytes)
+                };
+                if result.is_ok() {
+                    self.stats.catch_up_reads += 1;
+                }
+                let delay = self.rng.random_range(50..500u64) * 1_000;
+                let inc = self.nodes[i].incarnation;
+                self.schedule(delay, Ev::EntriesRead(id, inc, read_id, result));
             }
             Action::InstallSnapshot(snap) => {
                 self.flush_disk(id);

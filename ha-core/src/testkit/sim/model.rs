@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::StorageError;
 use crate::log_store::Snapshot;
 use crate::types::{Command, HardState, LogIndex, Payload, Position, Term, WalEntry};
 
@@ -134,6 +135,36 @@ impl SimDisk {
 
     pub(crate) fn truncate(&mut self, from: LogIndex) {
         self.entries.retain(|e| e.index() < from);
+    }
+
+    /// Entries `[from, to)` as a [`crate::log_store::LogStore`] reads them: an
+    /// error for compacted entries, at least one entry once past `max_bytes`.
+    pub(crate) fn read(
+        &self,
+        from: LogIndex,
+        to: LogIndex,
+        max_bytes: usize,
+    ) -> Result<Vec<WalEntry>, StorageError> {
+        let first = self.entries.first().map(|e| e.index());
+        if first.is_none_or(|f| from < f) && from <= self.last_index() {
+            return Err(StorageError::Invalid(format!(
+                "read from {from}: compacted"
+            )));
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| e.index() >= from && e.index() < to)
+        {
+            bytes = bytes.saturating_add(e.approx_size());
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Ok(out)
     }
 
     pub(crate) fn compact(&mut self, upto: LogIndex) {
