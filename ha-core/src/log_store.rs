@@ -14,6 +14,45 @@ pub struct Snapshot {
     pub data: Vec<u8>,
 }
 
+/// A batch read from the durable log for a lagging peer (see
+/// [`LogStore::read_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatchUpBatch {
+    /// The position of the entry just before the first one (zero before index 1):
+    /// the batch's `prev`, which the peer must hold.
+    pub prev: Position,
+    /// At least one entry, contiguous from the requested index.
+    pub entries: Vec<WalEntry>,
+}
+
+impl CatchUpBatch {
+    /// Splits entries read from `next - 1` on (from 1 when `next` is 1) into the
+    /// batch's `prev` and its entries, checking they are what was asked for.
+    pub fn from_read(next: LogIndex, mut entries: Vec<WalEntry>) -> Result<Self, StorageError> {
+        let bad =
+            |why: &str| StorageError::Invalid(format!("catch-up read for index {next}: {why}"));
+        if !entries
+            .windows(2)
+            .all(|w| w[1].index() == w[0].index().next())
+        {
+            return Err(bad("entries are not contiguous"));
+        }
+        let prev = if next.0 <= 1 {
+            Position::ZERO
+        } else {
+            if entries.first().map(|e| e.index()) != Some(next.prev()) {
+                return Err(bad("does not start at the entry before it"));
+            }
+            entries.remove(0).position
+        };
+        match entries.first() {
+            None => Err(bad("holds no entry")),
+            Some(e) if e.index() != next => Err(bad("does not start at the requested index")),
+            Some(_) => Ok(CatchUpBatch { prev, entries }),
+        }
+    }
+}
+
 /// Everything a node reads back from its store at start-up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredState {
@@ -94,6 +133,30 @@ pub trait LogStore: Send + Sync + 'static {
     /// The position of the last durable entry (or of the snapshot, if the log after
     /// it is empty).
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send;
+
+    /// Reads the batch a lagging peer whose next needed index is `next` gets: up to
+    /// `max_entries` entries from `next`, stopping once `max_bytes` is exceeded (at
+    /// least one entry), with the position of the entry before them. Fails if the
+    /// log no longer holds the entry before `next` (the peer then needs the
+    /// snapshot) or holds nothing from `next` on.
+    ///
+    /// The default reads with [`read`](Self::read); a store may serve it without
+    /// holding up its writers (ha-wal's `WalStreamer` does).
+    fn read_batch(
+        &self,
+        next: LogIndex,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<CatchUpBatch, StorageError>> + Send {
+        let from = if next.0 <= 1 {
+            LogIndex(1)
+        } else {
+            next.prev()
+        };
+        let to = LogIndex(next.0.saturating_add(max_entries as u64));
+        let read = self.read(from, to, max_bytes);
+        async move { CatchUpBatch::from_read(next, read.await?) }
+    }
 
     /// The retention policy: once a durable snapshot covers the entries up to
     /// `snapshot`, how far [`purge_prefix`](Self::purge_prefix) should go. A primary

@@ -35,7 +35,7 @@ use super::{stopped_health, Input, NodeStatus, Shared};
 use crate::config::Config;
 use crate::engine::{Action, ClientId, Engine, Event};
 use crate::error::{Error, StorageError};
-use crate::log_store::{LogStore, Snapshot};
+use crate::log_store::{CatchUpBatch, LogStore, Snapshot};
 use crate::message::{Channel, Envelope, Request, Response};
 use crate::replicator::{ReadConsistency, WriteAck};
 use crate::state_machine::StateMachine;
@@ -108,14 +108,14 @@ enum Finished {
     /// the engine's to handle, not the node's.
     EntriesRead {
         read_id: u64,
-        result: Result<Vec<WalEntry>, StorageError>,
+        result: Result<CatchUpBatch, StorageError>,
     },
 }
 
 /// A read of the durable log for the engine.
 struct PendingRead<'s> {
     read_id: u64,
-    running: BoxFut<'s, Result<Vec<WalEntry>, StorageError>>,
+    running: BoxFut<'s, Result<CatchUpBatch, StorageError>>,
 }
 
 /// The store operations the engine task issued and has not seen finish: appends,
@@ -597,15 +597,15 @@ impl<T: Transport, L: LogStore, S: StateMachine> Core<T, L, S> {
             }
             Action::ReadEntries {
                 read_id,
-                from,
-                to,
+                next,
+                max_entries,
                 max_bytes,
             } => {
                 // Issued now (ordered after every earlier operation), awaited off
                 // the critical path.
                 bg.reads.push(PendingRead {
                     read_id,
-                    running: Box::pin(store.read(from, to, max_bytes)),
+                    running: Box::pin(store.read_batch(next, max_entries, max_bytes)),
                 });
             }
             Action::Send(request) => self.send(request),

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
 use crate::error::{Error, StorageError};
+use crate::log_store::CatchUpBatch;
 use crate::message::{
     AckResult, Fence, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, RaiseFloor,
     Request, SnapshotAck, WalAck, WalBatch,
@@ -337,19 +338,11 @@ impl Engine {
             }
             let (peer, next) = (p.id, p.next);
             if next <= self.log.snapshot().index {
-                // Read the entry before `next` too: its position is the batch's
-                // `prev` (index 0 is no entry; its position is zero).
-                let from = if next.0 <= 1 {
-                    LogIndex(1)
-                } else {
-                    next.prev()
-                };
                 let read_id = self.next_request_id();
-                let to = LogIndex(next.0.saturating_add(batch_size as u64));
                 self.emit(Action::ReadEntries {
                     read_id,
-                    from,
-                    to,
+                    next,
+                    max_entries: batch_size,
                     max_bytes: batch_bytes,
                 });
                 if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
@@ -374,7 +367,7 @@ impl Engine {
     pub(super) fn on_entries_read(
         &mut self,
         read_id: u64,
-        result: Result<Vec<WalEntry>, StorageError>,
+        result: Result<CatchUpBatch, StorageError>,
     ) {
         let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) else {
             return;
@@ -392,12 +385,17 @@ impl Engine {
             self.replicate();
             return;
         }
-        let batch = result.and_then(|entries| catch_up_batch(next, entries));
-        match batch {
-            Ok((prev, entries)) => {
+        match result {
+            Ok(CatchUpBatch { prev, entries })
+                if entries.first().map(|e| e.index()) == Some(next) =>
+            {
                 let last = entries.last().map(|e| e.position).unwrap_or(prev);
                 self.send_batch(peer, prev, entries, last);
                 self.replicate();
+            }
+            Ok(_) => {
+                tracing::warn!(node = %self.id, %peer, %next, "the durable log answered a catch-up read with other entries; sending the snapshot");
+                self.send_snapshot(peer);
             }
             Err(e) => {
                 tracing::info!(node = %self.id, %peer, %next, error = %e, "the durable log cannot serve the standby's catch-up; sending the snapshot");
@@ -885,35 +883,4 @@ impl Engine {
             self.emit(Action::AdminDone(t.admin, result));
         }
     }
-}
-
-/// Splits entries read from the durable log for a peer whose next index is `next`
-/// into the batch's `prev` position and its entries: the read starts at `next - 1`
-/// (or at 1 when `next` is 1, whose `prev` is position zero).
-fn catch_up_batch(
-    next: LogIndex,
-    mut entries: Vec<WalEntry>,
-) -> Result<(Position, Vec<WalEntry>), StorageError> {
-    let contiguous = entries
-        .windows(2)
-        .all(|w| w[1].index() == w[0].index().next());
-    let bad = |why: &str| StorageError::Invalid(format!("catch-up read for index {next}: {why}"));
-    if !contiguous {
-        return Err(bad("entries are not contiguous"));
-    }
-    if next.0 <= 1 {
-        return match entries.first() {
-            Some(e) if e.index() == LogIndex(1) => Ok((Position::ZERO, entries)),
-            Some(_) => Err(bad("does not start at index 1")),
-            None => Err(bad("holds no entry")),
-        };
-    }
-    if entries.first().map(|e| e.index()) != Some(next.prev()) {
-        return Err(bad("does not start at the entry before it"));
-    }
-    let prev = entries.remove(0).position;
-    if entries.is_empty() {
-        return Err(bad("holds no entry after the one before it"));
-    }
-    Ok((prev, entries))
 }

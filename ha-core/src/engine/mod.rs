@@ -35,7 +35,7 @@ use std::collections::BTreeSet;
 use crate::config::{Config, ConfiguredRole};
 use crate::error::{Error, StorageError};
 use crate::health::{HealthStatus, PeerStatus};
-use crate::log_store::Snapshot;
+use crate::log_store::{CatchUpBatch, Snapshot};
 use crate::message::{Envelope, Request, Response, RpcError};
 use crate::types::{
     Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry,
@@ -69,13 +69,13 @@ pub enum Event {
     SnapshotTaken(Snapshot),
     /// An operator's request.
     Admin(ClientId, Admin),
-    /// The answer to [`Action::ReadEntries`] with the same `read_id`: the entries
-    /// read from the durable log, or why they could not be read (compacted, I/O).
+    /// The answer to [`Action::ReadEntries`] with the same `read_id`: the batch
+    /// read from the durable log, or why it could not be read (purged, I/O).
     EntriesRead {
         /// The id the action carried.
         read_id: u64,
-        /// The entries, in order from the requested index, or the failure.
-        result: Result<Vec<WalEntry>, StorageError>,
+        /// The batch, or the failure.
+        result: Result<CatchUpBatch, StorageError>,
     },
 }
 
@@ -127,17 +127,17 @@ pub enum Action {
         /// known to hold, whose position the next batch names as `prev`.
         keep_from: Option<LogIndex>,
     },
-    /// Read entries `[from, to)` from the durable log, stopping once `max_bytes`
-    /// is exceeded (at least one entry), and report them with
-    /// [`Event::EntriesRead`]. Used to stream to a peer that needs entries older
-    /// than the engine's in-memory log.
+    /// Read a catch-up batch from the durable log
+    /// ([`crate::log_store::LogStore::read_batch`]) and report it with
+    /// [`Event::EntriesRead`]: the engine streams from there to a peer that needs
+    /// entries older than its in-memory log.
     ReadEntries {
         /// Echoed in [`Event::EntriesRead`].
         read_id: u64,
-        /// The first index to read.
-        from: LogIndex,
-        /// One past the last index to read.
-        to: LogIndex,
+        /// The peer's next needed index: the batch starts there.
+        next: LogIndex,
+        /// At most this many entries.
+        max_entries: usize,
         /// The byte bound (by [`WalEntry::approx_size`]).
         max_bytes: usize,
     },

@@ -19,11 +19,11 @@ use self::model::{SimDisk, SimMachine, SimWrite};
 use crate::config::{Config, Member};
 use crate::engine::{Action, Admin, Engine, Event, InitialState, Mutations};
 use crate::error::{Error, StorageError};
-use crate::log_store::Snapshot;
+use crate::log_store::{CatchUpBatch, Snapshot};
 use crate::message::{Envelope, Request, Response};
 use crate::testkit::memory::retention_point;
 use crate::types::{
-    CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry,
+    CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term,
 };
 
 const MS: u64 = 1_000_000;
@@ -134,9 +134,11 @@ impl SimConfig {
     /// The config mix `cargo xtask sim --seeds N` and `cargo test` use: seed `s`
     /// picks a commit mode so every mode is covered.
     pub fn for_seed(seed: u64) -> SimConfig {
-        let mut c = SimConfig::default();
-        // Retention: none (snapshots only), a short tail, a long one.
-        c.retain_entries = [0, 48, 256][((seed / 6) % 3) as usize];
+        let mut c = SimConfig {
+            // Retention: none (snapshots only), a short tail, a long one.
+            retain_entries: [0, 48, 256][((seed / 6) % 3) as usize],
+            ..SimConfig::default()
+        };
         match seed % 6 {
             0..=2 => {}
             3 => c.commit_mode = CommitMode::SyncApply,
@@ -234,7 +236,7 @@ enum Ev {
     DiskDone(NodeId, u64),
     Persisted(NodeId, u64, Position),
     SnapshotTaken(NodeId, u64, Snapshot),
-    EntriesRead(NodeId, u64, u64, Result<Vec<WalEntry>, StorageError>),
+    EntriesRead(NodeId, u64, u64, Result<CatchUpBatch, StorageError>),
     ClientOp,
     Fault,
     Undo(Undo),
@@ -750,8 +752,8 @@ impl Sim {
             }
             Action::ReadEntries {
                 read_id,
-                from,
-                to,
+                next,
+                max_entries,
                 max_bytes,
             } => {
                 // Ordered after every earlier operation, as a real store does.
@@ -759,7 +761,12 @@ impl Sim {
                 let result = if self.rng.random_bool(self.cfg.read_failure) {
                     Err(StorageError::Io("simulated read error".into()))
                 } else {
-                    self.nodes[i].disk.read(from, to, max_bytes)
+                    let from = LogIndex(next.0.saturating_sub(1).max(1));
+                    let to = LogIndex(next.0.saturating_add(max_entries as u64));
+                    self.nodes[i]
+                        .disk
+                        .read(from, to, max_bytes)
+                        .and_then(|entries| CatchUpBatch::from_read(next, entries))
                 };
                 if result.is_ok() {
                     self.stats.catch_up_reads += 1;
