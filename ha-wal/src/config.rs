@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::retention::Retention;
+
 /// Settings of a [`Wal`](crate::Wal).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalConfig {
@@ -28,6 +30,10 @@ pub struct WalConfig {
     /// acknowledged are likely to be back within microseconds). Only with `sync`;
     /// zero disables the wait. Default 100 µs, well under one fsync.
     pub group_wait: Duration,
+    /// How much log to keep behind the snapshot for a lagging standby (served from
+    /// the log instead of a full snapshot), with a hard cap. Consulted through
+    /// [`LogStore::purge_point`](ha_core::log_store::LogStore::purge_point).
+    pub retention: Retention,
 }
 
 impl Default for WalConfig {
@@ -38,6 +44,7 @@ impl Default for WalConfig {
             max_group_bytes: 8 << 20,
             preallocate: 4 << 20,
             group_wait: Duration::from_micros(100),
+            retention: Retention::default(),
         }
     }
 }
@@ -46,6 +53,12 @@ impl WalConfig {
     /// The default settings with another segment size.
     pub fn with_segment_size(mut self, bytes: u64) -> Self {
         self.segment_size = bytes;
+        self
+    }
+
+    /// These settings with another retention policy.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
         self
     }
 

@@ -17,10 +17,12 @@
 //!   tail of the last segment (a write that was never acknowledged) is truncated;
 //!   any other damage refuses to open with an error naming the file and byte offset.
 //! - **A lock file** (`LOCK`): a second open of the same directory fails.
-//! - **Retention.** [`Retention`] says how far `purge_prefix` may go while keeping
-//!   entries for a lagging standby, with a hard cap.
-//!
-//! The WAL streamer and applier (the rest of issue 3) are not here yet.
+//! - **Retention.** [`Retention`] (in [`WalConfig::retention`]) says how far
+//!   `purge_prefix` may go while keeping entries for a lagging standby, with a hard
+//!   cap; the driver asks through `LogStore::purge_point`.
+//! - **Streaming.** [`WalStreamer`] reads catch-up batches for a lagging standby
+//!   (bounded by entries and bytes, with the batch's `prev` position) and entry
+//!   ranges without holding up the writer; the log's `read` and `read_batch` use it.
 
 mod config;
 pub mod format;
@@ -28,10 +30,12 @@ mod fsutil;
 mod metrics;
 mod retention;
 mod state;
+mod streamer;
 mod wal;
 mod writer;
 
 pub use config::WalConfig;
 pub use metrics::WalMetrics;
 pub use retention::{RetainedLog, Retention};
+pub use streamer::WalStreamer;
 pub use wal::{Wal, LOCK_FILE};

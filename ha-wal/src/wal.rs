@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use ha_core::log_store::{LogStore, Snapshot, StoredState};
+use ha_core::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
 use ha_core::types::{HardState, LogIndex, Position, WalEntry};
 use ha_core::StorageError;
 use parking_lot::{Mutex, RwLock};
@@ -26,6 +26,7 @@ use crate::fsutil::{
 use crate::metrics::{Counters, WalMetrics};
 use crate::retention::RetainedLog;
 use crate::state::{Loc, Segment, State};
+use crate::streamer::WalStreamer;
 use crate::writer::{
     EncodedBatch, GatherSignal, Op, Writer, HARD_STATE_FILE, META_FILE, SNAPSHOT_FILE,
 };
@@ -462,6 +463,13 @@ impl Wal {
         self.counters.snapshot()
     }
 
+    /// A reader of catch-up batches and entry ranges that does not hold up the
+    /// writer (see [`WalStreamer`]). [`LogStore::read`] and
+    /// [`LogStore::read_batch`] use one.
+    pub fn streamer(&self) -> WalStreamer {
+        WalStreamer::new(Arc::clone(&self.state), self.published.clone())
+    }
+
     /// The number of segment files.
     pub fn segment_count(&self) -> usize {
         self.state.read().segments.len()
@@ -589,7 +597,34 @@ impl LogStore for Wal {
         to: LogIndex,
         max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<WalEntry>, StorageError>> + Send {
-        self.after_prior(move |st| st.read(from, to, max_bytes))
+        let ticket = self.submit.lock().submitted;
+        let streamer = self.streamer();
+        async move { streamer.read_after(ticket, from, to, max_bytes).await }
+    }
+
+    fn read_batch(
+        &self,
+        next: LogIndex,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<CatchUpBatch, StorageError>> + Send {
+        let ticket = self.submit.lock().submitted;
+        let streamer = self.streamer();
+        async move {
+            streamer
+                .batch_after(ticket, next, max_entries, max_bytes)
+                .await
+        }
+    }
+
+    fn purge_point(&self, snapshot: LogIndex, keep_from: Option<LogIndex>) -> LogIndex {
+        // The retention policy keeps the entries after its standby match: the
+        // standby's last held entry is kept too, as the next batch's `prev`.
+        let standby_match = keep_from.map(|k| LogIndex(k.0.saturating_sub(1)));
+        self.cfg
+            .retention
+            .purge_upto(snapshot, standby_match, self)
+            .unwrap_or(LogIndex::ZERO)
     }
 
     fn truncate_suffix(
