@@ -22,7 +22,8 @@ use ha_core::testkit::memory::{
 use ha_core::transport::{RequestHandler, Transport};
 use ha_core::{
     Command, CommitMode, Config, Error, HardState, LogIndex, Member, MemberKind, NodeId, Position,
-    PromoteOptions, ReadConsistency, Replicator, Role, StorageError, TransportError, WalEntry,
+    PromoteOptions, ReadConsistency, Replicator, Role, StorageError, Term, TransportError,
+    WalEntry,
 };
 
 const N1: NodeId = NodeId(1);
@@ -1456,6 +1457,127 @@ async fn a_lagging_standby_catches_up_from_the_primarys_durable_log_within_reten
         back.shutdown().await.expect("shutdown");
         c.shutdown().await;
     }
+}
+
+/// A state machine that persists its own state (here: it outlives the node) goes
+/// on after a restart from what it applied: every entry reaches it exactly once,
+/// in order, although the log's snapshot is older than its state.
+#[tokio::test(start_paused = true)]
+async fn a_persistent_state_machine_applies_each_entry_exactly_once_across_restarts() {
+    let sms = [
+        SharedSm::default(),
+        SharedSm::default(),
+        SharedSm::default(),
+    ];
+    let every = |cfg: &mut Config| cfg.snapshot_every = 5;
+    let c = Cluster::start_full(
+        |_| MemLogStore::new(),
+        |id| sms[(id.0 - 1) as usize].clone(),
+        every,
+    )
+    .await;
+    let (p, s) = c.primary().await;
+    let sid = s.node_id();
+    let sm = sms[(sid.0 - 1) as usize].clone();
+    let mut last = LogIndex::ZERO;
+    let mut cur = s.clone();
+    for round in 0..3 {
+        for i in 0..7 {
+            last = p
+                .apply(KvCommand::put(format!("k{round}.{i}"), "v"), T)
+                .await
+                .expect("write")
+                .position
+                .index;
+        }
+        wait_until(
+            std::slice::from_ref(&cur),
+            |n| n.status().applied_index >= last,
+            "the standby to apply",
+        )
+        .await;
+        // The state machine is ahead of the log's latest snapshot.
+        let snap = cur.store().state().snapshot.map(|x| x.last_included.index);
+        assert!(snap < Some(sm.applied_index()), "{snap:?}");
+        cur.shutdown().await.expect("shutdown");
+        let store = cur.store().clone();
+        // Restarted while writes go on; then restarted again at once.
+        let back = node_with(
+            &c.net,
+            sid,
+            store.clone(),
+            sm.clone(),
+            Bootstrap::NewCluster,
+            &every,
+        );
+        back.start().await.expect("restart");
+        for i in 0..3 {
+            last = p
+                .apply(KvCommand::put(format!("after{round}.{i}"), "v"), T)
+                .await
+                .expect("write")
+                .position
+                .index;
+        }
+        wait_until(
+            std::slice::from_ref(&back),
+            |n| n.status().applied_index >= last,
+            "the restarted standby to apply",
+        )
+        .await;
+        back.shutdown().await.expect("shutdown");
+        cur = node_with(
+            &c.net,
+            sid,
+            store,
+            sm.clone(),
+            Bootstrap::NewCluster,
+            &every,
+        );
+        cur.start().await.expect("restart again");
+    }
+    cur.shutdown().await.expect("shutdown");
+    let applied: Vec<u64> = sm.applied.lock().iter().map(|(p, _)| p.index.0).collect();
+    let expected: Vec<u64> = (1..=applied.len() as u64).collect();
+    assert_eq!(applied, expected, "every index once, in order");
+    assert_eq!(sm.resets.load(Ordering::SeqCst), 0);
+    c.shutdown().await;
+}
+
+/// A state machine that applied entries its log does not hold (another node's, or
+/// the log was replaced) is refused at start with a clear error, not silently
+/// replayed over.
+#[tokio::test(start_paused = true)]
+async fn a_state_machine_ahead_of_its_log_is_refused_at_start() {
+    let net = MemNetwork::new();
+    let sm = SharedSm::default();
+    {
+        let mut kv = sm.kv.lock();
+        for i in 1..=3 {
+            kv.apply_noop(Position::new(
+                Term {
+                    number: 1,
+                    node: N1,
+                },
+                LogIndex(i),
+            ));
+        }
+    }
+    let n = node_with(
+        &net,
+        N1,
+        MemLogStore::new(),
+        sm,
+        Bootstrap::NewCluster,
+        &|_| {},
+    );
+    let err = n.start().await.expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("applied up to index 3") && msg.contains("log ends at 0"),
+        "{msg}"
+    );
+    assert!(!n.is_running());
 }
 
 fn async_mode(cfg: &mut Config) {

@@ -76,7 +76,7 @@ use crate::config::Config;
 use crate::engine::{Admin, Engine, InitialState};
 use crate::error::{Error, StorageError};
 use crate::health::{HealthStatus, PeerStatus};
-use crate::log_store::LogStore;
+use crate::log_store::{LogStore, StoredState};
 use crate::message::{Envelope, Request, Response};
 use crate::replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
 use crate::state_machine::StateMachine;
@@ -557,7 +557,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         }
         let cfg = &inner.shared.cfg;
         let stored = inner.store.load().await.map_err(storage)?;
-        let hard_state = match stored.hard_state {
+        let hard_state = match stored.hard_state.clone() {
             Some(hs) => hs,
             None => {
                 let hs = match inner.bootstrap {
@@ -576,14 +576,11 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
             return Err(Error::Closed);
         };
         // Bring the state machine up to the stored snapshot; a persistent state
-        // machine that is further along skips what it already applied.
-        if let Some(snap) = &stored.snapshot {
-            if sm.applied_index() < snap.last_included.index {
-                if let Err(e) = sm.restore(snap.last_included.index, &snap.data) {
-                    *inner.state_machine.lock() = Some(sm);
-                    return Err(storage(e));
-                }
-            }
+        // machine that is further along goes on from where it is (the engine
+        // starts applying after its applied index: exactly once across restarts).
+        if let Err(e) = catch_up_state_machine(&mut sm, &stored) {
+            *inner.state_machine.lock() = Some(sm);
+            return Err(storage(e));
         }
         let (inputs, rx) = mpsc::channel(INPUT_QUEUE);
         let handler = Arc::new(Handler {
@@ -610,6 +607,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
             hard_state,
             snapshot: stored.snapshot,
             entries: stored.entries,
+            applied: sm.applied_index(),
         };
         let engine = Engine::new(cfg.clone(), init, Instant(0), inner.seed);
         let core = Core::new(CoreParts {
@@ -880,4 +878,32 @@ impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {
     fn node_id(&self) -> NodeId {
         self.inner.shared.cfg.node_id
     }
+}
+
+/// Restores the state machine from the stored snapshot if it is behind it, and
+/// refuses one that has applied entries the log does not hold (it belongs to
+/// another data directory, or the log lost entries it had applied).
+fn catch_up_state_machine<S: StateMachine>(
+    sm: &mut S,
+    stored: &StoredState,
+) -> Result<(), StorageError> {
+    if let Some(snap) = &stored.snapshot {
+        if sm.applied_index() < snap.last_included.index {
+            sm.restore(snap.last_included.index, &snap.data)?;
+        }
+    }
+    let log_end = stored
+        .entries
+        .last()
+        .map(|e| e.index())
+        .or(stored.snapshot.as_ref().map(|s| s.last_included.index))
+        .unwrap_or(LogIndex::ZERO);
+    let applied = sm.applied_index();
+    if applied > log_end {
+        return Err(StorageError::Invalid(format!(
+            "the state machine has applied up to index {applied} but the log ends at {log_end}: \
+             it does not belong to this data directory (reset it, or restore the directory)"
+        )));
+    }
+    Ok(())
 }

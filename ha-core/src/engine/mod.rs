@@ -199,6 +199,12 @@ pub struct InitialState {
     pub snapshot: Option<Snapshot>,
     /// The stored entries after the snapshot.
     pub entries: Vec<WalEntry>,
+    /// The index the state machine has applied up to: the snapshot's for a state
+    /// machine restored from it, further for one that persists its own state (its
+    /// applied entries were committed, and are not applied again). Counted from the
+    /// snapshot when lower; clipped to the log's last entry (the driver refuses to
+    /// start a state machine that is ahead of its log).
+    pub applied: LogIndex,
 }
 
 /// An election in progress (pre-vote or vote).
@@ -271,6 +277,7 @@ impl Engine {
             .unwrap_or(Position::ZERO);
         let log = Log::new(snapshot_pos, init.entries);
         let durable = log.last().index;
+        let applied = init.applied.max(snapshot_pos.index).min(durable);
         let kind = cfg.kind;
         let role = match (kind, init.hard_state.voter) {
             (MemberKind::Witness, _) => Role::Witness,
@@ -285,8 +292,8 @@ impl Engine {
             leader: None,
             log,
             durable,
-            commit: snapshot_pos.index,
-            applied: snapshot_pos.index,
+            commit: applied,
+            applied,
             leader_verified: LogIndex::ZERO,
             leader_last: LogIndex::ZERO,
             now,

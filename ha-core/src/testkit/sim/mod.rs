@@ -85,6 +85,10 @@ pub struct SimConfig {
     /// Probability that a read of the durable log fails (an I/O error), so the
     /// primary falls back to sending the snapshot.
     pub read_failure: f64,
+    /// The state machine persists its own state (as an on-disk store does): it
+    /// survives a crash with everything it applied, instead of being rebuilt from
+    /// the snapshot, and the engine must not apply anything twice.
+    pub persistent_state_machine: bool,
     /// Mean time between client operations, in microseconds.
     pub mean_op_interval_us: u64,
     /// Rules switched off (mutation tests).
@@ -121,6 +125,7 @@ impl Default for SimConfig {
             snapshot_every: 64,
             retain_entries: 256,
             read_failure: 0.05,
+            persistent_state_machine: false,
             mean_op_interval_us: 4_000,
             mutations: Mutations::default(),
             switchover: 0.1,
@@ -137,6 +142,7 @@ impl SimConfig {
         let mut c = SimConfig {
             // Retention: none (snapshots only), a short tail, a long one.
             retain_entries: [0, 48, 256][((seed / 6) % 3) as usize],
+            persistent_state_machine: (seed / 18) % 2 == 1,
             ..SimConfig::default()
         };
         match seed % 6 {
@@ -494,13 +500,29 @@ impl Sim {
                 .unwrap_or_else(HardState::bootstrap),
             snapshot: n.disk.snapshot.clone(),
             entries: n.disk.entries.clone(),
+            applied: LogIndex::ZERO,
         };
-        n.sm = n
+        let snapshot_index = n
             .disk
             .snapshot
             .as_ref()
-            .and_then(|s| SimMachine::decode(&s.data))
-            .unwrap_or_default();
+            .map(|s| s.last_included.index)
+            .unwrap_or(LogIndex::ZERO);
+        // A persistent state machine keeps what it applied across the crash (it is
+        // only brought up to the snapshot if behind it); the engine must go on after
+        // it, never applying an entry twice (`SimMachine::apply` refuses).
+        if !self.cfg.persistent_state_machine || n.sm.applied_index() < snapshot_index {
+            n.sm = n
+                .disk
+                .snapshot
+                .as_ref()
+                .and_then(|s| SimMachine::decode(&s.data))
+                .unwrap_or_default();
+        }
+        let init = InitialState {
+            applied: n.sm.applied_index(),
+            ..init
+        };
         n.applied_since_snapshot = 0;
         let mut engine = Engine::new(
             n.cfg.clone(),
@@ -1234,6 +1256,8 @@ impl Sim {
                         hard_state: Some(HardState::joining()),
                         ..SimDisk::default()
                     };
+                    // A persistent state machine lives on the lost disk too.
+                    self.nodes[i].sm = SimMachine::default();
                 }
                 let down = self.rng.random_range(50..1_500) * MS;
                 self.schedule(down, Ev::Undo(Undo::Restart(victim)));
