@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use ha_core::engine::{Action, Admin, Engine, Event, InitialState};
+use ha_core::log_store::{CatchUpBatch, Snapshot};
 use ha_core::message::{
     AckResult, Envelope, Fence, Heartbeat, Promote, RaiseFloor, Request, Response, VoteRequest,
     WalBatch,
 };
 use ha_core::{
     Command, Config, HardState, Instant, LogIndex, Member, MemberKind, NodeId, Payload, Position,
-    Role, Term, WalEntry,
+    Role, StorageError, Term, WalEntry,
 };
 
 const N1: NodeId = NodeId(1);
@@ -141,7 +142,11 @@ fn wal_ack(actions: &[Action]) -> Option<AckResult> {
 
 /// Elects n1 (with the witness's vote) and returns it in its first term.
 fn elected_n1() -> Engine {
-    let mut e = fresh(N1);
+    elect(fresh(N1))
+}
+
+/// Elects `e` (node n1, in term 0) with the witness's vote: term 1.
+fn elect(mut e: Engine) -> Engine {
     let t0 = ms(400);
     e.step(t0, Event::Tick);
     let pre = sent(&e.take_actions());
@@ -1152,4 +1157,144 @@ fn the_primary_refuses_writes_beyond_the_uncommitted_limit() {
         write_done(&p.take_actions(), 3),
         Some(Err(ha_core::Error::Rejected(_)))
     ));
+}
+
+fn wal_ack_from_n2(p: &mut Engine, at: Instant, request_id: u64, result: AckResult) {
+    let term = p.term();
+    p.step(
+        at,
+        Event::Response(Envelope {
+            from: N2,
+            to: N1,
+            term,
+            request_id,
+            body: Response::WalAck(ha_core::message::WalAck {
+                batch_term: term,
+                result,
+                applied: LogIndex::ZERO,
+            }),
+        }),
+    );
+}
+
+fn read_request(acts: &[Action]) -> Option<(u64, LogIndex)> {
+    acts.iter().find_map(|a| match a {
+        Action::ReadEntries { read_id, next, .. } => Some((*read_id, *next)),
+        _ => None,
+    })
+}
+
+/// The primary keeps only the entries after its snapshot in memory: a standby that
+/// needs older ones is served from the durable log (a read, then a batch whose
+/// `prev` the read supplied), and gets the snapshot once the log cannot serve it.
+#[test]
+fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_snapshot() {
+    let t1 = term(1, N1);
+    let snapshot = Snapshot {
+        last_included: Position::new(t1, LogIndex(50)),
+        data: b"state at 50".to_vec(),
+    };
+    let e = Engine::new(
+        config(N1),
+        InitialState {
+            hard_state: HardState::bootstrap(),
+            snapshot: Some(snapshot.clone()),
+            entries: (51..=60).map(|i| entry(t1, i)).collect(),
+            applied: LogIndex(50),
+        },
+        ms(0),
+        7,
+    );
+    let mut p = elect(e);
+    let acts = p.take_actions();
+    let first = sent(&acts)
+        .into_iter()
+        .find(|s| s.to == N2 && matches!(s.body, Request::WalBatch(_)))
+        .expect("a batch to the standby");
+    assert_eq!(
+        read_request(&acts),
+        None,
+        "the standby's position is unknown yet"
+    );
+
+    // The standby holds only up to 10: far below the in-memory log.
+    wal_ack_from_n2(
+        &mut p,
+        ms(401),
+        first.request_id,
+        AckResult::Mismatch {
+            next: LogIndex(11),
+            conflict_term: None,
+        },
+    );
+    let acts = p.take_actions();
+    let (read_id, next) = read_request(&acts).expect("a read of the durable log");
+    assert_eq!(next, LogIndex(11));
+    assert!(!sent(&acts)
+        .iter()
+        .any(|s| matches!(s.body, Request::WalBatch(_) | Request::InstallSnapshot(_))));
+
+    // An answer to another read is ignored.
+    p.step(
+        ms(402),
+        Event::EntriesRead {
+            read_id: read_id + 1_000,
+            result: Err(StorageError::Io("not mine".into())),
+        },
+    );
+    assert!(sent(&p.take_actions()).is_empty());
+
+    // The read comes back: a batch with the prev the read supplied, then the next
+    // read for what follows.
+    let entries: Vec<WalEntry> = (11..=15).map(|i| entry(t1, i)).collect();
+    p.step(
+        ms(403),
+        Event::EntriesRead {
+            read_id,
+            result: Ok(CatchUpBatch {
+                prev: Position::new(t1, LogIndex(10)),
+                entries: entries.clone(),
+            }),
+        },
+    );
+    let acts = p.take_actions();
+    let b = sent(&acts)
+        .into_iter()
+        .find_map(|s| match s.body {
+            Request::WalBatch(b) if s.to == N2 => Some((s.request_id, b)),
+            _ => None,
+        })
+        .expect("the batch read from disk");
+    assert_eq!(b.1.prev, Position::new(t1, LogIndex(10)));
+    assert_eq!(b.1.entries, entries);
+    let (read_id, next) = read_request(&acts).expect("the next read");
+    assert_eq!(next, LogIndex(16));
+
+    // Its ack counts although the in-memory log does not hold that position.
+    wal_ack_from_n2(
+        &mut p,
+        ms(404),
+        b.0,
+        AckResult::Durable(Position::new(t1, LogIndex(15))),
+    );
+    assert_eq!(p.health(ms(404)).peers[0].match_index, Some(LogIndex(15)));
+
+    // The log purged the rest: the snapshot goes instead.
+    p.step(
+        ms(405),
+        Event::EntriesRead {
+            read_id,
+            result: Err(StorageError::Invalid("entries up to 40 were purged".into())),
+        },
+    );
+    let acts = p.take_actions();
+    let snap = sent(&acts)
+        .into_iter()
+        .find_map(|s| match s.body {
+            Request::InstallSnapshot(i) if s.to == N2 => Some(i),
+            _ => None,
+        })
+        .expect("the snapshot");
+    assert_eq!(snap.last_included, snapshot.last_included);
+    assert_eq!(snap.data, snapshot.data);
 }
