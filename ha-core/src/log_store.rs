@@ -26,27 +26,32 @@ pub struct CatchUpBatch {
 }
 
 impl CatchUpBatch {
-    /// Splits entries read from `next - 1` on (from 1 when `next` is 1) into the
-    /// batch's `prev` and its entries, checking they are what was asked for.
-    pub fn from_read(next: LogIndex, mut entries: Vec<WalEntry>) -> Result<Self, StorageError> {
+    /// Builds the batch for `next` from two reads: the entry before `next` (`None`
+    /// when `next` is 1: the position before is zero) and the entries from `next`,
+    /// checking they are what was asked for.
+    pub fn from_reads(
+        next: LogIndex,
+        before: Option<Vec<WalEntry>>,
+        entries: Vec<WalEntry>,
+    ) -> Result<Self, StorageError> {
         let bad =
             |why: &str| StorageError::Invalid(format!("catch-up read for index {next}: {why}"));
+        let prev = match before {
+            None if next.0 <= 1 => Position::ZERO,
+            None => return Err(bad("the entry before it was not read")),
+            Some(before) => match before.first() {
+                Some(e) if e.index() == next.prev() => e.position,
+                _ => return Err(bad("the log does not hold the entry before it")),
+            },
+        };
         if !entries
             .windows(2)
             .all(|w| w[1].index() == w[0].index().next())
         {
             return Err(bad("entries are not contiguous"));
         }
-        let prev = if next.0 <= 1 {
-            Position::ZERO
-        } else {
-            if entries.first().map(|e| e.index()) != Some(next.prev()) {
-                return Err(bad("does not start at the entry before it"));
-            }
-            entries.remove(0).position
-        };
         match entries.first() {
-            None => Err(bad("holds no entry")),
+            None => Err(bad("the log holds no entry from there")),
             Some(e) if e.index() != next => Err(bad("does not start at the requested index")),
             Some(_) => Ok(CatchUpBatch { prev, entries }),
         }
@@ -148,14 +153,16 @@ pub trait LogStore: Send + Sync + 'static {
         max_entries: usize,
         max_bytes: usize,
     ) -> impl Future<Output = Result<CatchUpBatch, StorageError>> + Send {
-        let from = if next.0 <= 1 {
-            LogIndex(1)
-        } else {
-            next.prev()
-        };
+        let before = (next.0 > 1).then(|| self.read(next.prev(), next, usize::MAX));
         let to = LogIndex(next.0.saturating_add(max_entries as u64));
-        let read = self.read(from, to, max_bytes);
-        async move { CatchUpBatch::from_read(next, read.await?) }
+        let read = self.read(next, to, max_bytes);
+        async move {
+            let before = match before {
+                Some(f) => Some(f.await?),
+                None => None,
+            };
+            CatchUpBatch::from_reads(next, before, read.await?)
+        }
     }
 
     /// The retention policy: once a durable snapshot covers the entries up to

@@ -60,18 +60,19 @@ impl SimArgs {
     }
 }
 
+/// The seed's config (its retention, state-machine kind, faults), in `mode`.
 fn config(mode: Mode, seed: u64) -> SimConfig {
-    let mut c = SimConfig::default();
-    match mode {
-        Mode::Mixed => return SimConfig::for_seed(seed),
-        Mode::Sync => {}
-        Mode::SyncApply => c.commit_mode = CommitMode::SyncApply,
-        Mode::Strict => c.strict_sync = true,
-        Mode::Async => {
-            c.commit_mode = CommitMode::Async;
-            c.max_lag_on_failover = 8;
-        }
-    }
+    let mut c = SimConfig::for_seed(seed);
+    let (commit_mode, strict_sync, max_lag) = match mode {
+        Mode::Mixed => return c,
+        Mode::Sync => (CommitMode::Sync, false, 0),
+        Mode::SyncApply => (CommitMode::SyncApply, false, 0),
+        Mode::Strict => (CommitMode::Sync, true, 0),
+        Mode::Async => (CommitMode::Async, false, 8),
+    };
+    c.commit_mode = commit_mode;
+    c.strict_sync = strict_sync;
+    c.max_lag_on_failover = max_lag;
     c
 }
 

@@ -4,7 +4,7 @@ use std::fmt::Debug;
 use std::future::Future;
 
 use crate::error::StorageError;
-use crate::log_store::{LogStore, Snapshot, StoredState};
+use crate::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
 use crate::types::{Command, HardState, LogIndex, NodeId, Payload, Position, Term, WalEntry};
 
 /// Runs every log-store check, each on a fresh store from `make`.
@@ -32,6 +32,7 @@ pub async fn log_store_suite<S: LogStore>(
     check_call_order(&make()).await;
     check_truncate_then_append(&make()).await;
     check_purge_prefix(&make()).await;
+    check_read_batch(&make()).await;
     check_hard_state(&make()).await;
     check_snapshot_save_load(&make()).await;
     check_install_snapshot_matching_suffix(&make()).await;
@@ -355,6 +356,97 @@ pub async fn check_purge_prefix<S: LogStore>(store: &S) {
     expect_load(C, "after purge", store, &want).await;
     ok(C, "append 11 after purge", store.append(vec![entry(1, 11)])).await;
     expect_last(C, "after append", store, pos(1, 11)).await;
+}
+
+/// A catch-up batch starts at the requested index with the position before it,
+/// is bounded by entries and bytes (at least one entry), and is refused for
+/// purged entries and past the end.
+pub async fn check_read_batch<S: LogStore>(store: &S) {
+    const C: &str = "read_batch";
+    ok(
+        C,
+        "append 1..=10 in term 1",
+        store.append(entries(1, 1, 10)),
+    )
+    .await;
+    ok(
+        C,
+        "append 11..=20 in term 2",
+        store.append(entries(2, 11, 20)),
+    )
+    .await;
+    let expect = |what: &str, got: CatchUpBatch, prev: Position, want: Vec<WalEntry>| {
+        let want = CatchUpBatch {
+            prev,
+            entries: want,
+        };
+        assert_eq!(got, want, "[log_store_suite::{C}] {what}");
+    };
+    let b = ok(C, "from 1", store.read_batch(LogIndex(1), 3, usize::MAX)).await;
+    expect("from 1", b, Position::ZERO, entries(1, 1, 3));
+    let b = ok(C, "from 11", store.read_batch(LogIndex(11), 5, usize::MAX)).await;
+    expect("across a term change", b, pos(1, 10), entries(2, 11, 15));
+    let b = ok(
+        C,
+        "from 18",
+        store.read_batch(LogIndex(18), 100, usize::MAX),
+    )
+    .await;
+    expect("to the end", b, pos(2, 17), entries(2, 18, 20));
+    let b = ok(C, "one byte", store.read_batch(LogIndex(4), 100, 1)).await;
+    expect(
+        "a byte bound below one entry",
+        b,
+        pos(1, 3),
+        entries(1, 4, 4),
+    );
+    let two = entry(1, 4).approx_size() + entry(1, 5).approx_size();
+    let b = ok(
+        C,
+        "two entries' bytes",
+        store.read_batch(LogIndex(4), 100, two),
+    )
+    .await;
+    expect(
+        "a byte bound of two entries",
+        b,
+        pos(1, 3),
+        entries(1, 4, 5),
+    );
+    invalid(
+        C,
+        "past the end",
+        store.read_batch(LogIndex(21), 5, usize::MAX),
+    )
+    .await;
+
+    ok(
+        C,
+        "save_snapshot at 8",
+        store.save_snapshot(snapshot(pos(1, 8))),
+    )
+    .await;
+    ok(C, "purge_prefix(6)", store.purge_prefix(LogIndex(6))).await;
+    let b = ok(
+        C,
+        "from 8 after purge",
+        store.read_batch(LogIndex(8), 2, usize::MAX),
+    )
+    .await;
+    expect("after purging up to 6", b, pos(1, 7), entries(1, 8, 9));
+    for next in [1, 3, 6] {
+        invalid(
+            C,
+            &format!("from {next} after purging up to 6"),
+            store.read_batch(LogIndex(next), 5, usize::MAX),
+        )
+        .await;
+    }
+    // Right after the purge point a store may know the position before (the
+    // log's base) or refuse; it never answers with other entries.
+    if let Ok(b) = store.read_batch(LogIndex(7), 2, usize::MAX).await {
+        expect("from the purge point", b, pos(1, 6), entries(1, 7, 8));
+    }
 }
 
 /// The hard state (with floors) reads back as saved, and a save replaces it.

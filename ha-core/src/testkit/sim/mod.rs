@@ -783,12 +783,15 @@ impl Sim {
                 let result = if self.rng.random_bool(self.cfg.read_failure) {
                     Err(StorageError::Io("simulated read error".into()))
                 } else {
-                    let from = LogIndex(next.0.saturating_sub(1).max(1));
+                    let disk = &self.nodes[i].disk;
                     let to = LogIndex(next.0.saturating_add(max_entries as u64));
-                    self.nodes[i]
-                        .disk
-                        .read(from, to, max_bytes)
-                        .and_then(|entries| CatchUpBatch::from_read(next, entries))
+                    let before = (next.0 > 1).then(|| disk.read(next.prev(), next, usize::MAX));
+                    match before.transpose() {
+                        Ok(before) => disk
+                            .read(next, to, max_bytes)
+                            .and_then(|entries| CatchUpBatch::from_reads(next, before, entries)),
+                        Err(e) => Err(e),
+                    }
                 };
                 if result.is_ok() {
                     self.stats.catch_up_reads += 1;
