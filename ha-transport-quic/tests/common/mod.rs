@@ -26,7 +26,11 @@ pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
 }
 
 pub fn node(identity: &Identity, members: &[NodeId]) -> HarnessNode<QuicTransport> {
-    let t = QuicTransport::new(identity, QuicOptions::new(loopback(), members.to_vec())).unwrap();
+    node_with(identity, QuicOptions::new(loopback(), members.to_vec()))
+}
+
+pub fn node_with(identity: &Identity, opts: QuicOptions) -> HarnessNode<QuicTransport> {
+    let t = QuicTransport::new(identity, opts).unwrap();
     HarnessNode {
         member: Member {
             id: identity.node,
@@ -62,6 +66,13 @@ impl RequestHandler for Echo {
                 applied: h.commit,
                 voter: true,
             }),
+            Request::WalBatch(b) => Response::WalAck(ha_core::message::WalAck {
+                batch_term: req.term,
+                result: ha_core::message::AckResult::Durable(
+                    b.entries.last().map(|e| e.position).unwrap_or(b.prev),
+                ),
+                applied: b.commit,
+            }),
             _ => Response::Error(ha_core::message::RpcError::Malformed("echo".into())),
         };
         Box::pin(std::future::ready(Envelope {
@@ -93,4 +104,53 @@ pub fn heartbeat(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
             last: Position::new(term, LogIndex(1)),
         }),
     }
+}
+
+pub fn wal_batch(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
+    let term = Term {
+        number: 1,
+        node: from,
+    };
+    Envelope {
+        from,
+        to,
+        term,
+        request_id: id,
+        body: Request::WalBatch(ha_core::message::WalBatch {
+            prev: Position::new(term, LogIndex(id)),
+            entries: vec![ha_core::types::WalEntry::new(
+                Position::new(term, LogIndex(id + 1)),
+                ha_core::types::Payload::Command(ha_core::types::Command(
+                    id.to_le_bytes().to_vec(),
+                )),
+            )],
+            commit: LogIndex(id),
+        }),
+    }
+}
+
+/// Awaits all `futures` concurrently, in one task.
+pub async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
 }
