@@ -3,7 +3,7 @@
 //!
 //! # Streams
 //! Every stream starts with one byte naming its kind, then carries
-//! [`framing`](crate::framing) frames:
+//! [`framing`] frames:
 //! - [`STREAM_WAL`]: one long-lived, ordered bidirectional stream per connection
 //!   and direction. WAL-channel requests are queued when `call` is invoked and
 //!   written in that order (several queued requests in one write); the receiver

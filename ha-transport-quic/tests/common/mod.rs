@@ -1,24 +1,19 @@
-//! A [`TransportHarness`] over real UDP sockets on 127.0.0.1 with a fresh CA per
-//! call, plus helpers for the rejection tests.
+//! Helpers for the tests, on top of `ha_transport_quic::testkit` (whose
+//! `QuicHarness` runs ha-core's conformance suite over loopback QUIC).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::sync::Arc;
 
-use ha_core::config::Member;
 use ha_core::message::{Envelope, Heartbeat, Request, Response};
-use ha_core::testkit::conformance::{HarnessNode, TransportHarness};
+use ha_core::testkit::conformance::HarnessNode;
 use ha_core::transport::{BoxFuture, RequestHandler};
-use ha_core::types::{LogIndex, MemberKind, NodeId, Position, Term};
+use ha_core::types::{LogIndex, NodeId, Position, Term};
 use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicOptions, QuicTransport};
 
-/// Nodes `1..=n`, all members, certificates from one fresh CA.
-pub struct QuicHarness;
-
-pub fn loopback() -> std::net::SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
+#[allow(unused_imports)]
+pub use ha_transport_quic::testkit::{loopback, QuicHarness};
 
 pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
     let c = ca.issue(spec).unwrap();
@@ -30,29 +25,7 @@ pub fn node(identity: &Identity, members: &[NodeId]) -> HarnessNode<QuicTranspor
 }
 
 pub fn node_with(identity: &Identity, opts: QuicOptions) -> HarnessNode<QuicTransport> {
-    let t = QuicTransport::new(identity, opts).unwrap();
-    HarnessNode {
-        member: Member {
-            id: identity.node,
-            addr: t.local_addr().unwrap().to_string(),
-            kind: MemberKind::Data,
-        },
-        transport: t,
-    }
-}
-
-impl TransportHarness for QuicHarness {
-    type Transport = QuicTransport;
-
-    fn nodes(&self, n: usize) -> impl Future<Output = Vec<HarnessNode<QuicTransport>>> + Send {
-        let ca = CertificateAuthority::generate("harness", 1).unwrap();
-        let members: Vec<NodeId> = (1..=n as u64).map(NodeId).collect();
-        let nodes = members
-            .iter()
-            .map(|&id| node(&identity(&ca, &NodeCertSpec::new(id, 1)), &members))
-            .collect();
-        std::future::ready(nodes)
-    }
+    ha_transport_quic::testkit::harness_node(identity, opts).unwrap()
 }
 
 pub struct Echo(pub NodeId);
