@@ -7,10 +7,14 @@
 //!   chain to the cluster CA and name a configured member.
 //! - [`framing`]: length-prefixed postcard frames with a size limit.
 //!
-//! These three modules are shared with the TCP transport.
+//! These three modules are shared with the TCP transport. With the `testkit`
+//! feature, [`testkit`] builds test clusters and runs ha-core's transport
+//! conformance harness over QUIC.
 
 pub mod certs;
 pub mod framing;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod tls;
 pub mod transport;
 

@@ -3,32 +3,59 @@
 //!
 //! # Streams
 //! Every stream starts with one byte naming its kind, then carries
-//! [`framing`](crate::framing) frames:
+//! [`framing`] frames:
 //! - [`STREAM_WAL`]: one long-lived, ordered bidirectional stream per connection
 //!   and direction. WAL-channel requests are queued when `call` is invoked and
-//!   written in that order; the receiver hands them to its handler one after the
-//!   other (reading ahead up to [`WAL_WINDOW`] requests) and answers in order.
+//!   written in that order (several queued requests in one write); the receiver
+//!   hands them to its handler one after the other (reading ahead up to
+//!   [`WAL_WINDOW`] requests) and answers in order.
 //! - [`STREAM_CONTROL`]: one bidirectional stream per control request (heartbeats,
 //!   votes, fences, floors, promote), so they never wait behind WAL data.
+//! - [`STREAM_RETIRE`]: "I will send no more requests on this connection and have
+//!   every answer I waited for" (see below); no frames follow.
 //!
-//! # Connections
+//! # One connection per peer pair
 //! A connection is used both ways: the dialer's and the acceptor's requests share
-//! it (one connection per peer pair, reused by [`Transport::connect`] when one is
-//! open). A [`QuicConnection`] whose connection dropped redials on its next call,
-//! with exponential backoff and jitter between the configured reconnect interval
-//! and maximum. A garbage, truncated or oversized frame closes that connection
-//! with a logged error; other peers are unaffected.
+//! it. When both nodes dial at once, two connections exist for a moment; both
+//! nodes then keep the same one, deterministically: the one dialed by the lower
+//! node id (among several from the same dialer, the newest). The other is
+//! *retired*: no new request goes on it, requests already on it finish normally,
+//! WAL requests on the kept connection wait until the retired one has answered
+//! all of its own (so WAL order holds across the switch), and once each side has
+//! told the other it is done ([`STREAM_RETIRE`]) it is closed with the
+//! application code [`CODE_SUPERSEDED`]. No request is lost or failed because of
+//! this; a control request that does fail on a retired connection (it died) is
+//! retried once on the kept one.
+//!
+//! # Reconnecting
+//! While a [`QuicConnection`] to a peer is open, a background task re-dials that
+//! peer whenever its connection drops, with exponential backoff and jitter
+//! between the configured reconnect interval and maximum, so the next call
+//! finds a live connection. A call that finds no live connection dials itself
+//! (sharing the backoff; one dial at a time per peer). [`Transport::close`]
+//! stops these tasks and waits for them.
+//!
+//! # Backpressure
+//! At most [`QuicOptions::wal_window`] WAL requests per peer are queued or
+//! awaiting their answer. A WAL call beyond that waits, in call order, until one
+//! is answered, or fails with [`TransportError::Timeout`] at its deadline;
+//! nothing is buffered without limit.
+//!
+//! A garbage, truncated or oversized frame closes that connection with a logged
+//! error; other peers are unaffected.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use ha_core::config::{Config, Member};
 use ha_core::error::TransportError;
+use ha_core::latch::Latch;
 use ha_core::message::{Channel, Envelope, Request, Response, RpcError};
 use ha_core::transport::{PeerConnection, RequestHandler, Transport};
 use ha_core::types::NodeId;
@@ -37,9 +64,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
 use rand::{Rng, SeedableRng};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, oneshot};
-
-use ha_core::latch::Latch;
+use tokio::io::BufReader;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::certs::{node_dns_name, Identity};
@@ -50,7 +77,12 @@ use crate::tls::{self, Members};
 pub const STREAM_WAL: u8 = 1;
 /// First byte of a control stream.
 pub const STREAM_CONTROL: u8 = 2;
-/// How many WAL requests a receiver reads ahead of its handler.
+/// First byte of a retire stream: its sender retired this connection (it is
+/// superseded by the pair's kept one), sends no more requests on it and has
+/// every answer it waited for.
+pub const STREAM_RETIRE: u8 = 3;
+/// How many WAL requests a receiver reads ahead of its handler; also the default
+/// of [`QuicOptions::wal_window`].
 pub const WAL_WINDOW: usize = 64;
 
 /// Application close code: orderly shutdown.
@@ -59,6 +91,14 @@ const CODE_SHUTDOWN: u32 = 0;
 const CODE_PROTOCOL: u32 = 1;
 /// Application close code: the connection was closed by its user.
 const CODE_CLOSED: u32 = 2;
+/// Application close code: a duplicate connection of a peer pair, closed once
+/// both sides finished with it; the pair's kept connection carries on.
+pub const CODE_SUPERSEDED: u32 = 3;
+
+/// How many queued WAL requests (or responses) go out in one stream write.
+const MAX_COALESCE: usize = 64;
+/// Read buffer of a stream that carries many frames.
+const READ_BUFFER: usize = 256 * 1024;
 
 /// Tuning of a [`QuicTransport`].
 #[derive(Clone, Debug)]
@@ -83,6 +123,13 @@ pub struct QuicOptions {
     pub frame_timeout: Duration,
     /// Bound on waiting for connections to drain at [`Transport::close`].
     pub close_timeout: Duration,
+    /// At most this many WAL requests per peer are queued or awaiting their
+    /// answer; further WAL calls wait (until their deadline) for one to be
+    /// answered. At least 1; [`WAL_WINDOW`] by default.
+    pub wal_window: usize,
+    /// How long a retired duplicate connection waits for the peer to retire it
+    /// too before it is closed anyway.
+    pub drain_timeout: Duration,
 }
 
 impl QuicOptions {
@@ -100,6 +147,8 @@ impl QuicOptions {
             max_frame: framing::MAX_FRAME_BYTES,
             frame_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_millis(500),
+            wal_window: WAL_WINDOW,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 
@@ -121,25 +170,198 @@ impl QuicOptions {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The WAL window: a per-peer bound on WAL requests, admitted in call order.
+
+/// Bounds the WAL requests of one peer that are queued or awaiting an answer.
+/// A call takes a [`Ticket`] when it is invoked; tickets are admitted strictly in
+/// order, each when a [`Slot`] is free, so WAL order survives waiting.
+struct WalWindow {
+    cap: usize,
+    state: Mutex<WindowState>,
+    changed: Notify,
+}
+
+struct WindowState {
+    /// Slots taken (requests queued or awaiting an answer).
+    used: usize,
+    /// The next ticket to hand out.
+    next: u64,
+    /// The oldest ticket still in line.
+    head: u64,
+    /// Tickets behind `head` that already left the line.
+    gone: BTreeSet<u64>,
+}
+
+impl WalWindow {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(WalWindow {
+            cap: cap.max(1),
+            state: Mutex::new(WindowState {
+                used: 0,
+                next: 0,
+                head: 0,
+                gone: BTreeSet::new(),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    /// A place in line, taken when a WAL call is invoked.
+    fn ticket(self: &Arc<Self>) -> Ticket {
+        let mut s = self.state.lock();
+        let n = s.next;
+        s.next += 1;
+        Ticket {
+            window: self.clone(),
+            n,
+        }
+    }
+
+    fn used(&self) -> usize {
+        self.state.lock().used
+    }
+
+    fn waiting(&self) -> usize {
+        let s = self.state.lock();
+        usize::try_from(s.next - s.head).unwrap_or(usize::MAX) - s.gone.len()
+    }
+}
+
+/// A WAL call's place in line; leaving the line (drop) lets the next one in.
+struct Ticket {
+    window: Arc<WalWindow>,
+    n: u64,
+}
+
+impl Ticket {
+    /// A slot, if this ticket is first in line and one is free.
+    fn try_admit(&self) -> Option<Slot> {
+        let mut s = self.window.state.lock();
+        if s.head == self.n && s.used < self.window.cap {
+            s.used += 1;
+            Some(Slot {
+                window: self.window.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Waits until [`try_admit`](Self::try_admit) succeeds (bounded by the
+    /// caller's deadline).
+    async fn admit(&self) -> Slot {
+        loop {
+            let changed = self.window.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(slot) = self.try_admit() {
+                return slot;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        {
+            let mut s = self.window.state.lock();
+            if s.head == self.n {
+                s.head += 1;
+                loop {
+                    let head = s.head;
+                    if !s.gone.remove(&head) {
+                        break;
+                    }
+                    s.head += 1;
+                }
+            } else {
+                s.gone.insert(self.n);
+            }
+        }
+        self.window.changed.notify_waiters();
+    }
+}
+
+/// One WAL request's place in the window, held until it is answered or dropped.
+struct Slot {
+    window: Arc<WalWindow>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.window.state.lock().used -= 1;
+        self.window.changed.notify_waiters();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Links: one QUIC connection each.
+
 /// A WAL request queued on a link.
 struct WalJob {
     frame: Vec<u8>,
     reply: oneshot::Sender<Vec<u8>>,
+    slot: Slot,
+    count: Outstanding,
+}
+
+/// A WAL request written on the stream, waiting for its answer.
+struct Awaiting {
+    reply: oneshot::Sender<Vec<u8>>,
+    _slot: Slot,
+    _count: Outstanding,
 }
 
 /// One QUIC connection to an authenticated peer.
 struct Link {
     peer: NodeId,
+    /// Who dialed it (this node or the peer).
+    dialer: NodeId,
+    /// Creation order on this node.
+    seq: u64,
     conn: quinn::Connection,
-    wal_tx: mpsc::UnboundedSender<WalJob>,
+    /// Bounded by the window: every queued job holds a slot.
+    wal_tx: mpsc::Sender<WalJob>,
+    /// This node sends no new request on it (another connection is kept).
+    retired: AtomicBool,
+    /// The peer said it sends no more requests on it.
+    peer_retired: AtomicBool,
+    /// This node's WAL requests queued or awaiting an answer on it.
+    wal_outstanding: AtomicUsize,
+    /// This node's control calls in progress on it.
+    calls: AtomicUsize,
+    /// Woken when a count reaches zero or the peer retires the link.
+    idle: Notify,
+    /// The connection this one replaced as the pair's kept one: WAL requests
+    /// here wait until it has answered all of its own.
+    predecessor: Mutex<Option<Arc<Link>>>,
 }
 
 impl Link {
-    fn new(shared: &Arc<Shared>, peer: NodeId, conn: quinn::Connection) -> Arc<Link> {
-        let (wal_tx, wal_rx) = mpsc::unbounded_channel();
-        let link = Arc::new(Link { peer, conn, wal_tx });
+    fn new(
+        shared: &Arc<Shared>,
+        peer: &Arc<PeerState>,
+        dialer: NodeId,
+        conn: quinn::Connection,
+    ) -> Arc<Link> {
+        let (wal_tx, wal_rx) = mpsc::channel(shared.opts.wal_window.max(1));
+        let link = Arc::new(Link {
+            peer: peer.id,
+            dialer,
+            seq: shared.next_seq.fetch_add(1, Ordering::Relaxed),
+            conn,
+            wal_tx,
+            retired: AtomicBool::new(false),
+            peer_retired: AtomicBool::new(false),
+            wal_outstanding: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+            idle: Notify::new(),
+            predecessor: Mutex::new(None),
+        });
         tokio::spawn(wal_writer(shared.clone(), link.clone(), wal_rx));
-        tokio::spawn(serve_conn(shared.clone(), link.clone()));
+        tokio::spawn(serve_conn(shared.clone(), peer.clone(), link.clone()));
         link
     }
 
@@ -147,10 +369,99 @@ impl Link {
         self.conn.close_reason().is_none() && !self.wal_tx.is_closed()
     }
 
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
     fn protocol_close(&self, why: &str) {
         tracing::warn!(peer = %self.peer, "closing connection: {why}");
         self.conn
             .close(VarInt::from_u32(CODE_PROTOCOL), why.as_bytes());
+    }
+
+    /// Resolves once `cond` holds (re-checked whenever the link's counts or
+    /// retire state change).
+    async fn wait_until(&self, cond: impl Fn(&Link) -> bool) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if cond(self) {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Count {
+    Wal,
+    Call,
+}
+
+/// Counts one WAL request or control call of this node on a link, so a
+/// retired link closes only after they are done.
+struct Outstanding {
+    link: Arc<Link>,
+    kind: Count,
+}
+
+impl Outstanding {
+    fn new(link: &Arc<Link>, kind: Count) -> Self {
+        let o = Outstanding {
+            link: link.clone(),
+            kind,
+        };
+        o.counter().fetch_add(1, Ordering::SeqCst);
+        o
+    }
+
+    fn counter(&self) -> &AtomicUsize {
+        match self.kind {
+            Count::Wal => &self.link.wal_outstanding,
+            Count::Call => &self.link.calls,
+        }
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        if self.counter().fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.link.idle.notify_waiters();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Peers: the links, dialing and backoff of one peer.
+
+struct PeerState {
+    id: NodeId,
+    links: Mutex<PeerLinks>,
+    window: Arc<WalWindow>,
+    /// Woken when the peer's links change or a dial ends.
+    changed: Notify,
+}
+
+struct PeerLinks {
+    /// Every connection to the peer not yet forgotten (retired ones included).
+    all: Vec<Arc<Link>>,
+    /// The kept connection, where new requests go.
+    current: Option<Arc<Link>>,
+    /// Where to dial the peer, once a [`QuicConnection`] to it was made.
+    member: Option<Member>,
+    /// Open [`QuicConnection`]s to the peer; the reconnect task runs while
+    /// there are any.
+    users: usize,
+    reconnecting: bool,
+    dialing: bool,
+    backoff: Backoff,
+}
+
+impl PeerLinks {
+    fn live_current(&self) -> Option<&Arc<Link>> {
+        self.current.as_ref().filter(|l| l.is_live())
     }
 }
 
@@ -161,9 +472,16 @@ struct Shared {
     server_cfg: quinn::ServerConfig,
     opts: QuicOptions,
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
-    links: Mutex<HashMap<NodeId, Arc<Link>>>,
+    peers: Mutex<HashMap<NodeId, Arc<PeerState>>>,
     closed: Latch,
     accepting: AtomicBool,
+    next_seq: AtomicU64,
+    /// Reconnect tasks, awaited at close.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Reconnect tasks running.
+    reconnectors: AtomicUsize,
+    /// Duplicate connections retired so far.
+    superseded: AtomicUsize,
 }
 
 /// One node's QUIC endpoint; implements [`Transport`].
@@ -248,9 +566,13 @@ impl QuicTransport {
                 server_cfg,
                 opts,
                 handler: RwLock::new(None),
-                links: Mutex::new(HashMap::new()),
+                peers: Mutex::new(HashMap::new()),
                 closed: Latch::new(),
                 accepting: AtomicBool::new(false),
+                next_seq: AtomicU64::new(0),
+                tasks: Mutex::new(Vec::new()),
+                reconnectors: AtomicUsize::new(0),
+                superseded: AtomicUsize::new(0),
             }),
         })
     }
@@ -264,35 +586,235 @@ impl QuicTransport {
     pub fn node_id(&self) -> NodeId {
         self.inner.me
     }
+
+    /// How many open QUIC connections this node has with `peer` (retired ones
+    /// still draining included). Once a simultaneous dial has settled, one.
+    pub fn live_connections(&self, peer: NodeId) -> usize {
+        self.connection_dialers(peer).len()
+    }
+
+    /// Who dialed each open connection with `peer` (for tests of the pair's
+    /// choice of connection).
+    #[doc(hidden)]
+    pub fn connection_dialers(&self, peer: NodeId) -> Vec<NodeId> {
+        let Some(p) = self.inner.peers.lock().get(&peer).cloned() else {
+            return Vec::new();
+        };
+        let links = p.links.lock();
+        links
+            .all
+            .iter()
+            .filter(|l| l.is_live())
+            .map(|l| l.dialer)
+            .collect()
+    }
+
+    /// WAL requests to `peer` queued or awaiting an answer (at most
+    /// [`QuicOptions::wal_window`]).
+    pub fn wal_in_flight(&self, peer: NodeId) -> usize {
+        self.inner
+            .peers
+            .lock()
+            .get(&peer)
+            .map_or(0, |p| p.window.used())
+    }
+
+    /// WAL calls to `peer` waiting for room in the window (or just admitted).
+    #[doc(hidden)]
+    pub fn wal_waiting(&self, peer: NodeId) -> usize {
+        self.inner
+            .peers
+            .lock()
+            .get(&peer)
+            .map_or(0, |p| p.window.waiting())
+    }
+
+    /// How many duplicate connections this node has retired (superseded by
+    /// the pair's kept connection) since it started.
+    pub fn superseded_connections(&self) -> usize {
+        self.inner.superseded.load(Ordering::SeqCst)
+    }
+
+    /// Background reconnect tasks running (none after [`Transport::close`]).
+    #[doc(hidden)]
+    pub fn reconnect_tasks(&self) -> usize {
+        self.inner.reconnectors.load(Ordering::SeqCst)
+    }
 }
 
 impl Shared {
-    /// A live link to `peer`: an open one, or a new dial.
-    async fn link_to(self: &Arc<Self>, peer: &Member) -> Result<Arc<Link>, TransportError> {
+    fn peer(&self, id: NodeId) -> Arc<PeerState> {
+        self.peers
+            .lock()
+            .entry(id)
+            .or_insert_with(|| {
+                Arc::new(PeerState {
+                    id,
+                    links: Mutex::new(PeerLinks {
+                        all: Vec::new(),
+                        current: None,
+                        member: None,
+                        users: 0,
+                        reconnecting: false,
+                        dialing: false,
+                        backoff: Backoff::new(
+                            self.opts.reconnect_interval,
+                            self.opts.max_reconnect_backoff,
+                        ),
+                    }),
+                    window: WalWindow::new(self.opts.wal_window),
+                    changed: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// Adds a new connection, chooses the pair's kept one and retires the others.
+    fn register(self: &Arc<Self>, peer: &Arc<PeerState>, link: Arc<Link>) {
+        let retired = {
+            let mut links = peer.links.lock();
+            links.all.retain(|l| l.is_live());
+            links.all.push(link);
+            self.elect(peer.id, &mut links)
+        };
+        self.superseded.fetch_add(retired.len(), Ordering::SeqCst);
+        for link in retired {
+            tracing::debug!(peer = %peer.id, dialer = %link.dialer, "retiring a duplicate connection");
+            tokio::spawn(retire(self.clone(), link));
+        }
+        peer.changed.notify_waiters();
         if self.closed.is_set() {
-            return Err(TransportError::Closed);
-        }
-        if let Some(l) = self.links.lock().get(&peer.id) {
-            if l.is_live() {
-                return Ok(l.clone());
-            }
-        }
-        let closed = self.closed.wait();
-        tokio::select! {
-            r = self.dial(peer) => r,
-            () = closed => Err(TransportError::Closed),
+            close_links(peer, CODE_SHUTDOWN, b"shutdown");
         }
     }
 
-    async fn dial(self: &Arc<Self>, peer: &Member) -> Result<Arc<Link>, TransportError> {
-        let to = peer.id;
+    /// Makes the best open, unretired connection the kept one and retires the
+    /// other unretired ones (returned). Both nodes of a pair choose the same: the
+    /// one dialed by the lower node id, and among those the newest.
+    fn elect(&self, peer: NodeId, links: &mut PeerLinks) -> Vec<Arc<Link>> {
+        let low = self.me.min(peer);
+        let best = links
+            .all
+            .iter()
+            .filter(|l| l.is_live() && !l.is_retired())
+            .min_by_key(|l| (l.dialer != low, std::cmp::Reverse(l.seq)))
+            .cloned();
+        let mut retired = Vec::new();
+        if let Some(best) = &best {
+            for l in &links.all {
+                if !Arc::ptr_eq(l, best) && l.is_live() && !l.is_retired() {
+                    l.retired.store(true, Ordering::SeqCst);
+                    retired.push(l.clone());
+                }
+            }
+        }
+        let same = match (&links.current, &best) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            let old = links.current.take().filter(|l| l.is_live());
+            if let (Some(best), Some(old)) = (&best, old) {
+                *best.predecessor.lock() = Some(old);
+            }
+            links.current = best;
+        }
+        retired
+    }
+
+    /// Drops a connection that ended.
+    fn forget(&self, peer: &PeerState, link: &Arc<Link>) {
+        {
+            let mut links = peer.links.lock();
+            links.all.retain(|l| !Arc::ptr_eq(l, link));
+            if links.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, link)) {
+                links.current = None;
+            }
+        }
+        peer.changed.notify_waiters();
+    }
+
+    /// The peer's kept connection if it is open, else a new dial (one at a time
+    /// per peer: a concurrent caller waits for the dial in progress). With
+    /// `respect_backoff`, fails at once while a failed dial's backoff runs.
+    async fn ensure_link(
+        self: &Arc<Self>,
+        peer: &Arc<PeerState>,
+        member: &Member,
+        respect_backoff: bool,
+    ) -> Result<Arc<Link>, TransportError> {
+        let closed = self.closed.wait();
+        tokio::pin!(closed);
+        // A dial registers a connection or fails; a few rounds settle it.
+        for _ in 0..4 {
+            if self.closed.is_set() {
+                return Err(TransportError::Closed);
+            }
+            let changed = peer.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let dial = {
+                let mut links = peer.links.lock();
+                if let Some(l) = links.live_current() {
+                    return Ok(l.clone());
+                }
+                if links.dialing {
+                    false
+                } else {
+                    if respect_backoff {
+                        if let Some(left) = links.backoff.wait_left() {
+                            return Err(TransportError::Unreachable(
+                                peer.id,
+                                format!("connection lost; next reconnect attempt in {left:?}"),
+                            ));
+                        }
+                    }
+                    links.dialing = true;
+                    true
+                }
+            };
+            if !dial {
+                tokio::select! {
+                    () = &mut changed => continue,
+                    () = &mut closed => return Err(TransportError::Closed),
+                }
+            }
+            let gate = DialGate { peer };
+            let result = tokio::select! {
+                r = self.dial(peer, member) => r,
+                () = &mut closed => Err(TransportError::Closed),
+            };
+            {
+                let mut links = peer.links.lock();
+                match &result {
+                    Ok(()) => links.backoff.succeeded(),
+                    Err(_) => links.backoff.failed(),
+                }
+            }
+            drop(gate);
+            result?;
+        }
+        Err(TransportError::Unreachable(
+            peer.id,
+            "no connection after repeated dials".into(),
+        ))
+    }
+
+    /// Dials `member` and registers the connection.
+    async fn dial(
+        self: &Arc<Self>,
+        peer: &Arc<PeerState>,
+        member: &Member,
+    ) -> Result<(), TransportError> {
+        let to = member.id;
         let unreachable = |why: String| TransportError::Unreachable(to, why);
         let attempt = async {
-            let addr = tokio::net::lookup_host(peer.addr.as_str())
+            let addr = tokio::net::lookup_host(member.addr.as_str())
                 .await
-                .map_err(|e| unreachable(format!("cannot resolve {}: {e}", peer.addr)))?
+                .map_err(|e| unreachable(format!("cannot resolve {}: {e}", member.addr)))?
                 .next()
-                .ok_or_else(|| unreachable(format!("{} resolves to nothing", peer.addr)))?;
+                .ok_or_else(|| unreachable(format!("{} resolves to nothing", member.addr)))?;
             let connecting = self
                 .endpoint
                 .connect_with(self.client_cfg.clone(), addr, &node_dns_name(to))
@@ -314,28 +836,9 @@ impl Shared {
             conn.close(VarInt::from_u32(CODE_SHUTDOWN), b"shutdown");
             return Err(TransportError::Closed);
         }
-        let link = Link::new(self, to, conn);
-        self.links.lock().insert(to, link.clone());
-        Ok(link)
-    }
-
-    /// Registers an accepted connection unless a live one to that peer exists
-    /// (then the new one only serves the peer's requests).
-    fn register(&self, link: &Arc<Link>) {
-        let mut links = self.links.lock();
-        match links.get(&link.peer) {
-            Some(l) if l.is_live() => {}
-            _ => {
-                links.insert(link.peer, link.clone());
-            }
-        }
-    }
-
-    fn forget(&self, link: &Arc<Link>) {
-        let mut links = self.links.lock();
-        if links.get(&link.peer).is_some_and(|l| Arc::ptr_eq(l, link)) {
-            links.remove(&link.peer);
-        }
+        let link = Link::new(self, peer, self.me, conn);
+        self.register(peer, link);
+        Ok(())
     }
 
     /// The response to a request from `peer`, or `None` if nobody may answer
@@ -398,6 +901,31 @@ impl Shared {
     }
 }
 
+/// Marks a peer's dial as over (also when the dial is cancelled).
+struct DialGate<'a> {
+    peer: &'a PeerState,
+}
+
+impl Drop for DialGate<'_> {
+    fn drop(&mut self) {
+        self.peer.links.lock().dialing = false;
+        self.peer.changed.notify_waiters();
+    }
+}
+
+/// Closes every connection to `peer` and forgets them.
+fn close_links(peer: &PeerState, code: u32, why: &'static [u8]) {
+    let links = {
+        let mut links = peer.links.lock();
+        links.current = None;
+        std::mem::take(&mut links.all)
+    };
+    for l in links {
+        l.conn.close(VarInt::from_u32(code), why);
+    }
+    peer.changed.notify_waiters();
+}
+
 /// The member a connection's certificate proves.
 fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
     let identity = conn
@@ -409,11 +937,28 @@ fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
     tls::peer_node(&chain).map_err(|e| e.to_string())
 }
 
-/// Writes queued WAL requests of one link, in queue order, on its WAL stream.
-async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<WalJob>) {
-    let Some(first) = rx.recv().await else {
+/// Writes queued WAL requests of one link, in queue order, on its WAL stream;
+/// whatever is queued together goes out in one write.
+async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<WalJob>) {
+    let first = tokio::select! {
+        j = rx.recv() => j,
+        _ = link.conn.closed() => None,
+        () = shared.closed.wait() => None,
+    };
+    let Some(first) = first else {
         return;
     };
+    // The connection this one replaced must have answered its WAL requests
+    // first, or the peer could see two WAL streams at once.
+    let predecessor = link.predecessor.lock().take();
+    if let Some(old) = predecessor {
+        tokio::select! {
+            () = old.wait_until(|l| l.wal_outstanding.load(Ordering::SeqCst) == 0) => {}
+            _ = old.conn.closed() => {}
+            _ = link.conn.closed() => return,
+            () = shared.closed.wait() => return,
+        }
+    }
     let (mut send, recv) = match link.conn.open_bi().await {
         Ok(s) => s,
         Err(e) => {
@@ -421,32 +966,51 @@ async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Unbounde
             return;
         }
     };
-    if let Err(e) = framing::write_frame(&mut send, &[STREAM_WAL]).await {
+    if let Err(e) = send.write_all(&[STREAM_WAL]).await {
         tracing::debug!(peer = %link.peer, "cannot start the WAL stream: {e}");
         return;
     }
-    let pending: Arc<Mutex<VecDeque<oneshot::Sender<Vec<u8>>>>> = Arc::default();
+    let awaiting: Arc<Mutex<VecDeque<Awaiting>>> = Arc::default();
     tokio::spawn(wal_reader(
         shared.clone(),
         link.clone(),
         recv,
-        pending.clone(),
+        awaiting.clone(),
     ));
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(MAX_COALESCE);
     let mut next = Some(first);
     loop {
         let job = match next.take() {
             Some(j) => j,
-            None => match rx.recv().await {
-                Some(j) => j,
-                None => break,
+            None => tokio::select! {
+                j = rx.recv() => match j {
+                    Some(j) => j,
+                    None => break,
+                },
+                _ = link.conn.closed() => break,
             },
         };
-        pending.lock().push_back(job.reply);
-        if let Err(e) = framing::write_frame(&mut send, &job.frame).await {
+        {
+            let mut waiting = awaiting.lock();
+            let mut job = Some(job);
+            while let Some(j) = job.take() {
+                chunks.push(Bytes::from(j.frame));
+                waiting.push_back(Awaiting {
+                    reply: j.reply,
+                    _slot: j.slot,
+                    _count: j.count,
+                });
+                if chunks.len() < MAX_COALESCE {
+                    job = rx.try_recv().ok();
+                }
+            }
+        }
+        if let Err(e) = send.write_all_chunks(&mut chunks).await {
             tracing::debug!(peer = %link.peer, "WAL stream write failed: {e}");
-            pending.lock().clear();
+            awaiting.lock().clear();
             return;
         }
+        chunks.clear();
     }
     let _ = send.finish();
 }
@@ -455,18 +1019,19 @@ async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Unbounde
 async fn wal_reader(
     shared: Arc<Shared>,
     link: Arc<Link>,
-    mut recv: quinn::RecvStream,
-    pending: Arc<Mutex<VecDeque<oneshot::Sender<Vec<u8>>>>>,
+    recv: quinn::RecvStream,
+    awaiting: Arc<Mutex<VecDeque<Awaiting>>>,
 ) {
+    let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
     loop {
         match framing::read_frame(&mut recv, shared.opts.max_frame, shared.opts.frame_timeout).await
         {
             Ok(Some(body)) => {
-                let waiting = pending.lock().pop_front();
+                let waiting = awaiting.lock().pop_front();
                 match waiting {
                     // The caller may have given up; the order is kept regardless.
-                    Some(tx) => {
-                        let _ = tx.send(body);
+                    Some(w) => {
+                        let _ = w.reply.send(body);
                     }
                     None => {
                         link.protocol_close("unsolicited WAL response");
@@ -485,11 +1050,11 @@ async fn wal_reader(
             }
         }
     }
-    pending.lock().clear();
+    awaiting.lock().clear();
 }
 
 /// Accepts the peer's streams on one link and serves them.
-async fn serve_conn(shared: Arc<Shared>, link: Arc<Link>) {
+async fn serve_conn(shared: Arc<Shared>, peer: Arc<PeerState>, link: Arc<Link>) {
     loop {
         let accepted = tokio::select! {
             s = link.conn.accept_bi() => s,
@@ -505,7 +1070,7 @@ async fn serve_conn(shared: Arc<Shared>, link: Arc<Link>) {
             }
         }
     }
-    shared.forget(&link);
+    shared.forget(&peer, &link);
 }
 
 async fn serve_stream(
@@ -529,15 +1094,19 @@ async fn serve_stream(
     match kind[0] {
         STREAM_WAL => serve_wal(shared, link, send, recv).await,
         STREAM_CONTROL => serve_control(shared, link, send, recv).await,
+        STREAM_RETIRE => {
+            link.peer_retired.store(true, Ordering::SeqCst);
+            link.idle.notify_waiters();
+        }
         other => link.protocol_close(&format!("unknown stream kind {other}")),
     }
 }
 
 /// Reads one request frame, closing the connection on garbage.
-async fn read_request(
+async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     shared: &Shared,
     link: &Link,
-    recv: &mut quinn::RecvStream,
+    recv: &mut R,
 ) -> Option<Envelope<Request>> {
     match framing::read_frame(recv, shared.opts.max_frame, shared.opts.frame_timeout).await {
         Ok(Some(body)) => match framing::decode::<Envelope<Request>>(&body) {
@@ -586,11 +1155,12 @@ async fn serve_wal(
     shared: Arc<Shared>,
     link: Arc<Link>,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
     let (tx, mut rx) = mpsc::channel::<Envelope<Request>>(WAL_WINDOW);
     let (rshared, rlink) = (shared.clone(), link.clone());
     let reader = tokio::spawn(async move {
+        let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
         while let Some(request) = read_request(&rshared, &rlink, &mut recv).await {
             if tx.send(request).await.is_err() {
                 break;
@@ -609,12 +1179,48 @@ async fn serve_wal(
                 break;
             }
         };
-        if let Err(e) = framing::write_frame(&mut send, &frame).await {
+        if let Err(e) = send.write_chunk(Bytes::from(frame)).await {
             tracing::debug!(peer = %link.peer, "WAL response write failed: {e}");
             break;
         }
     }
     reader.abort();
+}
+
+/// Winds down a retired connection: once this node's calls and WAL requests on
+/// it are answered, tells the peer ([`STREAM_RETIRE`]); once the peer said the
+/// same (or [`QuicOptions::drain_timeout`] passed), closes it with
+/// [`CODE_SUPERSEDED`].
+async fn retire(shared: Arc<Shared>, link: Arc<Link>) {
+    let drained = link.wait_until(|l| {
+        l.calls.load(Ordering::SeqCst) == 0 && l.wal_outstanding.load(Ordering::SeqCst) == 0
+    });
+    tokio::select! {
+        () = drained => {}
+        _ = link.conn.closed() => return,
+        () = shared.closed.wait() => return,
+    }
+    let announce = async {
+        let (mut send, _recv) = link.conn.open_bi().await.ok()?;
+        send.write_all(&[STREAM_RETIRE]).await.ok()?;
+        send.finish().ok()
+    };
+    let peer_done = link.wait_until(|l| l.peer_retired.load(Ordering::SeqCst));
+    let both = async {
+        announce.await;
+        peer_done.await;
+    };
+    tokio::select! {
+        r = tokio::time::timeout(shared.opts.drain_timeout, both) => {
+            if r.is_err() {
+                tracing::debug!(peer = %link.peer, "the peer did not retire a duplicate connection in time");
+            }
+        }
+        _ = link.conn.closed() => return,
+        () = shared.closed.wait() => return,
+    }
+    link.conn
+        .close(VarInt::from_u32(CODE_SUPERSEDED), b"superseded");
 }
 
 /// Sends one control request on its own stream and reads the response body.
@@ -626,10 +1232,11 @@ async fn control_call(
     let peer = link.peer;
     let lost = |e: String| TransportError::Unreachable(peer, e);
     let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-    framing::write_frame(&mut send, &[STREAM_CONTROL])
-        .await
-        .map_err(|e| lost(e.to_string()))?;
-    framing::write_frame(&mut send, frame)
+    let mut chunks = [
+        Bytes::from_static(&[STREAM_CONTROL]),
+        Bytes::copy_from_slice(frame),
+    ];
+    send.write_all_chunks(&mut chunks)
         .await
         .map_err(|e| lost(e.to_string()))?;
     let _ = send.finish();
@@ -678,19 +1285,33 @@ impl Transport for QuicTransport {
         peer: &Member,
     ) -> impl Future<Output = Result<QuicConnection, TransportError>> + Send {
         let shared = self.inner.clone();
-        let peer = peer.clone();
+        let member = peer.clone();
         async move {
-            let link = shared.link_to(&peer).await?;
+            if shared.closed.is_set() {
+                return Err(TransportError::Closed);
+            }
+            let peer = shared.peer(member.id);
+            shared.ensure_link(&peer, &member, false).await?;
+            let spawn = {
+                let mut links = peer.links.lock();
+                links.member = Some(member.clone());
+                links.users += 1;
+                !std::mem::replace(&mut links.reconnecting, true)
+            };
+            if spawn {
+                let running = Running::new(&shared);
+                let task = tokio::spawn(reconnector(shared.clone(), peer.clone(), running));
+                let mut tasks = shared.tasks.lock();
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task);
+            }
             Ok(QuicConnection {
                 inner: Arc::new(ConnInner {
-                    backoff: Mutex::new(Backoff::new(
-                        shared.opts.reconnect_interval,
-                        shared.opts.max_reconnect_backoff,
-                    )),
                     shared,
                     peer,
-                    link: Mutex::new(Some(link)),
+                    member,
                     closed: Latch::new(),
+                    released: AtomicBool::new(false),
                 }),
             })
         }
@@ -725,8 +1346,22 @@ impl Transport for QuicTransport {
         shared
             .endpoint
             .close(VarInt::from_u32(CODE_SHUTDOWN), b"shutdown");
-        shared.links.lock().clear();
+        let peers: Vec<Arc<PeerState>> = shared.peers.lock().values().cloned().collect();
+        for peer in &peers {
+            close_links(peer, CODE_SHUTDOWN, b"shutdown");
+        }
+        let tasks = std::mem::take(&mut *shared.tasks.lock());
         async move {
+            // The reconnect tasks watch the closed latch and end at once.
+            for mut task in tasks {
+                if tokio::time::timeout(shared.opts.close_timeout, &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
             if first {
                 let _ =
                     tokio::time::timeout(shared.opts.close_timeout, shared.endpoint.wait_idle())
@@ -771,9 +1406,65 @@ async fn accept_loop(shared: Arc<Shared>) {
                 conn.close(VarInt::from_u32(CODE_SHUTDOWN), b"shutdown");
                 return;
             }
-            let link = Link::new(&shared, peer, conn);
-            shared.register(&link);
+            let peer = shared.peer(peer);
+            let link = Link::new(&shared, &peer, peer.id, conn);
+            shared.register(&peer, link);
         });
+    }
+}
+
+/// Counts a reconnect task from its spawn to its end.
+struct Running(Arc<Shared>);
+
+impl Running {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.reconnectors.fetch_add(1, Ordering::SeqCst);
+        Running(shared.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.reconnectors.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Re-dials `peer` whenever it has no open connection, after the backoff delay,
+/// while a [`QuicConnection`] to it is open and the transport is not closed.
+async fn reconnector(shared: Arc<Shared>, peer: Arc<PeerState>, running: Running) {
+    let _running = running;
+    let closed = shared.closed.wait();
+    tokio::pin!(closed);
+    loop {
+        let changed = peer.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let due = {
+            let mut links = peer.links.lock();
+            if links.users == 0 || shared.closed.is_set() {
+                links.reconnecting = false;
+                return;
+            }
+            match &links.member {
+                Some(m) if links.live_current().is_none() && !links.dialing => {
+                    Some((m.clone(), links.backoff.delay()))
+                }
+                _ => None,
+            }
+        };
+        let Some((member, delay)) = due else {
+            tokio::select! {
+                () = &mut changed => continue,
+                () = &mut closed => return,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut closed => return,
+        }
+        if let Err(e) = shared.ensure_link(&peer, &member, false).await {
+            tracing::debug!(peer = %peer.id, "reconnect failed: {e}");
+        }
     }
 }
 
@@ -834,16 +1525,42 @@ impl Backoff {
 
 struct ConnInner {
     shared: Arc<Shared>,
-    peer: Member,
-    link: Mutex<Option<Arc<Link>>>,
+    peer: Arc<PeerState>,
+    member: Member,
     closed: Latch,
-    backoff: Mutex<Backoff>,
+    /// This handle no longer counts among the peer's users.
+    released: AtomicBool,
+}
+
+impl ConnInner {
+    /// Stops counting this handle among the peer's users; true if it was the last.
+    fn release(&self) -> bool {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let last = {
+            let mut links = self.peer.links.lock();
+            links.users = links.users.saturating_sub(1);
+            links.users == 0
+        };
+        // Lets the reconnect task see it.
+        self.peer.changed.notify_waiters();
+        last
+    }
+}
+
+impl Drop for ConnInner {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// A connection to one peer; implements [`PeerConnection`].
 ///
-/// Clones share the connection. If the underlying QUIC connection is lost, the
-/// next call redials (within the reconnect backoff) instead of failing forever.
+/// Clones share the connection, and all connections to one peer share its
+/// QUIC connection. If it is lost, a background task re-dials (within the
+/// reconnect backoff), and a call that finds no connection dials itself instead
+/// of failing forever.
 #[derive(Clone)]
 pub struct QuicConnection {
     inner: Arc<ConnInner>,
@@ -863,10 +1580,13 @@ impl fmt::Debug for QuicConnection {
 enum Prepared {
     /// Queued on the WAL stream; the response body arrives here.
     Wal(oneshot::Receiver<Vec<u8>>),
-    /// A control request over this link.
-    Control(Arc<Link>, Vec<u8>),
-    /// No live link: redial first.
-    Redial(Vec<u8>, Channel),
+    /// A WAL request in line for the window (with its slot if it has one) or
+    /// for a connection.
+    WalPending(Ticket, Option<Slot>, Vec<u8>),
+    /// A control request on this link.
+    Control(Outstanding, Vec<u8>),
+    /// A control request, with no open connection.
+    ControlRedial(Vec<u8>),
 }
 
 impl ConnInner {
@@ -874,20 +1594,46 @@ impl ConnInner {
         self.closed.is_set() || self.shared.closed.is_set()
     }
 
-    fn live_link(&self) -> Option<Arc<Link>> {
-        self.link.lock().clone().filter(|l| l.is_live())
+    fn lost(&self) -> TransportError {
+        TransportError::Unreachable(self.peer.id, "connection lost".into())
     }
 
-    fn enqueue(link: &Link, frame: Vec<u8>) -> Result<oneshot::Receiver<Vec<u8>>, Vec<u8>> {
+    /// Queues a WAL request on the kept connection, if it is open.
+    #[allow(clippy::result_large_err)]
+    fn enqueue(
+        &self,
+        slot: Slot,
+        frame: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Vec<u8>>, (Slot, Vec<u8>)> {
+        let links = self.peer.links.lock();
+        let Some(link) = links.live_current() else {
+            return Err((slot, frame));
+        };
         let (reply, rx) = oneshot::channel();
-        link.wal_tx
-            .send(WalJob { frame, reply })
-            .map(|()| rx)
-            .map_err(|e| e.0.frame)
+        let job = WalJob {
+            frame,
+            reply,
+            slot,
+            count: Outstanding::new(link, Count::Wal),
+        };
+        // The channel holds at most the window's slots, so it is never full.
+        link.wal_tx.try_send(job).map(|()| rx).map_err(|e| {
+            let job = e.into_inner();
+            (job.slot, job.frame)
+        })
     }
 
-    /// Runs when `call` is invoked: checks, encodes and, for the WAL channel on a
-    /// live link, queues the request, so WAL requests keep call order.
+    /// A control call counted on the kept connection, if it is open.
+    fn pick(&self) -> Option<Outstanding> {
+        let links = self.peer.links.lock();
+        links
+            .live_current()
+            .map(|l| Outstanding::new(l, Count::Call))
+    }
+
+    /// Runs when `call` is invoked: checks, encodes and, for the WAL channel,
+    /// takes a place in line (and queues the request if the window has room), so
+    /// WAL requests keep call order.
     fn prepare(&self, request: &Envelope<Request>) -> Result<Prepared, TransportError> {
         if self.is_closed() {
             return Err(TransportError::Closed);
@@ -897,53 +1643,76 @@ impl ConnInner {
             FrameError::TooLarge { .. } => TransportError::Protocol(peer, e.to_string()),
             other => TransportError::Local(other.to_string()),
         })?;
-        let channel = request.body.channel();
-        match (self.live_link(), channel) {
-            (Some(link), Channel::Wal) => match Self::enqueue(&link, frame) {
-                Ok(rx) => Ok(Prepared::Wal(rx)),
-                Err(frame) => Ok(Prepared::Redial(frame, channel)),
-            },
-            (Some(link), Channel::Control) => Ok(Prepared::Control(link, frame)),
-            (None, _) => Ok(Prepared::Redial(frame, channel)),
+        match request.body.channel() {
+            Channel::Wal => {
+                let ticket = self.peer.window.ticket();
+                match ticket.try_admit() {
+                    Some(slot) => match self.enqueue(slot, frame) {
+                        Ok(rx) => Ok(Prepared::Wal(rx)),
+                        Err((slot, frame)) => Ok(Prepared::WalPending(ticket, Some(slot), frame)),
+                    },
+                    None => Ok(Prepared::WalPending(ticket, None, frame)),
+                }
+            }
+            Channel::Control => Ok(match self.pick() {
+                Some(count) => Prepared::Control(count, frame),
+                None => Prepared::ControlRedial(frame),
+            }),
         }
     }
 
-    /// A new link after the old one was lost, respecting the backoff.
-    async fn redial(&self) -> Result<Arc<Link>, TransportError> {
-        let peer = self.peer.id;
-        if let Some(left) = self.backoff.lock().wait_left() {
-            return Err(TransportError::Unreachable(
-                peer,
-                format!("connection lost; next reconnect attempt in {left:?}"),
-            ));
-        }
-        match self.shared.link_to(&self.peer).await {
-            Ok(link) => {
-                self.backoff.lock().succeeded();
-                *self.link.lock() = Some(link.clone());
-                Ok(link)
+    /// A connection after the old one was lost, respecting the backoff.
+    async fn redial(&self) -> Result<(), TransportError> {
+        self.shared
+            .ensure_link(&self.peer, &self.member, true)
+            .await
+            .map(|_| ())
+    }
+
+    /// A control call; if it failed because its retired connection died, once
+    /// more on the kept one.
+    async fn control(&self, count: Outstanding, frame: Vec<u8>) -> Result<Vec<u8>, TransportError> {
+        let result = control_call(&self.shared, &count.link, &frame).await;
+        match result {
+            Err(TransportError::Unreachable(..))
+                if count.link.is_retired() && !count.link.is_live() =>
+            {
+                drop(count);
+                match self.pick() {
+                    Some(count) => control_call(&self.shared, &count.link, &frame).await,
+                    None => Err(self.lost()),
+                }
             }
-            Err(e) => {
-                self.backoff.lock().failed();
-                Err(e)
-            }
+            other => other,
         }
     }
 
     async fn run(&self, prepared: Prepared) -> Result<Vec<u8>, TransportError> {
-        let peer = self.peer.id;
-        let lost = || TransportError::Unreachable(peer, "connection lost".into());
         match prepared {
-            Prepared::Wal(rx) => rx.await.map_err(|_| lost()),
-            Prepared::Control(link, frame) => control_call(&self.shared, &link, &frame).await,
-            Prepared::Redial(frame, channel) => {
-                let link = self.redial().await?;
-                match channel {
-                    Channel::Wal => match Self::enqueue(&link, frame) {
-                        Ok(rx) => rx.await.map_err(|_| lost()),
-                        Err(_) => Err(lost()),
-                    },
-                    Channel::Control => control_call(&self.shared, &link, &frame).await,
+            Prepared::Wal(rx) => rx.await.map_err(|_| self.lost()),
+            Prepared::WalPending(ticket, slot, frame) => {
+                let slot = match slot {
+                    Some(s) => s,
+                    None => ticket.admit().await,
+                };
+                // The ticket stays first in line until the request is queued, so
+                // later WAL calls cannot overtake it while it redials.
+                let rx = match self.enqueue(slot, frame) {
+                    Ok(rx) => rx,
+                    Err((slot, frame)) => {
+                        self.redial().await?;
+                        self.enqueue(slot, frame).map_err(|_| self.lost())?
+                    }
+                };
+                drop(ticket);
+                rx.await.map_err(|_| self.lost())
+            }
+            Prepared::Control(count, frame) => self.control(count, frame).await,
+            Prepared::ControlRedial(frame) => {
+                self.redial().await?;
+                match self.pick() {
+                    Some(count) => self.control(count, frame).await,
+                    None => Err(self.lost()),
                 }
             }
         }
@@ -986,14 +1755,73 @@ impl PeerConnection for QuicConnection {
     }
 
     fn is_connected(&self) -> bool {
-        !self.inner.is_closed() && self.inner.live_link().is_some()
+        !self.inner.is_closed() && self.inner.peer.links.lock().live_current().is_some()
     }
 
+    /// Closes this handle; the last open handle to a peer also closes the QUIC
+    /// connection and stops re-dialing it.
     fn close(&self) {
         self.inner.closed.set();
-        if let Some(link) = self.inner.link.lock().take() {
-            link.conn.close(VarInt::from_u32(CODE_CLOSED), b"closed");
-            self.inner.shared.forget(&link);
+        if self.inner.release() {
+            close_links(&self.inner.peer, CODE_CLOSED, b"closed");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn window_admits_in_ticket_order_and_skips_abandoned() {
+        let w = WalWindow::new(1);
+        let t0 = w.ticket();
+        let s0 = t0.try_admit().unwrap();
+        drop(t0);
+        let (t1, t2, t3) = (w.ticket(), w.ticket(), w.ticket());
+        // Full: nobody gets in; t2 is not first in line anyway.
+        assert!(t1.try_admit().is_none());
+        assert!(t2.try_admit().is_none());
+        assert_eq!(w.used(), 1);
+        assert_eq!(w.waiting(), 3);
+        drop(s0);
+        // Room, but only for the first in line.
+        assert!(t2.try_admit().is_none());
+        drop(t2); // t2 gives up out of turn
+        let s1 = t1.try_admit().unwrap();
+        assert!(t3.try_admit().is_none());
+        drop(t1);
+        assert!(t3.try_admit().is_none(), "the window holds one");
+        drop(s1);
+        let s3 = t3.try_admit().unwrap();
+        drop(t3);
+        assert_eq!(w.waiting(), 0);
+        assert_eq!(w.used(), 1);
+        drop(s3);
+        assert_eq!(w.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn admit_waits_for_a_slot() {
+        let w = WalWindow::new(1);
+        let t0 = w.ticket();
+        let s0 = t0.try_admit().unwrap();
+        drop(t0);
+        let t1 = w.ticket();
+        let waiter = tokio::spawn(async move {
+            let s = t1.admit().await;
+            drop(t1);
+            s
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(s0);
+        let s1 = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(w.used(), 1);
+        drop(s1);
     }
 }

@@ -1,24 +1,19 @@
-//! A [`TransportHarness`] over real UDP sockets on 127.0.0.1 with a fresh CA per
-//! call, plus helpers for the rejection tests.
+//! Helpers for the tests, on top of `ha_transport_quic::testkit` (whose
+//! `QuicHarness` runs ha-core's conformance suite over loopback QUIC).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::sync::Arc;
 
-use ha_core::config::Member;
 use ha_core::message::{Envelope, Heartbeat, Request, Response};
-use ha_core::testkit::conformance::{HarnessNode, TransportHarness};
+use ha_core::testkit::conformance::HarnessNode;
 use ha_core::transport::{BoxFuture, RequestHandler};
-use ha_core::types::{LogIndex, MemberKind, NodeId, Position, Term};
+use ha_core::types::{LogIndex, NodeId, Position, Term};
 use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicOptions, QuicTransport};
 
-/// Nodes `1..=n`, all members, certificates from one fresh CA.
-pub struct QuicHarness;
-
-pub fn loopback() -> std::net::SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
+#[allow(unused_imports)]
+pub use ha_transport_quic::testkit::{loopback, QuicHarness};
 
 pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
     let c = ca.issue(spec).unwrap();
@@ -26,29 +21,11 @@ pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
 }
 
 pub fn node(identity: &Identity, members: &[NodeId]) -> HarnessNode<QuicTransport> {
-    let t = QuicTransport::new(identity, QuicOptions::new(loopback(), members.to_vec())).unwrap();
-    HarnessNode {
-        member: Member {
-            id: identity.node,
-            addr: t.local_addr().unwrap().to_string(),
-            kind: MemberKind::Data,
-        },
-        transport: t,
-    }
+    node_with(identity, QuicOptions::new(loopback(), members.to_vec()))
 }
 
-impl TransportHarness for QuicHarness {
-    type Transport = QuicTransport;
-
-    fn nodes(&self, n: usize) -> impl Future<Output = Vec<HarnessNode<QuicTransport>>> + Send {
-        let ca = CertificateAuthority::generate("harness", 1).unwrap();
-        let members: Vec<NodeId> = (1..=n as u64).map(NodeId).collect();
-        let nodes = members
-            .iter()
-            .map(|&id| node(&identity(&ca, &NodeCertSpec::new(id, 1)), &members))
-            .collect();
-        std::future::ready(nodes)
-    }
+pub fn node_with(identity: &Identity, opts: QuicOptions) -> HarnessNode<QuicTransport> {
+    ha_transport_quic::testkit::harness_node(identity, opts).unwrap()
 }
 
 pub struct Echo(pub NodeId);
@@ -61,6 +38,13 @@ impl RequestHandler for Echo {
                 last: h.last,
                 applied: h.commit,
                 voter: true,
+            }),
+            Request::WalBatch(b) => Response::WalAck(ha_core::message::WalAck {
+                batch_term: req.term,
+                result: ha_core::message::AckResult::Durable(
+                    b.entries.last().map(|e| e.position).unwrap_or(b.prev),
+                ),
+                applied: b.commit,
             }),
             _ => Response::Error(ha_core::message::RpcError::Malformed("echo".into())),
         };
@@ -93,4 +77,53 @@ pub fn heartbeat(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
             last: Position::new(term, LogIndex(1)),
         }),
     }
+}
+
+pub fn wal_batch(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
+    let term = Term {
+        number: 1,
+        node: from,
+    };
+    Envelope {
+        from,
+        to,
+        term,
+        request_id: id,
+        body: Request::WalBatch(ha_core::message::WalBatch {
+            prev: Position::new(term, LogIndex(id)),
+            entries: vec![ha_core::types::WalEntry::new(
+                Position::new(term, LogIndex(id + 1)),
+                ha_core::types::Payload::Command(ha_core::types::Command(
+                    id.to_le_bytes().to_vec(),
+                )),
+            )],
+            commit: LogIndex(id),
+        }),
+    }
+}
+
+/// Awaits all `futures` concurrently, in one task.
+pub async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
 }
