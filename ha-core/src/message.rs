@@ -258,6 +258,7 @@ pub struct InstallSnapshot {
     /// The last entry the snapshot includes.
     pub last_included: Position,
     /// The state machine's serialized state.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// The primary's commit index.
     pub commit: LogIndex,
