@@ -286,11 +286,9 @@ async fn reconnecting_stops_on_close() {
     // Node 2 goes away: the reconnect task is now dialing or backing off.
     b.transport.close().await;
     assert!(eventually(LIMIT, || !to_b.is_connected()).await);
-    let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(2), a.transport.close())
         .await
         .expect("close does not wait for a dial in progress");
-    assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(a.transport.reconnect_tasks(), 0);
     c.transport.close().await;
 }
