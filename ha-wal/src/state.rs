@@ -71,12 +71,25 @@ pub(crate) struct State {
     pub(crate) hard_state: Option<HardState>,
     /// The latest snapshot, if one was saved.
     pub(crate) snapshot: Option<Snapshot>,
+    /// Set when the writer failed: what is on disk is then unknown (an operation
+    /// may have been half applied), so reads refuse too, until the log is reopened.
+    pub(crate) failed: Option<StorageError>,
 }
 
 /// Reads are done in chunks of at most this many bytes.
 const READ_CHUNK: u64 = 1 << 20;
 
 impl State {
+    /// Refuses reads once the writer failed.
+    pub(crate) fn check_usable(&self) -> Result<(), StorageError> {
+        match &self.failed {
+            Some(e) => Err(StorageError::Io(format!(
+                "the write-ahead log failed earlier ({e}); reopen it"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The position of the last entry, or `base` if the log is empty.
     pub(crate) fn last(&self) -> Position {
         match self.locs.back() {

@@ -103,6 +103,7 @@ impl WalStreamer {
         self.wait(ticket).await?;
         let (prev, plan) = {
             let st = self.state.read();
+            st.check_usable()?;
             let prev = prev_position(&st, next)?;
             let to = LogIndex(next.0.saturating_add(max_entries as u64));
             (prev, plan(&st, next, to, max_bytes)?)
@@ -132,6 +133,7 @@ impl WalStreamer {
         self.wait(ticket).await?;
         let plan = {
             let st = self.state.read();
+            st.check_usable()?;
             if from <= st.base.index {
                 return Err(StorageError::Invalid(format!(
                     "read from index {from}: entries up to {} are compacted (or index 0, which is no entry)",

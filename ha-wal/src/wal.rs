@@ -404,6 +404,7 @@ impl Wal {
             locs: scanned.locs,
             hard_state,
             snapshot,
+            failed: None,
         }));
         let counters = Arc::new(Counters::default());
         let (published_tx, published) = watch::channel(0u64);
@@ -519,6 +520,7 @@ impl Wal {
                     .map_err(|_| closed())?;
             }
             let st = state.read();
+            st.check_usable()?;
             f(&st)
         }
     }
@@ -711,6 +713,41 @@ mod tests {
 
     fn cfg() -> WalConfig {
         WalConfig::default().with_segment_size(200)
+    }
+
+    /// After the writer failed (what is on disk is unknown), reads refuse too,
+    /// naming the failure, until the log is reopened.
+    #[test]
+    fn reads_refuse_after_the_writer_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        six(tmp.path());
+        let wal = Wal::open(tmp.path(), cfg()).unwrap();
+        assert_eq!(
+            block_on(wal.read(LogIndex(1), LogIndex(3), usize::MAX))
+                .unwrap()
+                .len(),
+            2
+        );
+        wal.state.write().failed = Some(StorageError::Io("disk full".into()));
+        let refused = |r: Result<(), StorageError>| {
+            let e = r.unwrap_err();
+            assert!(
+                e.to_string().contains("disk full") && e.to_string().contains("reopen"),
+                "{e}"
+            );
+        };
+        refused(block_on(wal.read(LogIndex(1), LogIndex(3), usize::MAX)).map(|_| ()));
+        refused(block_on(wal.read_batch(LogIndex(2), 3, usize::MAX)).map(|_| ()));
+        refused(block_on(wal.load()).map(|_| ()));
+        refused(block_on(wal.last_position()).map(|_| ()));
+        drop(wal);
+        let wal = Wal::open(tmp.path(), cfg()).unwrap();
+        assert_eq!(
+            block_on(wal.read(LogIndex(1), LogIndex(7), usize::MAX))
+                .unwrap()
+                .len(),
+            6
+        );
     }
 
     /// A log with entries 1..=6 in term 1 over several segments, closed.

@@ -270,6 +270,7 @@ impl Writer {
         }
         self.buf.clear();
         self.staged.clear();
+        self.state.write().failed = Some(e.clone());
         self.failed = Some(e);
     }
 
