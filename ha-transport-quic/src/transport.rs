@@ -635,6 +635,18 @@ impl QuicTransport {
         self.inner.superseded.load(Ordering::SeqCst)
     }
 
+    /// Dials `member` and registers a new connection even if one is open (so
+    /// tests can create a duplicate connection deterministically); the pair's
+    /// choice of connection then applies as after a simultaneous dial.
+    #[doc(hidden)]
+    pub async fn dial_new(&self, member: &Member) -> Result<(), TransportError> {
+        if self.inner.closed.is_set() {
+            return Err(TransportError::Closed);
+        }
+        let peer = self.inner.peer(member.id);
+        self.inner.dial(&peer, member).await
+    }
+
     /// Background reconnect tasks running (none after [`Transport::close`]).
     #[doc(hidden)]
     pub fn reconnect_tasks(&self) -> usize {
