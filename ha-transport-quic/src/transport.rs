@@ -42,7 +42,10 @@
 //! nothing is buffered without limit.
 //!
 //! A garbage, truncated or oversized frame closes that connection with a logged
-//! error; other peers are unaffected.
+//! error; other peers are unaffected. So does a WAL stream that fails or ends
+//! while its connection is open (for example when the peer cannot serve it
+//! yet): a connection is never left open without its WAL stream, so "open" is
+//! all that makes a connection usable, and both nodes see the same.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -365,8 +368,10 @@ impl Link {
         link
     }
 
+    /// Open (not closed by either side). A link whose WAL stream failed is
+    /// closed by its writer or reader, so this is the only liveness test.
     fn is_live(&self) -> bool {
-        self.conn.close_reason().is_none() && !self.wal_tx.is_closed()
+        self.conn.close_reason().is_none()
     }
 
     fn is_retired(&self) -> bool {
@@ -950,15 +955,33 @@ fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
 }
 
 /// Writes queued WAL requests of one link, in queue order, on its WAL stream;
-/// whatever is queued together goes out in one write.
+/// whatever is queued together goes out in one write. If the stream fails while
+/// the connection is open, closes the connection (a link without its WAL stream
+/// must not stay open, or the two nodes could disagree on which link to keep).
 async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<WalJob>) {
+    let result = write_wal(&shared, &link, &mut rx).await;
+    if let Err(why) = result {
+        if link.is_live() && !shared.closed.is_set() {
+            link.protocol_close(&why);
+        }
+    }
+    // `rx` is dropped only now, after the connection is closed, so a request
+    // never finds the link open with its queue gone.
+    drop(rx);
+}
+
+async fn write_wal(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    rx: &mut mpsc::Receiver<WalJob>,
+) -> Result<(), String> {
     let first = tokio::select! {
         j = rx.recv() => j,
         _ = link.conn.closed() => None,
         () = shared.closed.wait() => None,
     };
     let Some(first) = first else {
-        return;
+        return Ok(());
     };
     // The connection this one replaced must have answered its WAL requests
     // first, or the peer could see two WAL streams at once.
@@ -967,21 +990,18 @@ async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver
         tokio::select! {
             () = old.wait_until(|l| l.wal_outstanding.load(Ordering::SeqCst) == 0) => {}
             _ = old.conn.closed() => {}
-            _ = link.conn.closed() => return,
-            () = shared.closed.wait() => return,
+            _ = link.conn.closed() => return Ok(()),
+            () = shared.closed.wait() => return Ok(()),
         }
     }
-    let (mut send, recv) = match link.conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(peer = %link.peer, "cannot open the WAL stream: {e}");
-            return;
-        }
-    };
-    if let Err(e) = send.write_all(&[STREAM_WAL]).await {
-        tracing::debug!(peer = %link.peer, "cannot start the WAL stream: {e}");
-        return;
-    }
+    let (mut send, recv) = link
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("cannot open the WAL stream: {e}"))?;
+    send.write_all(&[STREAM_WAL])
+        .await
+        .map_err(|e| format!("cannot start the WAL stream: {e}"))?;
     let awaiting: Arc<Mutex<VecDeque<Awaiting>>> = Arc::default();
     tokio::spawn(wal_reader(
         shared.clone(),
@@ -1018,16 +1038,19 @@ async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver
             }
         }
         if let Err(e) = send.write_all_chunks(&mut chunks).await {
-            tracing::debug!(peer = %link.peer, "WAL stream write failed: {e}");
             awaiting.lock().clear();
-            return;
+            return Err(format!("WAL stream write failed: {e}"));
         }
         chunks.clear();
     }
     let _ = send.finish();
+    Ok(())
 }
 
 /// Reads WAL responses in order and hands each to the oldest waiting request.
+/// The peer ends its side of the WAL stream only when the connection ends, so
+/// if it ends (or fails) while the connection is open, closes the connection:
+/// later requests would wait for answers that never come.
 async fn wal_reader(
     shared: Arc<Shared>,
     link: Arc<Link>,
@@ -1051,9 +1074,16 @@ async fn wal_reader(
                     }
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                if link.is_live() && !shared.closed.is_set() {
+                    link.protocol_close("the peer ended the WAL stream");
+                }
+                break;
+            }
             Err(FrameError::Io(e)) => {
-                tracing::debug!(peer = %link.peer, "WAL stream ended: {e}");
+                if link.is_live() && !shared.closed.is_set() {
+                    link.protocol_close(&format!("the WAL stream failed: {e}"));
+                }
                 break;
             }
             Err(e) => {

@@ -620,3 +620,57 @@ async fn duplicate_connection_in_either_order_settles() {
         }
     }
 }
+
+/// Node 1 dials node 2 before listening itself; node 2's WAL request on that
+/// connection finds no handler, so node 1 ends the WAL stream. Node 2 must then
+/// close the connection (not keep it open while treating it as dead), and
+/// once node 1 listens both nodes agree on one connection that works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wal_stream_closes_its_connection() {
+    let ca = CertificateAuthority::generate("wal-fail", 1).unwrap();
+    let ids = identities(&ca, 2);
+    let members = [NodeId(1), NodeId(2)];
+    let a = node(&ids[0], &members);
+    let b = node(&ids[1], &members);
+    b.transport.listen(echo(NodeId(2))).await.unwrap();
+    // Node 1 dials without a user of the connection: nothing re-dials it.
+    a.transport.dial_new(&b.member).await.unwrap();
+    assert!(eventually(LIMIT, || b.transport.live_connections(NodeId(1)) == 1).await);
+    let to_a = b.transport.connect(&a.member).await.unwrap();
+    let r = to_a.call(wal_batch(NodeId(2), NodeId(1), 1), CALL).await;
+    assert!(r.is_err(), "node 1 does not listen yet: {r:?}");
+    // The connection is closed, on both sides.
+    assert!(
+        eventually(LIMIT, || a.transport.live_connections(NodeId(2)) == 0).await,
+        "node 1's side of the connection is still open"
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    a.transport
+        .listen(Arc::new(Recording {
+            me: NodeId(1),
+            wal: seen.clone(),
+        }))
+        .await
+        .unwrap();
+    let to_b = a.transport.connect(&b.member).await.unwrap();
+    for id in 2..6 {
+        to_a.call(wal_batch(NodeId(2), NodeId(1), id), CALL)
+            .await
+            .unwrap();
+        to_b.call(heartbeat(NodeId(1), NodeId(2), id), CALL)
+            .await
+            .unwrap();
+    }
+    assert_eq!(*seen.lock(), vec![2, 3, 4, 5]);
+    assert!(
+        eventually(LIMIT, || a.transport.connection_dialers(NodeId(2))
+            == b.transport.connection_dialers(NodeId(1))
+            && a.transport.live_connections(NodeId(2)) == 1)
+        .await,
+        "{:?} / {:?}",
+        a.transport.connection_dialers(NodeId(2)),
+        b.transport.connection_dialers(NodeId(1))
+    );
+    a.transport.close().await;
+    b.transport.close().await;
+}
