@@ -20,12 +20,15 @@
 //! nodes then keep the same one, deterministically: the one dialed by the lower
 //! node id (among several from the same dialer, the newest). The other is
 //! *retired*: no new request goes on it, requests already on it finish normally,
-//! WAL requests on the kept connection wait until the retired one has answered
-//! all of its own (so WAL order holds across the switch), and once each side has
-//! told the other it is done ([`STREAM_RETIRE`]) it is closed with the
-//! application code [`CODE_SUPERSEDED`]. No request is lost or failed because of
-//! this; a control request that does fail on a retired connection (it died) is
-//! retried once on the kept one.
+//! WAL requests on the kept connection wait until every connection kept before
+//! it has answered all of its own or closed (so WAL order holds across any
+//! number of switches), and once each side has told the other it is done
+//! ([`STREAM_RETIRE`]) it is closed with the application code
+//! [`CODE_SUPERSEDED`]. Winding down is bounded by
+//! [`QuicOptions::drain_timeout`], after which the retired connection is closed
+//! anyway. Normally no request is lost or failed because of this; a control
+//! request that does fail on a retired connection (it died) is retried once on
+//! the kept one.
 //!
 //! # Reconnecting
 //! While a [`QuicConnection`] to a peer is open, a background task re-dials that
@@ -130,8 +133,9 @@ pub struct QuicOptions {
     /// answer; further WAL calls wait (until their deadline) for one to be
     /// answered. At least 1; [`WAL_WINDOW`] by default.
     pub wal_window: usize,
-    /// How long a retired duplicate connection waits for the peer to retire it
-    /// too before it is closed anyway.
+    /// Bound on winding down a retired duplicate connection (this node's
+    /// requests on it answered, the peer's retire received); then it is closed
+    /// anyway and requests still on it fail.
     pub drain_timeout: Duration,
 }
 
@@ -337,9 +341,13 @@ struct Link {
     calls: AtomicUsize,
     /// Woken when a count reaches zero or the peer retires the link.
     idle: Notify,
-    /// The connection this one replaced as the pair's kept one: WAL requests
-    /// here wait until it has answered all of its own.
-    predecessor: Mutex<Option<Arc<Link>>>,
+    /// The peer's [`PeerState::wal_idle`].
+    peer_wal_idle: Arc<Notify>,
+    /// When this link became the peer's kept one (from
+    /// [`PeerLinks::kept_count`]); 0 if it never was. Requests go only on the
+    /// kept link, and a link is kept at most once, so every WAL request on a
+    /// link kept earlier was invoked before every one on this link.
+    kept_since: AtomicU64,
 }
 
 impl Link {
@@ -361,9 +369,15 @@ impl Link {
             wal_outstanding: AtomicUsize::new(0),
             calls: AtomicUsize::new(0),
             idle: Notify::new(),
-            predecessor: Mutex::new(None),
+            peer_wal_idle: peer.wal_idle.clone(),
+            kept_since: AtomicU64::new(0),
         });
-        tokio::spawn(wal_writer(shared.clone(), link.clone(), wal_rx));
+        tokio::spawn(wal_writer(
+            shared.clone(),
+            peer.clone(),
+            link.clone(),
+            wal_rx,
+        ));
         tokio::spawn(serve_conn(shared.clone(), peer.clone(), link.clone()));
         link
     }
@@ -434,6 +448,9 @@ impl Drop for Outstanding {
     fn drop(&mut self) {
         if self.counter().fetch_sub(1, Ordering::SeqCst) == 1 {
             self.link.idle.notify_waiters();
+            if matches!(self.kind, Count::Wal) {
+                self.link.peer_wal_idle.notify_waiters();
+            }
         }
     }
 }
@@ -447,6 +464,8 @@ struct PeerState {
     window: Arc<WalWindow>,
     /// Woken when the peer's links change or a dial ends.
     changed: Notify,
+    /// Woken when a link's WAL requests are all answered or a link ends.
+    wal_idle: Arc<Notify>,
 }
 
 struct PeerLinks {
@@ -462,6 +481,8 @@ struct PeerLinks {
     reconnecting: bool,
     dialing: bool,
     backoff: Backoff,
+    /// How many times a link became the kept one (see [`Link::kept_since`]).
+    kept_count: u64,
 }
 
 impl PeerLinks {
@@ -678,9 +699,11 @@ impl Shared {
                             self.opts.reconnect_interval,
                             self.opts.max_reconnect_backoff,
                         ),
+                        kept_count: 0,
                     }),
                     window: WalWindow::new(self.opts.wal_window),
                     changed: Notify::new(),
+                    wal_idle: Arc::new(Notify::new()),
                 })
             })
             .clone()
@@ -731,9 +754,9 @@ impl Shared {
             _ => false,
         };
         if !same {
-            let old = links.current.take().filter(|l| l.is_live());
-            if let (Some(best), Some(old)) = (&best, old) {
-                *best.predecessor.lock() = Some(old);
+            if let Some(best) = &best {
+                links.kept_count += 1;
+                best.kept_since.store(links.kept_count, Ordering::SeqCst);
             }
             links.current = best;
         }
@@ -750,6 +773,7 @@ impl Shared {
             }
         }
         peer.changed.notify_waiters();
+        peer.wal_idle.notify_waiters();
     }
 
     /// The peer's kept connection if it is open, else a new dial (one at a time
@@ -941,6 +965,7 @@ fn close_links(peer: &PeerState, code: u32, why: &'static [u8]) {
         l.conn.close(VarInt::from_u32(code), why);
     }
     peer.changed.notify_waiters();
+    peer.wal_idle.notify_waiters();
 }
 
 /// The member a connection's certificate proves.
@@ -958,8 +983,13 @@ fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
 /// whatever is queued together goes out in one write. If the stream fails while
 /// the connection is open, closes the connection (a link without its WAL stream
 /// must not stay open, or the two nodes could disagree on which link to keep).
-async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver<WalJob>) {
-    let result = write_wal(&shared, &link, &mut rx).await;
+async fn wal_writer(
+    shared: Arc<Shared>,
+    peer: Arc<PeerState>,
+    link: Arc<Link>,
+    mut rx: mpsc::Receiver<WalJob>,
+) {
+    let result = write_wal(&shared, &peer, &link, &mut rx).await;
     if let Err(why) = result {
         if link.is_live() && !shared.closed.is_set() {
             link.protocol_close(&why);
@@ -972,6 +1002,7 @@ async fn wal_writer(shared: Arc<Shared>, link: Arc<Link>, mut rx: mpsc::Receiver
 
 async fn write_wal(
     shared: &Arc<Shared>,
+    peer: &PeerState,
     link: &Arc<Link>,
     rx: &mut mpsc::Receiver<WalJob>,
 ) -> Result<(), String> {
@@ -983,16 +1014,13 @@ async fn write_wal(
     let Some(first) = first else {
         return Ok(());
     };
-    // The connection this one replaced must have answered its WAL requests
-    // first, or the peer could see two WAL streams at once.
-    let predecessor = link.predecessor.lock().take();
-    if let Some(old) = predecessor {
-        tokio::select! {
-            () = old.wait_until(|l| l.wal_outstanding.load(Ordering::SeqCst) == 0) => {}
-            _ = old.conn.closed() => {}
-            _ = link.conn.closed() => return Ok(()),
-            () = shared.closed.wait() => return Ok(()),
-        }
+    // Every link kept before this one must have answered its WAL requests (or
+    // ended) first, or the peer could see two WAL streams at once and handle
+    // a later request before an earlier one. Once that holds it keeps holding:
+    // those links get no new WAL requests (only the kept link does, and a link
+    // is kept once), so waiting before the first write covers every later one.
+    if !wait_for_earlier_links(shared, peer, link).await {
+        return Ok(());
     }
     let (mut send, recv) = link
         .conn
@@ -1045,6 +1073,45 @@ async fn write_wal(
     }
     let _ = send.finish();
     Ok(())
+}
+
+/// Waits until no other open link of `peer` that was kept before `link` has
+/// WAL requests of this node queued or awaiting an answer. False if `link` or
+/// the transport closed meanwhile.
+async fn wait_for_earlier_links(shared: &Shared, peer: &PeerState, link: &Arc<Link>) -> bool {
+    let mine = match link.kept_since.load(Ordering::SeqCst) {
+        0 => u64::MAX,
+        k => k,
+    };
+    loop {
+        let idle = peer.wal_idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        let blocker = {
+            let links = peer.links.lock();
+            links
+                .all
+                .iter()
+                .find(|l| {
+                    let since = l.kept_since.load(Ordering::SeqCst);
+                    !Arc::ptr_eq(l, link)
+                        && since != 0
+                        && since < mine
+                        && l.is_live()
+                        && l.wal_outstanding.load(Ordering::SeqCst) > 0
+                })
+                .cloned()
+        };
+        let Some(blocker) = blocker else {
+            return true;
+        };
+        tokio::select! {
+            () = &mut idle => {}
+            _ = blocker.conn.closed() => {}
+            _ = link.conn.closed() => return false,
+            () = shared.closed.wait() => return false,
+        }
+    }
 }
 
 /// Reads WAL responses in order and hands each to the oldest waiting request.
@@ -1231,31 +1298,31 @@ async fn serve_wal(
 
 /// Winds down a retired connection: once this node's calls and WAL requests on
 /// it are answered, tells the peer ([`STREAM_RETIRE`]); once the peer said the
-/// same (or [`QuicOptions::drain_timeout`] passed), closes it with
-/// [`CODE_SUPERSEDED`].
+/// same, closes it with [`CODE_SUPERSEDED`]. All of this is bounded by
+/// [`QuicOptions::drain_timeout`]: then it is closed anyway (requests still on
+/// it fail).
 async fn retire(shared: Arc<Shared>, link: Arc<Link>) {
-    let drained = link.wait_until(|l| {
-        l.calls.load(Ordering::SeqCst) == 0 && l.wal_outstanding.load(Ordering::SeqCst) == 0
-    });
-    tokio::select! {
-        () = drained => {}
-        _ = link.conn.closed() => return,
-        () = shared.closed.wait() => return,
-    }
-    let announce = async {
-        let (mut send, _recv) = link.conn.open_bi().await.ok()?;
-        send.write_all(&[STREAM_RETIRE]).await.ok()?;
-        send.finish().ok()
-    };
-    let peer_done = link.wait_until(|l| l.peer_retired.load(Ordering::SeqCst));
-    let both = async {
+    let wind_down = async {
+        link.wait_until(|l| {
+            l.calls.load(Ordering::SeqCst) == 0 && l.wal_outstanding.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        let announce = async {
+            let (mut send, _recv) = link.conn.open_bi().await.ok()?;
+            send.write_all(&[STREAM_RETIRE]).await.ok()?;
+            send.finish().ok()
+        };
         announce.await;
-        peer_done.await;
+        link.wait_until(|l| l.peer_retired.load(Ordering::SeqCst))
+            .await;
     };
     tokio::select! {
-        r = tokio::time::timeout(shared.opts.drain_timeout, both) => {
+        r = tokio::time::timeout(shared.opts.drain_timeout, wind_down) => {
             if r.is_err() {
-                tracing::debug!(peer = %link.peer, "the peer did not retire a duplicate connection in time");
+                tracing::debug!(
+                    peer = %link.peer,
+                    "a retired duplicate connection did not wind down within the drain timeout; closing it"
+                );
             }
         }
         _ = link.conn.closed() => return,

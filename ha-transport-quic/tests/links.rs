@@ -621,6 +621,91 @@ async fn duplicate_connection_in_either_order_settles() {
     }
 }
 
+/// A chain of duplicates: WAL requests held on node 2's connection A, then node
+/// 1 dials B and, before anything goes on B, C. WAL requests sent on C must
+/// still wait for A's answers, so the handler sees them in call order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_order_holds_across_a_chain_of_retired_connections() {
+    let ca = CertificateAuthority::generate("chain", 1).unwrap();
+    let members = vec![NodeId(1), NodeId(2)];
+    let (mut nodes, conns) = pair(&ca, 1, |_| QuicOptions::new(loopback(), members.clone())).await;
+    // Node 2's WAL requests 1..=8 on A, held by node 1's handler.
+    let p1 = start_wal(&conns[1], NodeId(2), NodeId(1), 1, 8).await;
+    assert_eq!(next_seen(&mut nodes[0]).await, 1);
+    for k in 1..=2 {
+        nodes[0]
+            .node
+            .transport
+            .dial_new(&nodes[1].node.member)
+            .await
+            .unwrap();
+        assert!(
+            eventually(LIMIT, || nodes[1].node.transport.superseded_connections()
+                == k)
+            .await,
+            "node 2 switches to node 1's connection number {k}"
+        );
+    }
+    let p2 = start_wal(&conns[1], NodeId(2), NodeId(1), 9, 8).await;
+    // A control round trip on C after the WAL calls went on it.
+    conns[1]
+        .call(heartbeat(NodeId(2), NodeId(1), 100), CALL)
+        .await
+        .unwrap();
+    nodes[0].gate.add_permits(1000);
+    assert_eq!(all_ok(p1).await, (1..=8).collect::<Vec<_>>());
+    assert_eq!(all_ok(p2).await, (9..=16).collect::<Vec<_>>());
+    assert_eq!(*nodes[0].wal.lock(), (1..=16).collect::<Vec<_>>());
+    settled_on_node_1(&nodes).await;
+    for n in &nodes {
+        n.node.transport.close().await;
+    }
+}
+
+/// A retired connection whose own WAL request is never answered is closed
+/// after the drain timeout anyway (the request fails; later ones go on the
+/// kept connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_is_bounded_by_the_drain_timeout() {
+    let ca = CertificateAuthority::generate("drain", 1).unwrap();
+    let members = vec![NodeId(1), NodeId(2)];
+    let (mut nodes, conns) = pair(&ca, 1, |id| {
+        let mut o = QuicOptions::new(loopback(), members.clone());
+        // Node 1 would wait a minute for node 2 to retire the connection.
+        o.drain_timeout = if id == NodeId(2) {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(60)
+        };
+        o
+    })
+    .await;
+    // Node 2's WAL request on its own connection, never answered.
+    let stuck = start_wal(&conns[1], NodeId(2), NodeId(1), 1, 1).await;
+    assert_eq!(next_seen(&mut nodes[0]).await, 1);
+    nodes[0]
+        .node
+        .transport
+        .dial_new(&nodes[1].node.member)
+        .await
+        .unwrap();
+    // Node 2 closes the retired connection after its drain timeout although
+    // its request is unanswered; both nodes then have node 1's connection only.
+    settled_on_node_1(&nodes).await;
+    let r = tokio::time::timeout(LIMIT, stuck).await.unwrap().unwrap();
+    assert!(
+        matches!(r[0], Err(TransportError::Unreachable(..))),
+        "{r:?}"
+    );
+    // The kept connection works (the handler answers the next request).
+    nodes[0].gate.add_permits(1000);
+    let t = start_wal(&conns[1], NodeId(2), NodeId(1), 2, 2).await;
+    assert_eq!(all_ok(t).await, vec![2, 3]);
+    for n in &nodes {
+        n.node.transport.close().await;
+    }
+}
+
 /// Node 1 dials node 2 before listening itself; node 2's WAL request on that
 /// connection finds no handler, so node 1 ends the WAL stream. Node 2 must then
 /// close the connection (not keep it open while treating it as dead), and
