@@ -5,7 +5,7 @@
 //! Every stream starts with one byte naming its kind, then carries
 //! [`framing`] frames:
 //! - [`STREAM_WAL`]: one long-lived, ordered bidirectional stream per connection
-//!   and direction. WAL-channel requests are queued when `call` is invoked and
+//!   and direction (a second one from the peer closes the connection). WAL-channel requests are queued when `call` is invoked and
 //!   written in that order (several queued requests in one write); the receiver
 //!   hands them to its handler one after the other (reading ahead up to
 //!   [`WAL_WINDOW`] requests) and answers in order.
@@ -28,7 +28,8 @@
 //! [`QuicOptions::drain_timeout`], after which the retired connection is closed
 //! anyway. Normally no request is lost or failed because of this; a control
 //! request that does fail on a retired connection (it died) is retried once on
-//! the kept one.
+//! the kept one. A peer may hold at most [`MAX_CONNECTIONS_PER_PEER`] open
+//! connections; one it opens beyond that is closed as a protocol error.
 //!
 //! # Reconnecting
 //! While a [`QuicConnection`] to a peer is open, a background task re-dials that
@@ -100,6 +101,11 @@ const CODE_CLOSED: u32 = 2;
 /// Application close code: a duplicate connection of a peer pair, closed once
 /// both sides finished with it; the pair's kept connection carries on.
 pub const CODE_SUPERSEDED: u32 = 3;
+
+/// At most this many open connections per peer (the kept one and those being
+/// retired); a connection the peer opens beyond that is closed as a protocol
+/// error.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 3;
 
 /// How many queued WAL requests (or responses) go out in one stream write.
 const MAX_COALESCE: usize = 64;
@@ -335,6 +341,8 @@ struct Link {
     retired: AtomicBool,
     /// The peer said it sends no more requests on it.
     peer_retired: AtomicBool,
+    /// The peer opened its WAL stream on it (at most one is allowed).
+    peer_wal_stream: AtomicBool,
     /// This node's WAL requests queued or awaiting an answer on it.
     wal_outstanding: AtomicUsize,
     /// This node's control calls in progress on it.
@@ -366,6 +374,7 @@ impl Link {
             wal_tx,
             retired: AtomicBool::new(false),
             peer_retired: AtomicBool::new(false),
+            peer_wal_stream: AtomicBool::new(false),
             wal_outstanding: AtomicUsize::new(0),
             calls: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -710,12 +719,24 @@ impl Shared {
     }
 
     /// Adds a new connection, chooses the pair's kept one and retires the others.
+    /// A connection the peer opened beyond [`MAX_CONNECTIONS_PER_PEER`] is
+    /// closed instead.
     fn register(self: &Arc<Self>, peer: &Arc<PeerState>, link: Arc<Link>) {
         let retired = {
             let mut links = peer.links.lock();
             links.all.retain(|l| l.is_live());
-            links.all.push(link);
-            self.elect(peer.id, &mut links)
+            if link.dialer == peer.id && links.all.len() >= MAX_CONNECTIONS_PER_PEER {
+                None
+            } else {
+                links.all.push(link.clone());
+                Some(self.elect(peer.id, &mut links))
+            }
+        };
+        let Some(retired) = retired else {
+            link.protocol_close(&format!(
+                "the peer already has {MAX_CONNECTIONS_PER_PEER} open connections"
+            ));
+            return;
         };
         self.superseded.fetch_add(retired.len(), Ordering::SeqCst);
         for link in retired {
@@ -1201,6 +1222,9 @@ async fn serve_stream(
         }
     }
     match kind[0] {
+        STREAM_WAL if link.peer_wal_stream.swap(true, Ordering::SeqCst) => {
+            link.protocol_close("a second WAL stream on one connection");
+        }
         STREAM_WAL => serve_wal(shared, link, send, recv).await,
         STREAM_CONTROL => serve_control(shared, link, send, recv).await,
         STREAM_RETIRE => {

@@ -307,6 +307,99 @@ async fn unknown_stream_kind_closes_connection() {
     bad_bytes_close_connection(vec![0x7f, 0, 0, 0, 0]).await;
 }
 
+/// A raw connection of member `id` to the cluster's server.
+async fn member_conn(c: &Cluster, id: NodeId) -> (quinn::Endpoint, quinn::Connection) {
+    let cert = c.ca.issue(&NodeCertSpec::new(id, 1)).unwrap();
+    let cfg = raw_client(&c.ca, Some(pem_auth(&cert.cert_pem, &cert.key_pem)));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(cfg, c.server.member.addr.parse().unwrap(), "node-2")
+        .unwrap()
+        .await
+        .unwrap();
+    (endpoint, conn)
+}
+
+/// The close code the server gave `conn`, waiting at most [`LIMIT`].
+async fn close_code(conn: &quinn::Connection) -> u32 {
+    let reason = tokio::time::timeout(LIMIT, conn.closed())
+        .await
+        .expect("the server closes the connection");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(a) => {
+            u32::try_from(a.error_code.into_inner()).unwrap()
+        }
+        other => panic!("closed by the application expected, got {other}"),
+    }
+}
+
+/// Node 3 can still connect and call.
+async fn node_3_is_served(c: &Cluster) {
+    let other = node(
+        &identity(&c.ca, &NodeCertSpec::new(NodeId(3), 1)),
+        &[NodeId(1), NodeId(2), NodeId(3)],
+    );
+    let conn3 = other.transport.connect(&c.server.member).await.unwrap();
+    let ok = conn3
+        .call(heartbeat(NodeId(3), NodeId(2), 1), LIMIT)
+        .await
+        .unwrap();
+    assert!(matches!(ok.body, Response::HeartbeatAck(_)));
+    other.transport.close().await;
+}
+
+/// One WAL stream per connection: a second one closes the connection as a
+/// protocol error (each would cost a large read buffer, and two would let the
+/// peer's requests overtake each other); other peers are unaffected.
+#[tokio::test]
+async fn second_wal_stream_closes_connection() {
+    let c = cluster().await;
+    let (endpoint, conn) = member_conn(&c, NodeId(1)).await;
+    let (mut first, _r1) = conn.open_bi().await.unwrap();
+    first.write_all(&[STREAM_WAL]).await.unwrap();
+    let (mut second, _r2) = conn.open_bi().await.unwrap();
+    second.write_all(&[STREAM_WAL]).await.unwrap();
+    assert_eq!(close_code(&conn).await, 1, "closed as a protocol error");
+    node_3_is_served(&c).await;
+    c.server.transport.close().await;
+    endpoint.close(0u32.into(), b"");
+}
+
+/// A peer cannot hold more than three open connections (the kept one and two
+/// being retired): a fourth is closed as a protocol error, the others stay.
+#[tokio::test]
+async fn too_many_connections_from_one_peer_are_refused() {
+    let c = cluster().await;
+    let mut held = Vec::new();
+    for k in 1..=3 {
+        held.push(member_conn(&c, NodeId(1)).await);
+        let registered = async {
+            for _ in 0..2000 {
+                if c.server.transport.live_connections(NodeId(1)) == k {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(LIMIT, registered)
+            .await
+            .expect("the server registers the connection");
+        assert_eq!(c.server.transport.live_connections(NodeId(1)), k);
+    }
+    let (endpoint, extra) = member_conn(&c, NodeId(1)).await;
+    assert_eq!(close_code(&extra).await, 1, "closed as a protocol error");
+    assert_eq!(c.server.transport.live_connections(NodeId(1)), 3);
+    for (_, conn) in &held {
+        assert!(conn.close_reason().is_none(), "the earlier ones stay open");
+    }
+    node_3_is_served(&c).await;
+    c.server.transport.close().await;
+    endpoint.close(0u32.into(), b"");
+    for (e, _) in held {
+        e.close(0u32.into(), b"");
+    }
+}
+
 #[test]
 fn identity_used_by_helpers_is_a_member() {
     let ca = CertificateAuthority::generate("c", 1).unwrap();
