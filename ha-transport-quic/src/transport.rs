@@ -28,7 +28,11 @@
 //! [`QuicOptions::drain_timeout`], after which the retired connection is closed
 //! anyway. Normally no request is lost or failed because of this; a control
 //! request that does fail on a retired connection (it died) is retried once on
-//! the kept one. A peer may hold at most [`MAX_CONNECTIONS_PER_PEER`] open
+//! the kept one. If the peer retires the connection this node keeps (their
+//! views of which connections are open differed), this node logs it, retires
+//! it too; the reconnect task or the next call dials anew, so the pair settles
+//! on one connection. A peer may
+//! hold at most [`MAX_CONNECTIONS_PER_PEER`] open
 //! connections; one it opens beyond that is closed as a protocol error.
 //!
 //! # Reconnecting
@@ -784,6 +788,33 @@ impl Shared {
         retired
     }
 
+    /// The peer retired `link`. If this node still keeps it, the two nodes
+    /// chose differently (their views of which connections are open
+    /// differed): this node retires it too, and the next call or the reconnect
+    /// task settles the pair on a connection both keep.
+    fn peer_retired(self: &Arc<Self>, peer: &Arc<PeerState>, link: &Arc<Link>) {
+        let retired = {
+            let mut links = peer.links.lock();
+            if link.is_retired() || !link.is_live() {
+                return;
+            }
+            link.retired.store(true, Ordering::SeqCst);
+            let mut retired = self.elect(peer.id, &mut links);
+            retired.push(link.clone());
+            retired
+        };
+        tracing::warn!(
+            peer = %peer.id,
+            dialer = %link.dialer,
+            "the peer retired the connection this node keeps; retiring it too"
+        );
+        self.superseded.fetch_add(retired.len(), Ordering::SeqCst);
+        for l in retired {
+            tokio::spawn(retire(self.clone(), l));
+        }
+        peer.changed.notify_waiters();
+    }
+
     /// Drops a connection that ended.
     fn forget(&self, peer: &PeerState, link: &Arc<Link>) {
         {
@@ -1192,7 +1223,13 @@ async fn serve_conn(shared: Arc<Shared>, peer: Arc<PeerState>, link: Arc<Link>) 
         };
         match accepted {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(shared.clone(), link.clone(), send, recv));
+                tokio::spawn(serve_stream(
+                    shared.clone(),
+                    peer.clone(),
+                    link.clone(),
+                    send,
+                    recv,
+                ));
             }
             Err(e) => {
                 tracing::debug!(peer = %link.peer, "connection ended: {e}");
@@ -1205,6 +1242,7 @@ async fn serve_conn(shared: Arc<Shared>, peer: Arc<PeerState>, link: Arc<Link>) 
 
 async fn serve_stream(
     shared: Arc<Shared>,
+    peer: Arc<PeerState>,
     link: Arc<Link>,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -1230,6 +1268,7 @@ async fn serve_stream(
         STREAM_RETIRE => {
             link.peer_retired.store(true, Ordering::SeqCst);
             link.idle.notify_waiters();
+            shared.peer_retired(&peer, &link);
         }
         other => link.protocol_close(&format!("unknown stream kind {other}")),
     }

@@ -14,7 +14,7 @@ use ha_core::transport::{BoxFuture, PeerConnection, RequestHandler, Transport};
 use ha_core::types::NodeId;
 use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::framing::{self, MAX_FRAME_BYTES};
-use ha_transport_quic::transport::{STREAM_CONTROL, STREAM_WAL};
+use ha_transport_quic::transport::{CODE_SUPERSEDED, STREAM_CONTROL, STREAM_RETIRE, STREAM_WAL};
 use ha_transport_quic::{tls, QuicTransport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -398,6 +398,35 @@ async fn too_many_connections_from_one_peer_are_refused() {
     for (e, _) in held {
         e.close(0u32.into(), b"");
     }
+}
+
+/// The peer retires the connection this node keeps (their views differ): the
+/// node retires it too and closes it once drained, without waiting for the
+/// drain timeout or for the peer to close it.
+#[tokio::test]
+async fn retiring_the_kept_connection_is_honoured() {
+    let c = cluster().await;
+    // Node 1 dialed this connection, so node 2 keeps it.
+    let (endpoint, conn) = member_conn(&c, NodeId(1)).await;
+    let registered = async {
+        for _ in 0..2000 {
+            if c.server.transport.live_connections(NodeId(1)) == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(LIMIT, registered)
+        .await
+        .expect("the server registers the connection");
+    let (mut retire, _recv) = conn.open_bi().await.unwrap();
+    retire.write_all(&[STREAM_RETIRE]).await.unwrap();
+    retire.finish().unwrap();
+    assert_eq!(close_code(&conn).await, CODE_SUPERSEDED);
+    assert_eq!(c.server.transport.superseded_connections(), 1);
+    node_3_is_served(&c).await;
+    c.server.transport.close().await;
+    endpoint.close(0u32.into(), b"");
 }
 
 #[test]
