@@ -111,6 +111,10 @@ pub const CODE_SUPERSEDED: u32 = 3;
 /// error.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 3;
 
+/// How many dials one caller makes for a connection before giving up (a dial
+/// that succeeds normally leaves a kept connection at once).
+const MAX_OWN_DIALS: u32 = 4;
+
 /// How many queued WAL requests (or responses) go out in one stream write.
 const MAX_COALESCE: usize = 64;
 /// Read buffer of a stream that carries many frames.
@@ -831,7 +835,26 @@ impl Shared {
     /// The peer's kept connection if it is open, else a new dial (one at a time
     /// per peer: a concurrent caller waits for the dial in progress). With
     /// `respect_backoff`, fails at once while a failed dial's backoff runs.
+    /// Gives up after [`MAX_OWN_DIALS`] dials of its own that left no kept
+    /// connection, or after that many connect timeouts (plus one for another
+    /// caller's dial) in all; other callers' activity uses up neither.
     async fn ensure_link(
+        self: &Arc<Self>,
+        peer: &Arc<PeerState>,
+        member: &Member,
+        respect_backoff: bool,
+    ) -> Result<Arc<Link>, TransportError> {
+        let bound = self.opts.connect_timeout.saturating_mul(MAX_OWN_DIALS + 1);
+        match tokio::time::timeout(bound, self.settle_link(peer, member, respect_backoff)).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Unreachable(
+                peer.id,
+                format!("no connection within {bound:?}"),
+            )),
+        }
+    }
+
+    async fn settle_link(
         self: &Arc<Self>,
         peer: &Arc<PeerState>,
         member: &Member,
@@ -839,8 +862,11 @@ impl Shared {
     ) -> Result<Arc<Link>, TransportError> {
         let closed = self.closed.wait();
         tokio::pin!(closed);
-        // A dial registers a connection or fails; a few rounds settle it.
-        for _ in 0..4 {
+        // A dial registers a connection or fails; if the connection it
+        // registered is not kept (or closes at once), dial again, a few times.
+        // Wake-ups from other callers' dials and link changes do not count.
+        let mut dials = 0;
+        loop {
             if self.closed.is_set() {
                 return Err(TransportError::Closed);
             }
@@ -855,6 +881,12 @@ impl Shared {
                 if links.dialing {
                     false
                 } else {
+                    if dials >= MAX_OWN_DIALS {
+                        return Err(TransportError::Unreachable(
+                            peer.id,
+                            format!("no connection after {dials} dials"),
+                        ));
+                    }
                     if respect_backoff {
                         if let Some(left) = links.backoff.wait_left() {
                             return Err(TransportError::Unreachable(
@@ -873,6 +905,7 @@ impl Shared {
                     () = &mut closed => return Err(TransportError::Closed),
                 }
             }
+            dials += 1;
             let gate = DialGate { peer };
             let result = tokio::select! {
                 r = self.dial(peer, member) => r,
@@ -888,10 +921,6 @@ impl Shared {
             drop(gate);
             result?;
         }
-        Err(TransportError::Unreachable(
-            peer.id,
-            "no connection after repeated dials".into(),
-        ))
     }
 
     /// Dials `member` and registers the connection.
@@ -1972,6 +2001,88 @@ mod tests {
         assert_eq!(w.used(), 1);
         drop(s3);
         assert_eq!(w.used(), 0);
+    }
+
+    struct Refuse;
+
+    impl RequestHandler for Refuse {
+        fn handle(
+            &self,
+            _peer: NodeId,
+            req: Envelope<Request>,
+        ) -> ha_core::transport::BoxFuture<Envelope<Response>> {
+            Box::pin(std::future::ready(Envelope {
+                from: req.to,
+                to: req.from,
+                term: req.term,
+                request_id: req.request_id,
+                body: Response::Error(RpcError::Malformed("test".into())),
+            }))
+        }
+    }
+
+    fn transport(ca: &crate::certs::CertificateAuthority, id: u64) -> QuicTransport {
+        let cert = ca
+            .issue(&crate::certs::NodeCertSpec::new(NodeId(id), 1))
+            .unwrap();
+        let identity = Identity::from_pem(&ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+        let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        QuicTransport::new(
+            &identity,
+            QuicOptions::new(bind, vec![NodeId(1), NodeId(2)]),
+        )
+        .unwrap()
+    }
+
+    /// A caller waiting for another caller's dial is woken by unrelated changes
+    /// many times; it neither gives up nor counts them as its own dials, and
+    /// dials itself once the other dial ended without a connection.
+    #[tokio::test(flavor = "current_thread")]
+    async fn ensure_link_is_not_used_up_by_unrelated_wakeups() {
+        let ca = crate::certs::CertificateAuthority::generate("ensure", 1).unwrap();
+        let one = transport(&ca, 1);
+        let two = transport(&ca, 2);
+        two.listen(Arc::new(Refuse)).await.unwrap();
+        let member = Member {
+            id: NodeId(2),
+            addr: two.local_addr().unwrap().to_string(),
+            kind: ha_core::types::MemberKind::Data,
+        };
+        let shared = one.inner.clone();
+        let peer = shared.peer(NodeId(2));
+        // Another caller's dial is in progress.
+        peer.links.lock().dialing = true;
+        let waiter = {
+            let (shared, peer) = (shared.clone(), peer.clone());
+            tokio::spawn(async move {
+                shared
+                    .ensure_link(&peer, &member, false)
+                    .await
+                    .map(|l| l.dialer)
+            })
+        };
+        // On this single-threaded runtime each yield lets the waiter run.
+        for _ in 0..10 {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            peer.changed.notify_waiters();
+        }
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "the waiter gave up: {waiter:?}");
+        // The other dial ends without a connection: the waiter dials itself.
+        peer.links.lock().dialing = false;
+        peer.changed.notify_waiters();
+        let dialer = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(dialer, NodeId(1));
+        one.close().await;
+        two.close().await;
     }
 
     #[tokio::test]
