@@ -19,20 +19,25 @@
 //! it. When both nodes dial at once, two connections exist for a moment; both
 //! nodes then keep the same one, deterministically: the one dialed by the lower
 //! node id (among several from the same dialer, the newest). The other is
-//! *retired*: no new request goes on it, requests already on it finish normally,
-//! WAL requests on the kept connection wait until every connection kept before
-//! it has answered all of its own or closed (so WAL order holds across any
-//! number of switches), and once each side has told the other it is done
-//! ([`STREAM_RETIRE`]) it is closed with the application code
-//! [`CODE_SUPERSEDED`]. Winding down is bounded by
-//! [`QuicOptions::drain_timeout`], after which the retired connection is closed
-//! anyway. Normally no request is lost or failed because of this; a control
-//! request that does fail on a retired connection (it died) is retried once on
-//! the kept one. If the peer retires the connection this node keeps (their
-//! views of which connections are open differed), this node logs it, retires
-//! it too; the reconnect task or the next call dials anew, so the pair settles
-//! on one connection. A peer may
-//! hold at most [`MAX_CONNECTIONS_PER_PEER`] open
+//! *retired*: no new request goes on it and requests already on it finish
+//! normally. WAL requests on the kept connection wait until every connection
+//! kept before it has answered all of its own or closed, so WAL order holds
+//! across any number of switches. Once each side has told the other it is done
+//! ([`STREAM_RETIRE`]), the retired connection is closed with the application
+//! code [`CODE_SUPERSEDED`]; winding down is bounded by
+//! [`QuicOptions::drain_timeout`], after which it is closed anyway and requests
+//! still on it fail.
+//!
+//! Normally no request fails because of this. A control request that does fail
+//! on a retired connection (it died, the request may have run) is retried once
+//! on the kept one only if running it twice is harmless (heartbeats, votes,
+//! pre-votes, fences); a promote or raise-floor, like any WAL request, fails
+//! with the error and the engine decides.
+//!
+//! If the peer retires the connection this node keeps (their views of which
+//! connections are open differed), this node logs it and retires it too; the
+//! reconnect task or the next call dials anew, so the pair settles on one
+//! connection. A peer may hold at most [`MAX_CONNECTIONS_PER_PEER`] open
 //! connections; one it opens beyond that is closed as a protocol error.
 //!
 //! # Reconnecting
@@ -792,11 +797,28 @@ impl Shared {
         retired
     }
 
-    /// The peer retired `link`. If this node still keeps it, the two nodes
-    /// chose differently (their views of which connections are open
+    /// The peer retired `link`. Usually this node retires it too on its own
+    /// soon: the peer prefers a connection this node is still accepting. If
+    /// this node still keeps it after [`QuicOptions::connect_timeout`], the two
+    /// nodes chose differently (their views of which connections are open
     /// differed): this node retires it too, and the next call or the reconnect
     /// task settles the pair on a connection both keep.
-    fn peer_retired(self: &Arc<Self>, peer: &Arc<PeerState>, link: &Arc<Link>) {
+    async fn peer_retired(self: &Arc<Self>, peer: &Arc<PeerState>, link: &Arc<Link>) {
+        let settled = async {
+            loop {
+                let changed = peer.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if link.is_retired() || !link.is_live() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(self.opts.connect_timeout, settled) => {}
+            () = self.closed.wait() => return,
+        }
         let retired = {
             let mut links = peer.links.lock();
             if link.is_retired() || !link.is_live() {
@@ -1297,7 +1319,7 @@ async fn serve_stream(
         STREAM_RETIRE => {
             link.peer_retired.store(true, Ordering::SeqCst);
             link.idle.notify_waiters();
-            shared.peer_retired(&peer, &link);
+            shared.peer_retired(&peer, &link).await;
         }
         other => link.protocol_close(&format!("unknown stream kind {other}")),
     }
@@ -1784,10 +1806,24 @@ enum Prepared {
     /// A WAL request in line for the window (with its slot if it has one) or
     /// for a connection.
     WalPending(Ticket, Option<Slot>, Vec<u8>),
-    /// A control request on this link.
-    Control(Outstanding, Vec<u8>),
+    /// A control request on this link; whether it may be retried (see
+    /// [`retry_safe`]).
+    Control(Outstanding, Vec<u8>, bool),
     /// A control request, with no open connection.
-    ControlRedial(Vec<u8>),
+    ControlRedial(Vec<u8>, bool),
+}
+
+/// Whether a control request may be sent once more after the retired
+/// connection it was on died with it unanswered (it may have run already):
+/// only if running it twice is harmless. Heartbeats, votes and pre-votes (a
+/// voter answers the same candidate in the same term alike) and fences are;
+/// promote (TimeoutNow) and raise-floor are not retried, the caller gets the
+/// error and the engine decides.
+fn retry_safe(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Heartbeat(_) | Request::Vote(_) | Request::Fence(_)
+    )
 }
 
 impl ConnInner {
@@ -1855,10 +1891,13 @@ impl ConnInner {
                     None => Ok(Prepared::WalPending(ticket, None, frame)),
                 }
             }
-            Channel::Control => Ok(match self.pick() {
-                Some(count) => Prepared::Control(count, frame),
-                None => Prepared::ControlRedial(frame),
-            }),
+            Channel::Control => {
+                let retry = retry_safe(&request.body);
+                Ok(match self.pick() {
+                    Some(count) => Prepared::Control(count, frame, retry),
+                    None => Prepared::ControlRedial(frame, retry),
+                })
+            }
         }
     }
 
@@ -1870,13 +1909,18 @@ impl ConnInner {
             .map(|_| ())
     }
 
-    /// A control call; if it failed because its retired connection died, once
-    /// more on the kept one.
-    async fn control(&self, count: Outstanding, frame: Vec<u8>) -> Result<Vec<u8>, TransportError> {
+    /// A control call; if it failed because its retired connection died and it
+    /// is `retry`-safe, once more on the kept one.
+    async fn control(
+        &self,
+        count: Outstanding,
+        frame: Vec<u8>,
+        retry: bool,
+    ) -> Result<Vec<u8>, TransportError> {
         let result = control_call(&self.shared, &count.link, &frame).await;
         match result {
             Err(TransportError::Unreachable(..))
-                if count.link.is_retired() && !count.link.is_live() =>
+                if retry && count.link.is_retired() && !count.link.is_live() =>
             {
                 drop(count);
                 match self.pick() {
@@ -1908,11 +1952,11 @@ impl ConnInner {
                 drop(ticket);
                 rx.await.map_err(|_| self.lost())
             }
-            Prepared::Control(count, frame) => self.control(count, frame).await,
-            Prepared::ControlRedial(frame) => {
+            Prepared::Control(count, frame, retry) => self.control(count, frame, retry).await,
+            Prepared::ControlRedial(frame, retry) => {
                 self.redial().await?;
                 match self.pick() {
-                    Some(count) => self.control(count, frame).await,
+                    Some(count) => self.control(count, frame, retry).await,
                     None => Err(self.lost()),
                 }
             }
@@ -2083,6 +2127,43 @@ mod tests {
         assert_eq!(dialer, NodeId(1));
         one.close().await;
         two.close().await;
+    }
+
+    #[test]
+    fn only_idempotent_control_requests_are_retried() {
+        use ha_core::message::{Fence, Heartbeat, Promote, RaiseFloor, VoteRequest};
+        use ha_core::types::{LogIndex, Position, Term};
+        let term = Term {
+            number: 1,
+            node: NodeId(1),
+        };
+        let last = Position::new(term, LogIndex(1));
+        let vote = |pre_vote| {
+            Request::Vote(VoteRequest {
+                pre_vote,
+                campaign_term: term,
+                last,
+                transfer: false,
+            })
+        };
+        assert!(retry_safe(&Request::Heartbeat(Heartbeat {
+            commit: LogIndex(1),
+            last,
+        })));
+        assert!(retry_safe(&vote(true)));
+        assert!(retry_safe(&vote(false)));
+        assert!(retry_safe(&Request::Fence(Fence {
+            reason: "test".into()
+        })));
+        assert!(!retry_safe(&Request::Promote(Promote {
+            reason: "test".into(),
+            last,
+        })));
+        assert!(!retry_safe(&Request::RaiseFloor(RaiseFloor {
+            floors: vec![(NodeId(2), last)],
+            commit: LogIndex(1),
+            rewrite: false,
+        })));
     }
 
     #[tokio::test]

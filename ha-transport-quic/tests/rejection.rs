@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{echo, heartbeat, identity, node};
+use common::{echo, heartbeat, identity, loopback, node, node_with};
 use ha_core::message::{Envelope, Request, Response, RpcError};
 use ha_core::testkit::conformance::HarnessNode;
 use ha_core::transport::{BoxFuture, PeerConnection, RequestHandler, Transport};
@@ -15,7 +15,7 @@ use ha_core::types::NodeId;
 use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::framing::{self, MAX_FRAME_BYTES};
 use ha_transport_quic::transport::{CODE_SUPERSEDED, STREAM_CONTROL, STREAM_RETIRE, STREAM_WAL};
-use ha_transport_quic::{tls, QuicTransport};
+use ha_transport_quic::{tls, QuicOptions, QuicTransport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -39,9 +39,16 @@ struct Cluster {
 
 /// Members 1, 2, 3; node 2 listens with a counting handler.
 async fn cluster() -> Cluster {
+    cluster_with(|_| {}).await
+}
+
+/// [`cluster`] with the server's options adjusted by `adjust`.
+async fn cluster_with(adjust: impl FnOnce(&mut QuicOptions)) -> Cluster {
     let ca = CertificateAuthority::generate("cluster", 1).unwrap();
     let members = [NodeId(1), NodeId(2), NodeId(3)];
-    let server = node(&identity(&ca, &NodeCertSpec::new(NodeId(2), 1)), &members);
+    let mut opts = QuicOptions::new(loopback(), members.to_vec());
+    adjust(&mut opts);
+    let server = node_with(&identity(&ca, &NodeCertSpec::new(NodeId(2), 1)), opts);
     let seen = Arc::new(AtomicUsize::new(0));
     server
         .transport
@@ -400,12 +407,17 @@ async fn too_many_connections_from_one_peer_are_refused() {
     }
 }
 
-/// The peer retires the connection this node keeps (their views differ): the
-/// node retires it too and closes it once drained, without waiting for the
-/// drain timeout or for the peer to close it.
+/// The peer retires the connection this node keeps and no connection it would
+/// prefer shows up (their views differ): after the connect timeout the node
+/// retires it too and closes it once drained, without waiting for the drain
+/// timeout or for the peer to close it.
 #[tokio::test]
 async fn retiring_the_kept_connection_is_honoured() {
-    let c = cluster().await;
+    let c = cluster_with(|o| {
+        o.connect_timeout = Duration::from_millis(300);
+        o.drain_timeout = Duration::from_secs(60);
+    })
+    .await;
     // Node 1 dialed this connection, so node 2 keeps it.
     let (endpoint, conn) = member_conn(&c, NodeId(1)).await;
     let registered = async {
