@@ -1524,9 +1524,29 @@ impl Transport for QuicTransport {
             if spawn {
                 let running = Running::new(&shared);
                 let task = tokio::spawn(reconnector(shared.clone(), peer.clone(), running));
-                let mut tasks = shared.tasks.lock();
-                tasks.retain(|t| !t.is_finished());
-                tasks.push(task);
+                // `close` sets the latch before it takes the tasks, so either it
+                // takes this one or this sees the latch (under the lock) and
+                // awaits the task itself, which ends at once.
+                let late = {
+                    let mut tasks = shared.tasks.lock();
+                    if shared.closed.is_set() {
+                        Some(task)
+                    } else {
+                        tasks.retain(|t| !t.is_finished());
+                        tasks.push(task);
+                        None
+                    }
+                };
+                if let Some(mut task) = late {
+                    if tokio::time::timeout(shared.opts.close_timeout, &mut task)
+                        .await
+                        .is_err()
+                    {
+                        task.abort();
+                        let _ = task.await;
+                    }
+                    return Err(TransportError::Closed);
+                }
             }
             Ok(QuicConnection {
                 inner: Arc::new(ConnInner {
@@ -1575,12 +1595,11 @@ impl Transport for QuicTransport {
         }
         let tasks = std::mem::take(&mut *shared.tasks.lock());
         async move {
-            // The reconnect tasks watch the closed latch and end at once.
+            // The reconnect tasks watch the closed latch and end at once; all of
+            // them together get close_timeout.
+            let deadline = Instant::now() + shared.opts.close_timeout;
             for mut task in tasks {
-                if tokio::time::timeout(shared.opts.close_timeout, &mut task)
-                    .await
-                    .is_err()
-                {
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                     task.abort();
                     let _ = task.await;
                 }
