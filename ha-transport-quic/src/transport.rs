@@ -5,7 +5,8 @@
 //! Every stream starts with one byte naming its kind, then carries
 //! [`framing`] frames:
 //! - [`STREAM_WAL`]: one long-lived, ordered bidirectional stream per connection
-//!   and direction (a second one from the peer closes the connection). WAL-channel requests are queued when `call` is invoked and
+//!   and direction (a second one from the peer closes the connection).
+//!   WAL-channel requests are queued when `call` is invoked and
 //!   written in that order (several queued requests in one write); the receiver
 //!   hands them to its handler one after the other (reading ahead up to
 //!   [`WAL_WINDOW`] requests) and answers in order.
@@ -34,10 +35,11 @@
 //! pre-votes, fences); a promote or raise-floor, like any WAL request, fails
 //! with the error and the engine decides.
 //!
-//! If the peer retires the connection this node keeps (their views of which
-//! connections are open differed), this node logs it and retires it too; the
-//! reconnect task or the next call dials anew, so the pair settles on one
-//! connection. A peer may hold at most [`MAX_CONNECTIONS_PER_PEER`] open
+//! If the peer retires the connection this node keeps and no connection the
+//! peer would prefer arrives within [`QuicOptions::connect_timeout`] (their
+//! views of which connections are open differed), this node logs it and retires
+//! it too; the reconnect task or the next call dials anew, so the pair settles
+//! on one connection. A peer may hold at most [`MAX_CONNECTIONS_PER_PEER`] open
 //! connections; one it opens beyond that is closed as a protocol error.
 //!
 //! # Reconnecting
