@@ -17,6 +17,33 @@ use crate::types::NodeId;
 /// A boxed future, for the object-safe handler.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// Checks that a decoded response answers the request: it must echo `request_id`
+/// and come from `peer` (the peer the request went to). Every transport runs this
+/// on every response, so a confused or malicious peer cannot answer for another
+/// request or another node.
+pub fn check_response(
+    peer: NodeId,
+    request_id: u64,
+    response: Envelope<Response>,
+) -> Result<Envelope<Response>, TransportError> {
+    if response.request_id != request_id {
+        return Err(TransportError::Protocol(
+            peer,
+            format!(
+                "response echoes request id {} instead of {request_id}",
+                response.request_id
+            ),
+        ));
+    }
+    if response.from != peer {
+        return Err(TransportError::Protocol(
+            peer,
+            format!("response claims to come from {}", response.from),
+        ));
+    }
+    Ok(response)
+}
+
 /// Answers requests that arrive from peers.
 ///
 /// The transport has already authenticated the peer: `peer` is the identity proven

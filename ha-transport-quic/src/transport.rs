@@ -1484,22 +1484,7 @@ fn check_response(
 ) -> Result<Envelope<Response>, TransportError> {
     let response: Envelope<Response> = framing::decode(body)
         .map_err(|e| TransportError::Protocol(peer, format!("undecodable response: {e}")))?;
-    if response.request_id != request_id {
-        return Err(TransportError::Protocol(
-            peer,
-            format!(
-                "response echoes request id {} instead of {request_id}",
-                response.request_id
-            ),
-        ));
-    }
-    if response.from != peer {
-        return Err(TransportError::Protocol(
-            peer,
-            format!("response claims to come from {}", response.from),
-        ));
-    }
-    Ok(response)
+    ha_core::transport::check_response(peer, request_id, response)
 }
 
 impl Transport for QuicTransport {

@@ -545,22 +545,7 @@ fn decode_response(
             ))
         }
     };
-    if response.request_id != request_id {
-        return Err(TransportError::Protocol(
-            peer,
-            format!(
-                "response echoes request id {} instead of {request_id}",
-                response.request_id
-            ),
-        ));
-    }
-    if response.from != peer {
-        return Err(TransportError::Protocol(
-            peer,
-            format!("response claims to come from {}", response.from),
-        ));
-    }
-    Ok(response)
+    crate::transport::check_response(peer, request_id, response)
 }
 
 /// Delivers WAL requests of one connection one after the other, in call order.
