@@ -2,16 +2,14 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use ha_core::log_store::{Snapshot, StoredState};
-use ha_core::types::{HardState, LogIndex, Position, Term, WalEntry};
+use ha_core::types::{HardState, LogIndex, Position, Term};
 use ha_core::StorageError;
 
-use crate::format::{decode_record, RecordDecode, SEGMENT_HEADER_LEN};
-use crate::fsutil::{corrupt, io_err};
+use crate::format::SEGMENT_HEADER_LEN;
 
 /// One segment file.
 #[derive(Debug)]
@@ -76,9 +74,6 @@ pub(crate) struct State {
     pub(crate) failed: Option<StorageError>,
 }
 
-/// Reads are done in chunks of at most this many bytes.
-const READ_CHUNK: u64 = 1 << 20;
-
 impl State {
     /// Refuses reads once the writer failed.
     pub(crate) fn check_usable(&self) -> Result<(), StorageError> {
@@ -121,113 +116,12 @@ impl State {
             .unwrap_or(LogIndex::ZERO)
     }
 
-    /// Entries `[from, to)`, stopping once `max_bytes` (by
-    /// [`WalEntry::approx_size`]) is exceeded, but with at least one entry.
-    pub(crate) fn read(
-        &self,
-        from: LogIndex,
-        to: LogIndex,
-        max_bytes: usize,
-    ) -> Result<Vec<WalEntry>, StorageError> {
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        if from <= self.base.index {
-            return Err(StorageError::Invalid(format!(
-                "read from index {from}: entries up to {} are compacted (or index 0, which is no entry)",
-                self.base.index
-            )));
-        }
-        // Positions in `locs`: [k, end).
-        let base = self.base.index.0;
-        let k0 = usize::try_from(from.0 - base - 1).unwrap_or(usize::MAX);
-        let end = usize::try_from(to.0 - base - 1)
-            .unwrap_or(usize::MAX)
-            .min(self.locs.len());
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut k = k0;
-        let mut buf = Vec::new();
-        while k < end {
-            let Some(first) = self.locs.get(k).copied() else {
-                break;
-            };
-            let seg = self.segment(first.seq).ok_or_else(|| {
-                StorageError::Io(format!(
-                    "an entry is in segment {} which is not open (internal error)",
-                    first.seq
-                ))
-            })?;
-            // A run of records of this segment, back to back, bounded in size.
-            let budget = (max_bytes.saturating_sub(bytes) as u64)
-                .saturating_add(64 << 10)
-                .min(READ_CHUNK);
-            let mut stop = first.offset + u64::from(first.len);
-            let mut j = k + 1;
-            while j < end && stop - first.offset < budget {
-                match self.locs.get(j) {
-                    Some(l) if l.seq == first.seq && l.offset == stop => {
-                        stop += u64::from(l.len);
-                        j += 1;
-                    }
-                    _ => break,
-                }
-            }
-            let span = usize::try_from(stop - first.offset)
-                .map_err(|_| StorageError::Io("read span too large".to_string()))?;
-            buf.resize(span, 0);
-            seg.file
-                .read_exact_at(&mut buf, first.offset)
-                .map_err(|e| {
-                    io_err(
-                        &format!("read at byte offset {} of", first.offset),
-                        &seg.path,
-                        e,
-                    )
-                })?;
-            let mut at = 0usize;
-            for n in k..j {
-                let offset = first.offset + at as u64;
-                let slice = buf.get(at..).unwrap_or(&[]);
-                let entry = match decode_record(slice) {
-                    RecordDecode::Record { entry, len, .. } => {
-                        at += len;
-                        entry
-                    }
-                    RecordDecode::Truncated => {
-                        return Err(corrupt(
-                            &seg.path,
-                            offset,
-                            "record cut short (the file changed under the log)",
-                        ))
-                    }
-                    RecordDecode::Invalid(why) => return Err(corrupt(&seg.path, offset, &why)),
-                };
-                let want = (base as u128) + 1 + n as u128;
-                if u128::from(entry.index().0) != want {
-                    return Err(corrupt(
-                        &seg.path,
-                        offset,
-                        &format!("record holds index {}, expected {want}", entry.index()),
-                    ));
-                }
-                bytes = bytes.saturating_add(entry.approx_size());
-                if !out.is_empty() && bytes > max_bytes {
-                    return Ok(out);
-                }
-                out.push(entry);
-            }
-            k = j;
-        }
-        Ok(out)
-    }
-
     /// Everything durable, as [`ha_core::log_store::LogStore::load`] returns it.
     pub(crate) fn load(&self) -> Result<StoredState, StorageError> {
         let after = self.snapshot_index().max(self.base.index);
         let last = self.last().index;
         let entries = if after < last {
-            self.read(after.next(), last.next(), usize::MAX)?
+            crate::streamer::read_inline(self, after.next(), last.next())?
         } else {
             Vec::new()
         };

@@ -229,6 +229,16 @@ fn plan(st: &State, from: LogIndex, to: LogIndex, max_bytes: usize) -> Result<Pl
     Ok(Plan { runs })
 }
 
+/// Entries `[from, to)` read on this thread while `st` is held (start-up's
+/// `load`, which reads everything after the snapshot once).
+pub(crate) fn read_inline(
+    st: &State,
+    from: LogIndex,
+    to: LogIndex,
+) -> Result<Vec<WalEntry>, StorageError> {
+    execute(plan(st, from, to, usize::MAX)?, usize::MAX)
+}
+
 /// Reads and decodes the plan on a blocking thread (inline outside a runtime).
 async fn execute_off_runtime(plan: Plan, max_bytes: usize) -> Result<Vec<WalEntry>, StorageError> {
     match tokio::runtime::Handle::try_current() {
