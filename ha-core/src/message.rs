@@ -262,6 +262,12 @@ pub struct InstallSnapshot {
     pub data: Vec<u8>,
     /// The primary's commit index.
     pub commit: LogIndex,
+    /// The primary's last log position when it sent the snapshot. In async mode a
+    /// standby whose own snapshot is newer than this one keeps it (and answers
+    /// `installed: false` with its last position, so the primary probes from there)
+    /// while the primary's log reaches that far: log matching can then tell whether
+    /// the standby's snapshot agrees with the primary's log.
+    pub leader_last: Position,
 }
 
 /// The answer to a snapshot.

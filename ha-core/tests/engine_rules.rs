@@ -1298,3 +1298,79 @@ fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_sn
     assert_eq!(snap.last_included, snapshot.last_included);
     assert_eq!(snap.data, snapshot.data);
 }
+
+fn async_standby_with_snapshot_at_50() -> Engine {
+    let t1 = term(1, N1);
+    let mut cfg = config(N2);
+    cfg.commit_mode = ha_core::CommitMode::Async;
+    cfg.max_lag_on_failover = 8;
+    Engine::new(
+        cfg,
+        InitialState {
+            hard_state: HardState::bootstrap(),
+            snapshot: Some(Snapshot {
+                last_included: Position::new(t1, LogIndex(50)),
+                data: b"state at 50".to_vec(),
+            }),
+            entries: (51..=60).map(|i| entry(t1, i)).collect(),
+            applied: LogIndex(60),
+        },
+        ms(0),
+        7,
+    )
+}
+
+fn install(older_at: u64, leader_last: Position) -> Request {
+    Request::InstallSnapshot(ha_core::message::InstallSnapshot {
+        last_included: Position::new(term(1, N1), LogIndex(older_at)),
+        data: b"older state".to_vec(),
+        commit: LogIndex(older_at),
+        leader_last,
+    })
+}
+
+/// Async mode (the bug of `cargo xtask sim --seed 71474 --mode async`): a primary
+/// whose snapshot is older than the standby's own must not make it discard applied
+/// entries while log matching can still compare them: the standby keeps its
+/// snapshot and answers with its last position, and the primary probes from there.
+#[test]
+fn async_standby_keeps_its_newer_snapshot_while_the_primary_log_reaches_it() {
+    let mut s = async_standby_with_snapshot_at_50();
+    let t2 = term(2, N1);
+    let leader_last = Position::new(t2, LogIndex(61));
+    s.step(ms(400), req(N1, N2, t2, 5, install(30, leader_last)));
+    let acts = s.take_actions();
+    assert!(
+        !acts.iter().any(|a| matches!(
+            a,
+            Action::InstallSnapshot(_) | Action::Discarded(_) | Action::ResetLog
+        )),
+        "the older snapshot must not replace applied entries: {acts:?}"
+    );
+    let ack = responses(&acts)
+        .into_iter()
+        .find_map(|r| match r.body {
+            Response::SnapshotAck(a) => Some(a),
+            _ => None,
+        })
+        .expect("a snapshot ack");
+    assert!(!ack.installed);
+    assert_eq!(ack.last, Position::new(term(1, N1), LogIndex(60)));
+    assert_eq!(s.applied_index(), LogIndex(60));
+}
+
+/// The other side of the same rule: a standby whose snapshot reaches past the
+/// primary's whole log holds entries the primary never had (async mode): it takes
+/// the primary's snapshot.
+#[test]
+fn async_standby_installs_an_older_snapshot_when_it_is_ahead_of_the_primary_log() {
+    let mut s = async_standby_with_snapshot_at_50();
+    let t2 = term(2, N1);
+    let leader_last = Position::new(t2, LogIndex(45));
+    s.step(ms(400), req(N1, N2, t2, 5, install(30, leader_last)));
+    let acts = s.take_actions();
+    assert!(acts.iter().any(
+        |a| matches!(a, Action::InstallSnapshot(snap) if snap.last_included.index == LogIndex(30))
+    ));
+    assert!(acts.iter().any(|a| matches!(a, Action::Discarded(_))));
+}

@@ -444,6 +444,7 @@ async fn frames_over_the_limit_are_protocol_errors() {
             last_included: Position::ZERO,
             data: vec![0; 4096],
             commit: LogIndex::ZERO,
+            leader_last: Position::ZERO,
         }),
     };
     assert!(matches!(

@@ -247,7 +247,7 @@ impl Engine {
             && self.leader == Some(from)
             && self.kind == MemberKind::Data
             && self.hs.voter
-            && self.log.last() == p.last;
+            && (self.mutations.transfer_without_catch_up || self.log.last() == p.last);
         if !valid {
             self.respond(
                 from,

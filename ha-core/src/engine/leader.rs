@@ -20,6 +20,18 @@ use crate::types::{
 /// How many heartbeat send times the primary remembers, to match acks.
 const HEARTBEAT_HISTORY: usize = 64;
 
+/// The lease's length: [`Config::lease_duration`], or under the
+/// `lease_overshoot_ppm` mutation the bound it must stay below
+/// (`failover_timeout × (1 − ρ)/(1 + ρ)`, without the tick) stretched by that much.
+fn lease_duration(cfg: &Config, m: Mutations) -> std::time::Duration {
+    if m.lease_overshoot_ppm == 0 {
+        return cfg.lease_duration();
+    }
+    let rho = f64::from(cfg.clock_drift_ppm) / 1_000_000.0;
+    let bound = cfg.failover_timeout.as_secs_f64() * (1.0 - rho) / (1.0 + rho);
+    std::time::Duration::from_secs_f64(bound * (1.0 + f64::from(m.lease_overshoot_ppm) / 1e6))
+}
+
 /// Replication progress of the data peer.
 #[derive(Clone, Debug)]
 pub(super) struct Progress {
@@ -74,20 +86,24 @@ pub(super) struct LeaderState {
 }
 
 impl LeaderState {
-    /// The lease rule (DESIGN.md section 3, "Lease").
-    pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
+    /// The lease rule (DESIGN.md section 3, "Lease"): when the lease runs out on
+    /// this node's clock (valid while `now` is before it), or `None` without one.
+    pub(super) fn lease_expiry(&self, cfg: &Config, m: Mutations) -> Option<Instant> {
         // A primary handing over gives up its lease once it has told the target to
         // campaign: the target may be elected before the lease would have run out.
         // Before that no one else can win (the witness still hears this primary),
         // so writes already accepted are still acknowledged under the lease.
         if self.transfer.as_ref().is_some_and(|t| t.promote_sent) {
-            return false;
+            return None;
         }
         if m.no_lease || self.forced {
-            return true;
+            return Some(Instant(u64::MAX));
         }
-        self.lease_start
-            .is_some_and(|s| now < s.plus(cfg.lease_duration()))
+        self.lease_start.map(|s| s.plus(lease_duration(cfg, m)))
+    }
+
+    pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
+        self.lease_expiry(cfg, m).is_some_and(|end| now < end)
     }
 
     pub(super) fn transfer_target(&self) -> Option<NodeId> {
@@ -203,7 +219,7 @@ impl Engine {
         // heartbeating: an isolated primary stops before anyone else is elected.
         let lease_end = ls
             .lease_start
-            .map(|s| s.plus(self.cfg.lease_duration()))
+            .map(|s| s.plus(lease_duration(&self.cfg, self.mutations)))
             .unwrap_or(ls.since);
         if !ls.forced
             && !self.mutations.no_lease
@@ -414,6 +430,7 @@ impl Engine {
             last_included: snap.last_included,
             data: snap.data,
             commit: self.commit,
+            leader_last: self.log.last(),
         };
         self.send(peer, Request::InstallSnapshot(req));
         let now = self.now;
@@ -517,7 +534,10 @@ impl Engine {
                 }
             }
             AckResult::Mismatch { next, .. } => {
-                if rid < p.reset_after {
+                // A mismatch for a request no longer in flight is stale: a later
+                // ack covered it, or the window was reset since (a reordered
+                // answer must not lower what the standby durably acked).
+                if rid < p.reset_after || !p.inflight.iter().any(|(id, _, _)| *id == rid) {
                     return;
                 }
                 if next <= p.matched {
@@ -535,6 +555,8 @@ impl Engine {
     }
 
     pub(super) fn on_snapshot_ack(&mut self, from: NodeId, ack: SnapshotAck) {
+        let last = self.log.last().index;
+        let reset_id = self.next_request_id;
         let Some(ls) = self.leader_state.as_mut() else {
             return;
         };
@@ -546,6 +568,12 @@ impl Engine {
             p.matched = ack.last.index;
             p.next = p.matched.next();
             p.inflight.clear();
+        } else if !ack.installed && ack.last.index > p.matched && ack.last.index <= last {
+            // The standby kept a newer snapshot of its own (async mode): probe from
+            // its last position; log matching decides whether it agrees with ours.
+            p.next = ack.last.index.next();
+            p.inflight.clear();
+            p.reset_after = reset_id;
         }
     }
 
@@ -666,7 +694,9 @@ impl Engine {
             ls.floor.index
         };
         let covered = LogIndex(matched.max(floor).0.saturating_add(lag));
-        let c = if self.mutations.ack_before_standby_persists || ls.forced {
+        let no_floor =
+            self.mutations.async_commit_without_floor && self.cfg.commit_mode == CommitMode::Async;
+        let c = if self.mutations.ack_before_standby_persists || ls.forced || no_floor {
             own
         } else {
             own.min(covered)
@@ -683,7 +713,9 @@ impl Engine {
         let now = self.now;
         let lease = self.has_lease(now);
         let (commit, applied, term) = (self.commit, self.applied, self.hs.current_term);
-        let sync_apply = self.cfg.commit_mode == CommitMode::SyncApply;
+        let sync_apply = self.cfg.commit_mode == CommitMode::SyncApply
+            && !self.mutations.sync_apply_skips_apply_wait;
+        let read_before_noop = self.mutations.read_before_noop;
         let Some(ls) = self.leader_state.as_mut() else {
             return;
         };
@@ -692,11 +724,7 @@ impl Engine {
         let had_pending = !ls.pending_writes.is_empty();
         // The lease is checked where a write is acknowledged (DESIGN.md section 3).
         if lease {
-            let (peer_applied, peer_matched) = ls
-                .peer
-                .as_ref()
-                .map(|p| (p.applied, p.matched))
-                .unwrap_or((LogIndex::ZERO, LogIndex::ZERO));
+            let peer_applied = ls.peer.as_ref().map(|p| p.applied);
             let mut blocked = false;
             while let Some(&(id, idx)) = ls.pending_writes.front() {
                 if idx > commit || idx > applied {
@@ -704,8 +732,14 @@ impl Engine {
                 }
                 // sync-apply also waits for the standby to apply, unless the entry
                 // committed through a witness floor without it (degraded: the
-                // standby is away, so it is treated as for sync).
-                if sync_apply && idx <= peer_matched && idx > peer_applied && ls.floor.index < idx {
+                // standby is away, so it is treated as for sync). Whatever the
+                // standby's match index says now: it can drop after the commit (a
+                // standby that rejoined empty).
+                if sync_apply
+                    && !ls.forced
+                    && peer_applied.is_some_and(|a| idx > a)
+                    && ls.floor.index < idx
+                {
                     ls.apply_wait_since.get_or_insert(now);
                     blocked = true;
                     break;
@@ -717,7 +751,11 @@ impl Engine {
             if !blocked {
                 ls.apply_wait_since = None;
             }
-            let noop = ls.noop_index;
+            let noop = if read_before_noop {
+                LogIndex::ZERO
+            } else {
+                ls.noop_index
+            };
             let mut i = 0;
             while i < ls.pending_reads.len() {
                 let (id, read_index) = ls.pending_reads[i];
@@ -847,10 +885,11 @@ impl Engine {
         let Some(t) = ls.transfer.as_mut() else {
             return;
         };
-        let caught_up = ls
-            .peer
-            .as_ref()
-            .is_some_and(|p| p.id == t.target && p.matched >= last.index);
+        let caught_up = self.mutations.transfer_without_catch_up
+            || ls
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.id == t.target && p.matched >= last.index);
         if t.promote_sent || !caught_up || durable < last.index || !ls.pending_writes.is_empty() {
             return;
         }

@@ -8,14 +8,20 @@
 //! unchanged.
 //!
 //! # The driver's contract
-//! Actions are executed in the order they are emitted:
-//! - [`Action::PersistHardState`], [`Action::Truncate`], [`Action::InstallSnapshot`]
-//!   and [`Action::Compact`] are durable before any later action is executed.
+//! Actions are executed in the order they are emitted ([`crate::executor`] is the
+//! one implementation, shared by the tokio driver and the simulator):
+//! - [`Action::PersistHardState`], [`Action::Truncate`], [`Action::InstallSnapshot`],
+//!   [`Action::ResetLog`] and [`Action::Compact`] are durable before any later
+//!   action is executed.
 //! - [`Action::Append`] may complete asynchronously (in order with the other log
 //!   operations); the driver reports completion with [`Event::Persisted`]. Acks that
 //!   depend on those entries are only emitted after that event.
 //! - [`Action::Apply`] applies entries to the state machine, in order, before the
-//!   next action; [`Action::WriteDone`] and [`Action::ReadReady`] refer to that state.
+//!   next action; [`Action::WriteDone`] and [`Action::ReadReady`] refer to that state,
+//!   and leave only if the lease still holds when they are sent.
+//! - [`Action::TakeSnapshot`] captures the state machine at once; its save may
+//!   complete asynchronously and is reported with [`Event::SnapshotTaken`], unless a
+//!   later replacement of the state machine superseded it.
 //! - [`Action::ReadEntries`] may complete asynchronously; the driver reports the
 //!   entries (or the failure) with [`Event::EntriesRead`], always, exactly once.
 //!
@@ -65,7 +71,8 @@ pub enum Event {
     ClientRead(ClientId),
     /// The log store made entries durable up to this position.
     Persisted(Position),
-    /// The driver saved a snapshot of the state machine at `last_included`.
+    /// The snapshot asked for by [`Action::TakeSnapshot`] is durable in the log
+    /// store.
     SnapshotTaken(Snapshot),
     /// An operator's request.
     Admin(ClientId, Admin),
@@ -127,6 +134,14 @@ pub enum Action {
         /// known to hold, whose position the next batch names as `prev`.
         keep_from: Option<LogIndex>,
     },
+    /// Capture the state machine's state after the entry at this position (the
+    /// last one applied: every [`Action::Apply`] before it ran), save it to the log
+    /// store as the snapshot, and report it with [`Event::SnapshotTaken`] once it
+    /// is durable. The engine asks every `snapshot_every` applied entries, one at a
+    /// time; a snapshot overtaken by a replacement of the state machine
+    /// ([`Action::InstallSnapshot`], [`Action::ResetStateMachine`],
+    /// [`Action::RestoreStateMachine`]) is never reported.
+    TakeSnapshot(Position),
     /// Read a catch-up batch from the durable log
     /// ([`crate::log_store::LogStore::read_batch`]) and report it with
     /// [`Event::EntriesRead`]: the engine streams from there to a peer that needs
@@ -187,6 +202,24 @@ pub struct Mutations {
     pub no_truncate_on_conflict: bool,
     /// Data nodes grant votes without the up-to-date check.
     pub vote_without_log_check: bool,
+    /// The lease is the bound it must stay below (`failover_timeout × (1 −
+    /// ρ)/(1 + ρ)`, without the tick) stretched by this many parts per million
+    /// (0: the correct lease).
+    pub lease_overshoot_ppm: u32,
+    /// A restarted node campaigns and votes at once, without the start-up window.
+    pub no_startup_window: bool,
+    /// The witness sets a floor to whatever a raise asks, lower or not.
+    pub witness_floor_may_decrease: bool,
+    /// `sync-apply` acknowledges writes once the standby holds them durably, as
+    /// `sync` does, without waiting for it to apply them.
+    pub sync_apply_skips_apply_wait: bool,
+    /// A new primary serves reads before its no-op is applied.
+    pub read_before_noop: bool,
+    /// Async mode commits what the standby has not acked without a witness floor.
+    pub async_commit_without_floor: bool,
+    /// A switchover sends TimeoutNow without waiting for the target to catch up,
+    /// and the target campaigns without checking it holds the primary's last entry.
+    pub transfer_without_catch_up: bool,
 }
 
 /// What the engine needs from durable storage at start-up.
@@ -257,6 +290,11 @@ pub struct Engine {
     campaign: Option<Campaign>,
     leader_state: Option<LeaderState>,
     snapshot: Option<Snapshot>,
+    /// The applied index when the last snapshot was asked for (or the state
+    /// machine replaced): the next is due `snapshot_every` entries later.
+    snapshot_base: LogIndex,
+    /// A snapshot was asked for ([`Action::TakeSnapshot`]) and not yet reported.
+    snapshot_requested: bool,
     last_peer_contact: Vec<(NodeId, Instant)>,
     mutations: Mutations,
     /// Mutation `accept_stale_terms` only: answer in the stale sender's term.
@@ -307,6 +345,8 @@ impl Engine {
             campaign: None,
             leader_state: None,
             snapshot: init.snapshot,
+            snapshot_base: applied,
+            snapshot_requested: false,
             last_peer_contact: Vec::new(),
             mutations: Mutations::default(),
             stale_reply_term: None,
@@ -420,6 +460,21 @@ impl Engine {
             .is_some_and(|ls| ls.lease_valid(now, &self.cfg, self.mutations))
     }
 
+    /// True if this node is the primary and commits without the standby through
+    /// witness floors (degraded sync).
+    pub fn degraded(&self) -> bool {
+        self.leader_state.as_ref().is_some_and(|ls| ls.degraded)
+    }
+
+    /// When this node's lease runs out, on its own clock: it holds the lease while
+    /// `now` is before this instant ([`Self::has_lease`]). `None` without a lease
+    /// (not primary, or handing over).
+    pub fn lease_expiry(&self) -> Option<Instant> {
+        self.leader_state
+            .as_ref()
+            .and_then(|ls| ls.lease_expiry(&self.cfg, self.mutations))
+    }
+
     /// Times a safety assertion fired (a truncation at or below the commit index in a
     /// sync mode was refused). Always 0 unless something is badly wrong.
     pub fn safety_alarms(&self) -> u64 {
@@ -484,7 +539,33 @@ impl Engine {
     // ----- shared plumbing -------------------------------------------------------
 
     fn emit(&mut self, a: Action) {
+        if matches!(
+            a,
+            Action::InstallSnapshot(_) | Action::ResetStateMachine | Action::RestoreStateMachine(_)
+        ) {
+            // The state machine is replaced: a snapshot asked for before is void
+            // (the executor never reports it), and the count starts over.
+            self.snapshot_requested = false;
+            self.snapshot_base = self.applied;
+        }
         self.actions.push(a);
+    }
+
+    /// Asks for a snapshot once `snapshot_every` entries were applied since the
+    /// last one (and none is being taken): at the end of a step, after every
+    /// entry of it was applied and every client answered.
+    fn maybe_take_snapshot(&mut self) {
+        if self.snapshot_requested
+            || self.applied.0 < self.snapshot_base.0.saturating_add(self.cfg.snapshot_every)
+        {
+            return;
+        }
+        let Some(at) = self.log.position_at(self.applied) else {
+            return;
+        };
+        self.snapshot_requested = true;
+        self.snapshot_base = self.applied;
+        self.emit(Action::TakeSnapshot(at));
     }
 
     fn next_request_id(&mut self) -> u64 {
@@ -552,7 +633,8 @@ impl Engine {
     }
 
     fn in_startup_window(&self) -> bool {
-        self.now < self.started_at.plus(self.cfg.failover_timeout)
+        !self.mutations.no_startup_window
+            && self.now < self.started_at.plus(self.cfg.failover_timeout)
     }
 
     /// Adopts a higher term: persist it with no vote, and stop leading or
@@ -723,6 +805,7 @@ impl Engine {
     }
 
     fn on_snapshot_taken(&mut self, snap: Snapshot) {
+        self.snapshot_requested = false;
         if snap.last_included.index > self.applied || !self.log.holds(snap.last_included) {
             return;
         }
@@ -793,5 +876,6 @@ impl Engine {
         } else {
             self.flush_pending_acks();
         }
+        self.maybe_take_snapshot();
     }
 }

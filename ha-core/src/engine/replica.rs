@@ -403,6 +403,37 @@ impl Engine {
         // holds only committed, hence matching, entries).
         let held = self.log.holds(snap_pos)
             || (snap_pos.index <= own_snap.index && (!is_async || own_snap == snap_pos));
+        if held && snap_pos.index > self.durable && snap_pos.index > own_snap.index {
+            // Held in memory but not durable yet: an ack may claim only what is
+            // durable (the primary counts it toward commit), so answer with the
+            // durable position and let the primary resend from there.
+            let last = self.log.position_at(self.durable).unwrap_or(own_snap);
+            let ack = SnapshotAck {
+                snapshot_term: snap_pos.term,
+                installed: false,
+                last,
+            };
+            self.respond(from, rid, Response::SnapshotAck(ack));
+            return;
+        }
+        if !held
+            && is_async
+            && snap_pos.index < own_snap.index
+            && own_snap.index <= s.leader_last.index
+        {
+            // Our own snapshot is newer and the primary's log reaches it: keep it
+            // and let the primary probe from our last position. Installing the
+            // older snapshot would discard applied entries the primary may hold
+            // too; a real divergence shows as a conflict at our snapshot's
+            // position and resyncs from there (`on_wal_batch`).
+            let ack = SnapshotAck {
+                snapshot_term: snap_pos.term,
+                installed: false,
+                last: self.log.last(),
+            };
+            self.respond(from, rid, Response::SnapshotAck(ack));
+            return;
+        }
         if !held {
             if snap_pos.index <= self.commit && !is_async {
                 // The primary's state disagrees with entries this node knows are
@@ -472,6 +503,9 @@ impl Engine {
                     .member(*node)
                     .is_some_and(|m| m.kind == MemberKind::Data)
                 {
+                    if self.mutations.witness_floor_may_decrease && self.hs.floor(*node) > *pos {
+                        self.hs.floors.retain(|(n, _)| n != node);
+                    }
                     changed |= self.hs.raise_floor(*node, *pos);
                 }
             }

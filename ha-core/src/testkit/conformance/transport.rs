@@ -258,6 +258,7 @@ fn every_request() -> Vec<Request> {
             last_included: p(100),
             data: (0..64 * 1024u32).map(|i| (i % 251) as u8).collect(),
             commit: LogIndex(100),
+            leader_last: p(120),
         }),
     ]
 }
