@@ -6,6 +6,8 @@
 //! - [`types`], [`config`], [`message`], [`health`], [`error`]: the public vocabulary.
 //! - [`transport`], [`log_store`], [`state_machine`]: the traits other crates implement.
 //! - [`engine`]: the protocol as a deterministic state machine (events in, actions out).
+//! - [`executor`]: carries out the engine's actions in order over a log store, a
+//!   state machine and a host; the driver and the simulator share it.
 //! - [`driver`]: runs the engine over a transport, a log store and a state machine on
 //!   tokio, and implements [`replicator::Replicator`].
 //! - `testkit` (feature `testkit`): in-memory implementations, conformance suites and
@@ -15,6 +17,7 @@ pub mod config;
 pub mod driver;
 pub mod engine;
 pub mod error;
+pub mod executor;
 pub mod health;
 pub mod latch;
 pub mod log_store;

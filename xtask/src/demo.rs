@@ -14,6 +14,7 @@ pub fn run_demo() -> ExitCode {
     c.faults.drop = 0.0;
     c.faults.duplicate = 0.0;
     c.faults.delay_spike = 0.0;
+    c.faults.preempt = 0.0;
     c.faults.delay_us = (50, 150);
     c.switchover = 0.0;
     c.fault_time = Duration::from_secs(4);

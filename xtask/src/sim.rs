@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use clap::{Args, ValueEnum};
-use ha_core::testkit::sim::{run as run_seed, SimConfig};
+use ha_core::testkit::sim::{run as run_seed, PathCounts, SimConfig};
 use ha_core::CommitMode;
 
 /// Which commit modes the seeds run.
@@ -93,6 +93,7 @@ pub fn run(args: SimArgs) -> ExitCode {
         let r = run_seed(seed, &c);
         println!("seed {seed} {:?}", c.commit_mode);
         println!("{:#?}", r.stats);
+        print_paths(&r.paths);
         for v in &r.violations {
             println!("violation: {v}");
         }
@@ -113,6 +114,7 @@ pub fn run(args: SimArgs) -> ExitCode {
     let elections = AtomicU64::new(0);
     let snapshots = AtomicU64::new(0);
     let catch_ups = AtomicU64::new(0);
+    let paths = Mutex::new(PathCounts::default());
     std::thread::scope(|s| {
         for _ in 0..args.threads.max(1) {
             s.spawn(|| loop {
@@ -125,6 +127,9 @@ pub fn run(args: SimArgs) -> ExitCode {
                 elections.fetch_add(r.stats.elections, Ordering::Relaxed);
                 snapshots.fetch_add(r.stats.snapshots_installed, Ordering::Relaxed);
                 catch_ups.fetch_add(r.stats.catch_up_reads, Ordering::Relaxed);
+                if let Ok(mut p) = paths.lock() {
+                    p.add(&r.paths);
+                }
                 if !r.violations.is_empty() {
                     eprintln!("seed {seed} FAILED: {}", r.violations[0]);
                     eprintln!(
@@ -146,10 +151,27 @@ pub fn run(args: SimArgs) -> ExitCode {
         snapshots.load(Ordering::Relaxed),
         catch_ups.load(Ordering::Relaxed)
     );
+    print_paths(&paths.into_inner().unwrap_or_default());
     println!("seeds={} violations={}", args.seeds, failed.len());
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Prints how often each fault class and protocol path occurred; a zero is a
+/// blind spot of the run.
+fn print_paths(p: &PathCounts) {
+    let named = p.named();
+    let line: Vec<String> = named.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    println!("paths: {}", line.join(" "));
+    let zeros: Vec<&str> = named
+        .iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(n, _)| *n)
+        .collect();
+    if !zeros.is_empty() {
+        println!("paths never taken: {}", zeros.join(", "));
     }
 }

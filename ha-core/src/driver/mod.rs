@@ -16,20 +16,25 @@
 //! [`Replicator::wait_for_leader`] answer without reaching the task.
 //!
 //! # Executing actions
-//! Actions run in the order the engine emits them. Hard-state writes, truncations,
-//! snapshot installs and compactions are awaited (durable) before the next action.
-//! Appends are issued to the store at once (the store orders operations at call
-//! time) and their completion is awaited alongside everything else, then reported as
+//! The engine task runs the shared [`Executor`]: the
+//! same code the simulator checks over thousands of seeds. Actions run in the order
+//! the engine emits them. Hard-state writes, truncations, snapshot installs and
+//! compactions are awaited (durable) before the next action. Appends are issued to
+//! the store at once (the store orders operations at call time) and their
+//! completion is awaited alongside everything else, then reported as
 //! [`Event::Persisted`](crate::engine::Event::Persisted), so the primary's own fsync
 //! overlaps sending to the standby. Every entry reaches the state machine with its
-//! [`Position`], whose term is the fencing token of the primary that wrote it.
+//! [`Position`], whose term is the fencing token of the primary that wrote it. A
+//! write acknowledgement or read answer leaves only if the lease still holds at that
+//! moment.
 //!
-//! Every `snapshot_every` applied entries the task serializes the state machine
-//! (after the step's actions ran, never between entries of one apply) and starts
-//! saving it; the save's fsync completes in the background, like an append, and is
-//! then reported as [`Event::SnapshotTaken`](crate::engine::Event::SnapshotTaken).
-//! One save is in flight at a time. A slow disk therefore never stalls ticks or
-//! heartbeats, which would risk a false failover.
+//! The engine asks for a snapshot every `snapshot_every` applied entries
+//! ([`Action::TakeSnapshot`](crate::engine::Action::TakeSnapshot), after the step's
+//! entries were applied, never between them); the executor serializes the state
+//! machine and starts saving it; the save's fsync completes in the background, like
+//! an append, and is then reported as
+//! [`Event::SnapshotTaken`](crate::engine::Event::SnapshotTaken). A slow disk
+//! therefore never stalls ticks or heartbeats, which would risk a false failover.
 //!
 //! Sends go to a per-peer connection: WAL-channel requests through one ordered
 //! sender task per peer, fed by a bounded queue (when it is full, a request is
@@ -55,7 +60,6 @@
 //! read may return a write that a later failover discards. [`ReadConsistency::Stale`]
 //! reads query the local state machine directly, on any data node.
 
-mod futures;
 mod handler;
 mod peers;
 mod task;
@@ -71,10 +75,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
 use self::handler::Handler;
-use self::task::{run_engine, Core, CoreParts};
+use self::task::{run_engine, HostParts, TokioHost};
 use crate::config::Config;
 use crate::engine::{Admin, Engine, InitialState};
 use crate::error::{Error, StorageError};
+use crate::executor::Executor;
 use crate::health::{HealthStatus, PeerStatus};
 use crate::log_store::{LogStore, StoredState};
 use crate::message::{Envelope, Request, Response};
@@ -610,16 +615,15 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
             applied: sm.applied_index(),
         };
         let engine = Engine::new(cfg.clone(), init, Instant(0), inner.seed);
-        let core = Core::new(CoreParts {
-            engine,
-            sm,
-            store: Arc::clone(&inner.store),
+        let host = TokioHost::new(HostParts {
             transport: Arc::clone(&inner.transport),
             shared: Arc::clone(&inner.shared),
             origin,
+            rx,
             inputs: inputs.clone(),
             seed: inner.seed,
         });
+        let mut core = Executor::new(engine, sm, Arc::clone(&inner.store), host);
         core.publish();
         let (stop, stop_rx) = watch::channel(false);
         // Alive before the task exists, so a shutdown never misses it.
@@ -627,7 +631,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         let alive = AliveGuard(Arc::clone(&inner.shared));
         let task = tokio::spawn(async move {
             let _alive = alive;
-            run_engine(core, rx, stop_rx).await;
+            run_engine(core, stop_rx).await;
         });
         let mut lifecycle = inner.lifecycle.lock();
         if matches!(*lifecycle, Lifecycle::Closed) {

@@ -15,10 +15,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant as TokioInstant;
 
-use super::futures::FutureSet;
 use super::{Input, Shared};
 use crate::config::{Config, Member};
 use crate::error::TransportError;
+use crate::executor::futures::FutureSet;
 use crate::message::{Envelope, Request, Response};
 use crate::transport::{PeerConnection, Transport};
 

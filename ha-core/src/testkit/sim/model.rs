@@ -1,11 +1,11 @@
 //! The simulator's state machine and disk: small, fully inspectable models.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::StorageError;
-use crate::log_store::Snapshot;
+use crate::log_store::{CatchUpBatch, Snapshot};
 use crate::types::{Command, HardState, LogIndex, Payload, Position, Term, WalEntry};
 
 /// A client command in the simulation: write `value` (the write's unique id) to
@@ -26,6 +26,17 @@ impl SimWrite {
     }
 }
 
+/// What a read of the model state machine answers: the state it was served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SimReadAnswer {
+    /// The applied index of the state read.
+    pub(crate) applied: LogIndex,
+    /// The term of the last entry applied (zero if none).
+    pub(crate) last_term: Term,
+    /// The register's value: the id of the last write to the key.
+    pub(crate) value: Option<u64>,
+}
+
 /// The model state machine: the applied sequence (term per index) and a register
 /// per key holding the id of the last write.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,16 +52,16 @@ impl SimMachine {
     }
 
     /// Applies one entry; returns an error text if it does not follow the last one.
-    pub(crate) fn apply(&mut self, e: &WalEntry) -> Result<(), String> {
-        if e.index() != self.applied_index().next() {
+    pub(crate) fn apply(&mut self, pos: Position, payload: &Payload) -> Result<(), String> {
+        if pos.index != self.applied_index().next() {
             return Err(format!(
                 "applied index {} after {}",
-                e.index(),
+                pos.index,
                 self.applied_index()
             ));
         }
-        self.applied.push(e.term());
-        if let Payload::Command(c) = &e.payload {
+        self.applied.push(pos.term);
+        if let Payload::Command(c) = payload {
             if let Some(w) = SimWrite::decode(c) {
                 self.registers.insert(w.key, w.id);
             }
@@ -65,6 +76,15 @@ impl SimMachine {
         self.applied.get((index.0 - 1) as usize).copied()
     }
 
+    /// The answer to a read of `key`.
+    pub(crate) fn answer(&self, key: u8) -> SimReadAnswer {
+        SimReadAnswer {
+            applied: self.applied_index(),
+            last_term: self.applied.last().copied().unwrap_or(Term::ZERO),
+            value: self.registers.get(&key).copied(),
+        }
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).unwrap_or_default()
     }
@@ -74,7 +94,25 @@ impl SimMachine {
     }
 }
 
-/// One node's disk: what survives a crash, plus appends still in flight.
+/// One queued disk operation, in call order.
+#[derive(Clone, Debug)]
+pub(crate) enum DiskOp {
+    Append(Vec<WalEntry>),
+    HardState(HardState),
+    Truncate(LogIndex),
+    Purge(LogIndex),
+    SaveSnapshot(Snapshot),
+    Install(Snapshot),
+    /// A catch-up read; `fail` makes it an I/O error.
+    Read {
+        next: LogIndex,
+        max_entries: usize,
+        max_bytes: usize,
+        fail: bool,
+    },
+}
+
+/// One node's disk: what survives a crash, plus operations still in flight.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SimDisk {
     pub(crate) hard_state: Option<HardState>,
@@ -82,35 +120,77 @@ pub(crate) struct SimDisk {
     /// The applied sequence inside `snapshot`, decoded once.
     pub(crate) snapshot_terms: Vec<Term>,
     pub(crate) entries: Vec<WalEntry>,
-    /// Appends not yet durable, in order, with their completion times.
-    pub(crate) pending: VecDeque<(u64, Vec<WalEntry>)>,
+    /// Operations not yet durable, in call order, with their sequence numbers.
+    pub(crate) pending: VecDeque<(u64, DiskOp)>,
+    /// The sequence number the next operation gets.
+    pub(crate) next_seq: u64,
+    /// Every operation up to this sequence number is durable.
+    pub(crate) done: u64,
+    /// Results of finished reads, until their caller takes them.
+    pub(crate) read_results: HashMap<u64, Result<CatchUpBatch, StorageError>>,
 }
 
 impl SimDisk {
-    /// Makes the oldest pending append durable; returns its last position.
-    pub(crate) fn complete_one(&mut self) -> Option<Position> {
-        let (_, batch) = self.pending.pop_front()?;
-        let last = batch.last().map(|e| e.position);
-        for e in batch {
-            let expect = self.last_index().next();
-            if e.index() == expect {
-                self.entries.push(e);
-            } else if e.index() < expect {
-                // Re-append after a truncation that raced: replace from here.
-                self.entries.retain(|x| x.index() < e.index());
-                self.entries.push(e);
-            }
-        }
-        last
+    /// Queues an operation; returns its sequence number.
+    pub(crate) fn queue(&mut self, op: DiskOp) -> u64 {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.pending.push_back((seq, op));
+        seq
     }
 
-    /// Completes every pending append (a later ordered operation must wait for them).
-    pub(crate) fn flush(&mut self) -> Vec<Position> {
-        let mut done = Vec::new();
-        while let Some(p) = self.complete_one() {
-            done.push(p);
+    /// Makes the oldest pending operation durable; returns it (for the checker).
+    pub(crate) fn complete_one(&mut self) -> Option<DiskOp> {
+        let (seq, op) = self.pending.pop_front()?;
+        self.done = seq;
+        match &op {
+            DiskOp::Append(batch) => {
+                for e in batch {
+                    let expect = self.last_index().next();
+                    if e.index() == expect {
+                        self.entries.push(e.clone());
+                    } else if e.index() < expect {
+                        // Re-append after a truncation: replace from here.
+                        self.entries.retain(|x| x.index() < e.index());
+                        self.entries.push(e.clone());
+                    }
+                }
+            }
+            DiskOp::HardState(hs) => self.hard_state = Some(hs.clone()),
+            DiskOp::Truncate(from) => self.truncate(*from),
+            DiskOp::Purge(upto) => self.compact(*upto),
+            DiskOp::SaveSnapshot(s) => self.save_snapshot(s.clone()),
+            DiskOp::Install(s) => self.install(s.clone()),
+            DiskOp::Read {
+                next,
+                max_entries,
+                max_bytes,
+                fail,
+            } => {
+                let result = if *fail {
+                    Err(StorageError::Io("simulated read error".into()))
+                } else {
+                    self.read_batch(*next, *max_entries, *max_bytes)
+                };
+                self.read_results.insert(seq, result);
+            }
         }
-        done
+        Some(op)
+    }
+
+    /// A crash: the first `survive` pending operations reached the disk before
+    /// the power went, the rest are lost. Returns the ones that made it.
+    pub(crate) fn crash(&mut self, survive: usize) -> Vec<DiskOp> {
+        let mut made_it = Vec::new();
+        for _ in 0..survive {
+            match self.complete_one() {
+                Some(op) => made_it.push(op),
+                None => break,
+            }
+        }
+        self.pending.clear();
+        self.read_results.clear();
+        made_it
     }
 
     pub(crate) fn last_index(&self) -> LogIndex {
@@ -119,6 +199,15 @@ impl SimDisk {
             .map(|e| e.index())
             .or_else(|| self.snapshot.as_ref().map(|s| s.last_included.index))
             .unwrap_or(LogIndex::ZERO)
+    }
+
+    /// The last durable position (entry or snapshot).
+    pub(crate) fn last_position(&self) -> Position {
+        self.entries
+            .last()
+            .map(|e| e.position)
+            .or(self.snapshot.as_ref().map(|s| s.last_included))
+            .unwrap_or_default()
     }
 
     /// True if the durable log (or snapshot) holds `pos`.
@@ -165,6 +254,20 @@ impl SimDisk {
             out.push(e.clone());
         }
         Ok(out)
+    }
+
+    /// A catch-up batch as [`crate::log_store::LogStore::read_batch`] reads it.
+    pub(crate) fn read_batch(
+        &self,
+        next: LogIndex,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<CatchUpBatch, StorageError> {
+        let to = LogIndex(next.0.saturating_add(max_entries as u64));
+        let before = (next.0 > 1)
+            .then(|| self.read(next.prev(), next, usize::MAX))
+            .transpose()?;
+        CatchUpBatch::from_reads(next, before, self.read(next, to, max_bytes)?)
     }
 
     pub(crate) fn compact(&mut self, upto: LogIndex) {

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// A boxed, sendable future borrowing for `'a`.
-pub(super) type BoxFut<'a, O> = Pin<Box<dyn Future<Output = O> + Send + 'a>>;
+pub(crate) type BoxFut<'a, O> = Pin<Box<dyn Future<Output = O> + Send + 'a>>;
 
 enum Slot<'a, O> {
     Running(BoxFut<'a, O>),
@@ -19,35 +19,35 @@ enum Slot<'a, O> {
 }
 
 /// Futures tagged with a key, kept in the order they were pushed.
-pub(super) struct FutureSet<'a, K, O> {
+pub(crate) struct FutureSet<'a, K, O> {
     items: VecDeque<(K, Slot<'a, O>)>,
 }
 
 impl<'a, K, O> FutureSet<'a, K, O> {
     /// An empty set.
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         FutureSet {
             items: VecDeque::new(),
         }
     }
 
     /// True if nothing is pending or waiting to be taken.
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
     /// How many futures are pending or waiting to be taken.
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.items.len()
     }
 
     /// Adds a future at the back.
-    pub(super) fn push(&mut self, key: K, fut: BoxFut<'a, O>) {
+    pub(crate) fn push(&mut self, key: K, fut: BoxFut<'a, O>) {
         self.items.push_back((key, Slot::Running(fut)));
     }
 
     /// Polls every running future once, recording the outputs of those that finish.
-    pub(super) fn poll_progress(&mut self, cx: &mut Context<'_>) {
+    pub(crate) fn poll_progress(&mut self, cx: &mut Context<'_>) {
         for (_, slot) in self.items.iter_mut() {
             if let Slot::Running(fut) = slot {
                 if let Poll::Ready(out) = fut.as_mut().poll(cx) {
@@ -59,7 +59,7 @@ impl<'a, K, O> FutureSet<'a, K, O> {
 
     /// Resolves with any one finished future (key and output), in no particular
     /// order.
-    pub(super) fn poll_any(&mut self, cx: &mut Context<'_>) -> Poll<(K, O)> {
+    pub(crate) fn poll_any(&mut self, cx: &mut Context<'_>) -> Poll<(K, O)> {
         self.poll_progress(cx);
         let pos = self
             .items
@@ -81,7 +81,7 @@ impl<'a, K, E> FutureSet<'a, K, Result<(), E>> {
     /// In-order completion: resolves with the key of the last future of the longest
     /// finished prefix (everything before it finished too), or with the first error
     /// found anywhere (errors are not reordered behind slower successes).
-    pub(super) fn poll_prefix(&mut self, cx: &mut Context<'_>) -> Poll<Result<K, E>> {
+    pub(crate) fn poll_prefix(&mut self, cx: &mut Context<'_>) -> Poll<Result<K, E>> {
         self.poll_progress(cx);
         if let Some(i) = self
             .items
