@@ -296,6 +296,17 @@ fn mutation_read_before_noop_is_caught() {
     assert_caught("read_before_noop", Mutant::engine(m), 300);
 }
 
+// ----- alarms and availability ------------------------------------------------
+
+#[test]
+fn mutation_never_step_down_is_caught() {
+    let m = Mutations {
+        never_step_down: true,
+        ..Default::default()
+    };
+    assert_caught("never_step_down", Mutant::engine(m), 300);
+}
+
 // ----- what async mode promises ---------------------------------------------------
 
 #[test]

@@ -93,7 +93,7 @@ pub fn run(args: SimArgs) -> ExitCode {
         let r = run_seed(seed, &c);
         println!("seed {seed} {:?}", c.commit_mode);
         println!("{:#?}", r.stats);
-        print_paths(&r.paths);
+        print_paths(&r.paths, args.mode);
         for v in &r.violations {
             println!("violation: {v}");
         }
@@ -151,7 +151,7 @@ pub fn run(args: SimArgs) -> ExitCode {
         snapshots.load(Ordering::Relaxed),
         catch_ups.load(Ordering::Relaxed)
     );
-    print_paths(&paths.into_inner().unwrap_or_default());
+    print_paths(&paths.into_inner().unwrap_or_default(), args.mode);
     println!("seeds={} violations={}", args.seeds, failed.len());
     if failed.is_empty() {
         ExitCode::SUCCESS
@@ -160,13 +160,19 @@ pub fn run(args: SimArgs) -> ExitCode {
     }
 }
 
-/// Prints how often each fault class and protocol path occurred; a zero is a
-/// blind spot of the run.
-fn print_paths(p: &PathCounts) {
-    let named = p.named();
-    let line: Vec<String> = named.iter().map(|(n, v)| format!("{n}={v}")).collect();
+/// Prints how often each fault class and protocol path occurred; a zero among
+/// those the mode can take is a blind spot of the run.
+fn print_paths(p: &PathCounts, mode: Mode) {
+    let line: Vec<String> = p.named().iter().map(|(n, v)| format!("{n}={v}")).collect();
     println!("paths: {}", line.join(" "));
-    let zeros: Vec<&str> = named
+    let applicable = match mode {
+        Mode::Mixed => p.named(),
+        Mode::Sync => p.applicable(CommitMode::Sync, false),
+        Mode::SyncApply => p.applicable(CommitMode::SyncApply, false),
+        Mode::Strict => p.applicable(CommitMode::Sync, true),
+        Mode::Async => p.applicable(CommitMode::Async, false),
+    };
+    let zeros: Vec<&str> = applicable
         .iter()
         .filter(|(_, v)| *v == 0)
         .map(|(n, _)| *n)

@@ -102,6 +102,19 @@ impl LeaderState {
         self.lease_start.map(|s| s.plus(lease_duration(cfg, m)))
     }
 
+    /// When a primary without a lease for a whole election timeout steps down
+    /// (DESIGN.md section 3, "Lease"): `None` for a forced primary.
+    pub(super) fn step_down_at(&self, cfg: &Config, m: Mutations) -> Option<Instant> {
+        if self.forced || m.no_lease {
+            return None;
+        }
+        let lease_end = self
+            .lease_start
+            .map(|s| s.plus(lease_duration(cfg, m)))
+            .unwrap_or(self.since);
+        Some(lease_end.plus(cfg.failover_timeout))
+    }
+
     pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
         self.lease_expiry(cfg, m).is_some_and(|end| now < end)
     }
@@ -217,14 +230,8 @@ impl Engine {
         };
         // Without a lease for a whole election timeout, step down and stop
         // heartbeating: an isolated primary stops before anyone else is elected.
-        let lease_end = ls
-            .lease_start
-            .map(|s| s.plus(lease_duration(&self.cfg, self.mutations)))
-            .unwrap_or(ls.since);
-        if !ls.forced
-            && !self.mutations.no_lease
-            && now >= lease_end.plus(self.cfg.failover_timeout)
-        {
+        let step_down_at = ls.step_down_at(&self.cfg, self.mutations);
+        if !self.mutations.never_step_down && step_down_at.is_some_and(|t| now >= t) {
             tracing::warn!(node = %self.id, term = %self.hs.current_term, "lost the lease for an election timeout; stepping down");
             self.become_follower(None);
             self.reset_election_deadline();

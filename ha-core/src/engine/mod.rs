@@ -217,6 +217,9 @@ pub struct Mutations {
     pub read_before_noop: bool,
     /// Async mode commits what the standby has not acked without a witness floor.
     pub async_commit_without_floor: bool,
+    /// A primary without a lease for an election timeout neither steps down nor
+    /// stops heartbeating (so its standby never takes over).
+    pub never_step_down: bool,
     /// A switchover sends TimeoutNow without waiting for the target to catch up,
     /// and the target campaigns without checking it holds the primary's last entry.
     pub transfer_without_catch_up: bool,
@@ -464,6 +467,14 @@ impl Engine {
     /// witness floors (degraded sync).
     pub fn degraded(&self) -> bool {
         self.leader_state.as_ref().is_some_and(|ls| ls.degraded)
+    }
+
+    /// When this primary steps down for want of a lease (an election timeout after
+    /// its lease ran out), on its own clock; `None` if not primary or forced.
+    pub fn step_down_at(&self) -> Option<Instant> {
+        self.leader_state
+            .as_ref()
+            .and_then(|ls| ls.step_down_at(&self.cfg, self.mutations))
     }
 
     /// When this node's lease runs out, on its own clock: it holds the lease while

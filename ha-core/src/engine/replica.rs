@@ -387,13 +387,16 @@ impl Engine {
             return;
         }
         let snap_pos = s.last_included;
-        if !self.check_term(term) || self.leader_state.is_some() {
+        let refuse = |e: &mut Engine, last: Position| {
             let ack = SnapshotAck {
                 snapshot_term: snap_pos.term,
                 installed: false,
-                last: self.log.last(),
+                last,
             };
-            self.respond(from, rid, Response::SnapshotAck(ack));
+            e.respond(from, rid, Response::SnapshotAck(ack));
+        };
+        if !self.check_term(term) || self.leader_state.is_some() {
+            refuse(self, self.log.last());
             return;
         }
         self.accept_leader(from);
@@ -408,12 +411,7 @@ impl Engine {
             // durable (the primary counts it toward commit), so answer with the
             // durable position and let the primary resend from there.
             let last = self.log.position_at(self.durable).unwrap_or(own_snap);
-            let ack = SnapshotAck {
-                snapshot_term: snap_pos.term,
-                installed: false,
-                last,
-            };
-            self.respond(from, rid, Response::SnapshotAck(ack));
+            refuse(self, last);
             return;
         }
         if !held
@@ -426,12 +424,7 @@ impl Engine {
             // older snapshot would discard applied entries the primary may hold
             // too; a real divergence shows as a conflict at our snapshot's
             // position and resyncs from there (`on_wal_batch`).
-            let ack = SnapshotAck {
-                snapshot_term: snap_pos.term,
-                installed: false,
-                last: self.log.last(),
-            };
-            self.respond(from, rid, Response::SnapshotAck(ack));
+            refuse(self, self.log.last());
             return;
         }
         if !held {
@@ -440,12 +433,7 @@ impl Engine {
                 // committed: refuse rather than discard them (DESIGN.md section 3).
                 self.safety_alarms += 1;
                 tracing::error!(node = %self.id, snapshot = %snap_pos, commit = %self.commit, "refused a snapshot that conflicts with committed entries");
-                let ack = SnapshotAck {
-                    snapshot_term: snap_pos.term,
-                    installed: false,
-                    last: self.log.last(),
-                };
-                self.respond(from, rid, Response::SnapshotAck(ack));
+                refuse(self, self.log.last());
                 return;
             }
             if snap_pos.index < self.applied {

@@ -57,11 +57,14 @@ impl World {
         self.stats.steps += 1;
         let was = self.node(id).observed.role;
         let role = engine.role();
+        let local = self.node(id).local(self.now);
         let o = &mut self.node_mut(id).observed;
         o.role = Some(role);
         o.term = engine.term();
         o.lease_expiry = engine.lease_expiry();
         o.alarms = engine.safety_alarms();
+        o.stepped_at = local;
+        o.step_down_at = engine.step_down_at();
         if engine.degraded() {
             self.paths.degraded_steps += 1;
         }
@@ -92,6 +95,26 @@ impl World {
     pub(super) fn lease_checked(&mut self, id: NodeId, what: &str) {
         if !self.node(id).has_lease(self.now) {
             self.violation(format!("{id} emitted {what} without a lease"));
+        }
+    }
+
+    /// A primary without a lease for a whole election timeout steps down and
+    /// stops heartbeating (DESIGN.md section 3, "Lease"), so its standby can take
+    /// over: checked at every heartbeat it sends, against the time the step that
+    /// decided to send it ran (a pause may fall between the two).
+    pub(super) fn check_heartbeat_sender(&mut self, from: NodeId) {
+        let n = self.node(from);
+        if n.observed.role != Some(Role::Primary) {
+            return;
+        }
+        let Some(end) = n.observed.step_down_at else {
+            return;
+        };
+        let bound = end.plus(self.cfg.timing.tick_interval * 2);
+        if n.observed.stepped_at > bound {
+            self.violation(format!(
+                "{from} still heartbeats as primary an election timeout after its lease ran out"
+            ));
         }
     }
 

@@ -174,12 +174,8 @@ impl World {
         let r: f64 = self.rng.random();
         let until = if r < 0.2 {
             // Killed between two actions of one step.
-            self.paths.crashes_mid_step += 1;
             let at = self.rng.random_range(0..50_000u64);
-            self.schedule(at, Ev::Crash(id, inc));
-            let timeout = self.cfg.timing.failover_timeout.as_nanos() as u64;
-            let down = self.rng.random_range(MS / 10..=timeout.max(MS));
-            self.schedule(at + down, Ev::Restart(id));
+            self.crash_mid_step(id, inc, at);
             u64::MAX
         } else if r < 0.45 {
             // Stopped (SIGSTOP, a long GC) between deciding and answering.
@@ -209,8 +205,14 @@ impl World {
         if latency == 0 || p == 0.0 || !self.rng.random_bool(p) {
             return;
         }
-        self.paths.crashes_mid_step += 1;
         let at = self.rng.random_range(0..latency);
+        self.crash_mid_step(id, inc, at);
+    }
+
+    /// Kills `id`'s incarnation `inc` in `at` (while it is inside a step) and
+    /// restarts it within about an election timeout.
+    fn crash_mid_step(&mut self, id: NodeId, inc: u64, at: u64) {
+        self.paths.crashes_mid_step += 1;
         self.schedule(at, Ev::Crash(id, inc));
         let timeout = self.cfg.timing.failover_timeout.as_nanos() as u64;
         let down = self.rng.random_range(MS / 10..=timeout.max(MS));

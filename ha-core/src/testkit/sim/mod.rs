@@ -39,7 +39,7 @@ use self::world::{idx, Ev, World, ALL};
 use crate::engine::Engine;
 use crate::error::StorageError;
 use crate::executor::{Executor, Input};
-use crate::types::NodeId;
+use crate::types::{CommitMode, NodeId};
 
 /// Counters from one run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -148,6 +148,24 @@ impl PathCounts {
                 self.async_failovers_losing_writes,
             ),
         ]
+    }
+
+    /// The counters that can be nonzero in runs of `mode` (with `strict` sync):
+    /// strict sync never commits through the witness, sync modes lose nothing,
+    /// and async mode never degrades (it always commits within its lag).
+    pub fn applicable(&self, mode: CommitMode, strict: bool) -> Vec<(&'static str, u64)> {
+        let is_async = mode == CommitMode::Async;
+        self.named()
+            .into_iter()
+            .filter(|(name, _)| match *name {
+                "async_failovers_losing_writes" => is_async,
+                "degraded_steps" => !is_async && !strict,
+                "floor_raises"
+                | "stale_floor_raises_refused"
+                | "primary_changes_after_degraded" => is_async || !strict,
+                _ => true,
+            })
+            .collect()
     }
 
     /// Adds another run's counts to these.

@@ -53,6 +53,15 @@ impl World {
     /// Puts a message on the network.
     pub(super) fn send(&mut self, msg: Msg) {
         let (from, to) = msg.route();
+        if matches!(
+            msg,
+            Msg::Req(Envelope {
+                body: Request::Heartbeat(_),
+                ..
+            })
+        ) {
+            self.check_heartbeat_sender(from);
+        }
         if self.links_down.contains(&(from, to)) {
             return;
         }

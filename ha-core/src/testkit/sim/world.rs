@@ -97,6 +97,10 @@ pub(super) struct Observed {
     pub(super) role: Option<Role>,
     pub(super) term: Term,
     pub(super) lease_expiry: Option<Instant>,
+    /// While primary: when the rules make it step down for want of a lease.
+    pub(super) step_down_at: Option<Instant>,
+    /// The node's clock at its last engine step (what its actions were decided at).
+    pub(super) stepped_at: Instant,
     pub(super) alarms: u64,
 }
 
