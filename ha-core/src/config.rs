@@ -1,4 +1,4 @@
-//! Node configuration: the seed's HA fields plus what DESIGN.md adds.
+//! Node configuration: the seed's HA fields plus what docs/protocol.md adds.
 
 use std::time::Duration;
 
@@ -193,7 +193,7 @@ impl Config {
     }
 
     /// The longest lease a primary may hold, measured on its own clock:
-    /// `failover_timeout × (1 − ρ)/(1 + ρ)` minus one tick (DESIGN.md section 3,
+    /// `failover_timeout × (1 − ρ)/(1 + ρ)` minus one tick (docs/protocol.md,
     /// "Lease").
     pub fn lease_duration(&self) -> Duration {
         let rho = f64::from(self.clock_drift_ppm) / 1_000_000.0;

@@ -1,7 +1,7 @@
 //! The messages peers exchange: requests, responses and the envelope that carries
 //! every one of them.
 //!
-//! Every message names its sender and the sender's current term (DESIGN.md section 3).
+//! Every message names its sender and the sender's current term (docs/protocol.md).
 //! Every request carries a request id and every response echoes it, so a response is
 //! always matched to its request. A handler that fails still answers, with
 //! [`Response::Error`].
@@ -191,7 +191,7 @@ pub struct FenceAck {
 /// A pre-vote or a vote request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoteRequest {
-    /// A pre-vote changes nobody's term or vote (DESIGN.md section 3, "Election").
+    /// A pre-vote changes nobody's term or vote (protocol.md, "Election").
     pub pre_vote: bool,
     /// The term the candidate campaigns in. For a real vote this equals the
     /// envelope's term; for a pre-vote the envelope carries the current term.

@@ -11,7 +11,7 @@ use crate::types::{Command, LogIndex, Position};
 ///   state and outputs on every node. It is called once per committed entry, in
 ///   index order, with no gaps; an invalid command is an output, not a failure.
 /// - Every entry arrives with its [`Position`]. `position.term` is the *fencing
-///   token* of the primary that wrote the entry (DESIGN.md section 3, "Fencing"):
+///   token* of the primary that wrote the entry (protocol.md, "Fencing"):
 ///   terms only grow along the log, and a term names the one primary that could
 ///   write in it, so a state machine that guards an external resource can hand the
 ///   term on (or refuse effects carrying a lower one than it has seen).

@@ -25,7 +25,7 @@ impl fmt::Display for NodeId {
 ///
 /// Ordered by number first, then node. Because the node is part of the term, two
 /// primaries can never write entries that look alike, even after a forced promotion
-/// (DESIGN.md section 3, "Terms, votes, start-up"): a position names its writer.
+/// (protocol.md, "Terms, votes, start-up"): a position names its writer.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -140,7 +140,7 @@ impl From<&[u8]> for Command {
 /// What a WAL entry carries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Payload {
-    /// The entry a new primary commits first in its term (DESIGN.md section 3,
+    /// The entry a new primary commits first in its term (docs/protocol.md,
     /// "Replication and commit"). It changes no state.
     Noop,
     /// A client command.
@@ -228,6 +228,19 @@ pub enum Role {
     Witness,
     /// Has an empty data directory and is catching up before it may vote.
     Learner,
+}
+
+impl Role {
+    /// The role a member that is not leading or campaigning has: the witness is a
+    /// witness; a data node a standby while it votes, a learner until it has
+    /// caught up (after joining with an empty data directory).
+    pub fn follower(kind: MemberKind, voter: bool) -> Role {
+        match (kind, voter) {
+            (MemberKind::Witness, _) => Role::Witness,
+            (MemberKind::Data, true) => Role::Standby,
+            (MemberKind::Data, false) => Role::Learner,
+        }
+    }
 }
 
 impl fmt::Display for Role {

@@ -1,4 +1,4 @@
-//! Rule-by-rule tests of the sans-IO engine (DESIGN.md section 3), driving single
+//! Rule-by-rule tests of the sans-IO engine (docs/protocol.md), driving single
 //! engines with hand-made messages and asserting the actions they emit.
 
 use std::time::Duration;
@@ -1373,4 +1373,102 @@ fn async_standby_installs_an_older_snapshot_when_it_is_ahead_of_the_primary_log(
         |a| matches!(a, Action::InstallSnapshot(snap) if snap.last_included.index == LogIndex(30))
     ));
     assert!(acts.iter().any(|a| matches!(a, Action::Discarded(_))));
+}
+
+fn snapshot_ack_from_n2(p: &mut Engine, at: Instant, term: Term, request_id: u64, last: Position) {
+    p.step(
+        at,
+        Event::Response(Envelope {
+            from: N2,
+            to: N1,
+            term,
+            request_id,
+            body: Response::SnapshotAck(ha_core::message::SnapshotAck {
+                snapshot_term: last.term,
+                installed: true,
+                last,
+            }),
+        }),
+    );
+}
+
+/// The term rule covers responses too: a snapshot ack of another term, or one
+/// that answers no snapshot in flight, does not raise the standby's match index;
+/// only the answer to the snapshot in flight does.
+#[test]
+fn a_stale_snapshot_ack_is_ignored() {
+    let t1 = term(1, N1);
+    let snapshot = Snapshot {
+        last_included: Position::new(t1, LogIndex(50)),
+        data: b"state at 50".to_vec(),
+    };
+    let e = Engine::new(
+        config(N1),
+        InitialState {
+            hard_state: HardState::bootstrap(),
+            snapshot: Some(snapshot.clone()),
+            entries: (51..=60).map(|i| entry(t1, i)).collect(),
+            applied: LogIndex(50),
+        },
+        ms(0),
+        7,
+    );
+    let mut p = elect(e);
+    let acts = p.take_actions();
+    let first = sent(&acts)
+        .into_iter()
+        .find(|s| s.to == N2 && matches!(s.body, Request::WalBatch(_)))
+        .expect("a batch to the standby");
+    wal_ack_from_n2(
+        &mut p,
+        ms(401),
+        first.request_id,
+        AckResult::Mismatch {
+            next: LogIndex(11),
+            conflict_term: None,
+        },
+    );
+    let (read_id, _) = read_request(&p.take_actions()).expect("a read of the durable log");
+    p.step(
+        ms(402),
+        Event::EntriesRead {
+            read_id,
+            result: Err(StorageError::Invalid("purged".into())),
+        },
+    );
+    let rid = sent(&p.take_actions())
+        .into_iter()
+        .find(|s| s.to == N2 && matches!(s.body, Request::InstallSnapshot(_)))
+        .expect("the snapshot")
+        .request_id;
+    let at_50 = snapshot.last_included;
+    let now_term = p.term();
+    let matched = |p: &Engine| p.health(ms(410)).peers[0].match_index;
+
+    // An ack carrying an older term (a reply from before this primary's term).
+    snapshot_ack_from_n2(&mut p, ms(403), Term::ZERO, rid, at_50);
+    assert_eq!(
+        matched(&p),
+        Some(LogIndex::ZERO),
+        "a stale-term ack is ignored"
+    );
+    // An ack of the current term that answers no snapshot in flight.
+    snapshot_ack_from_n2(&mut p, ms(404), now_term, rid + 1_000, at_50);
+    assert_eq!(
+        matched(&p),
+        Some(LogIndex::ZERO),
+        "an ack of another request is ignored"
+    );
+    // The answer to the snapshot in flight.
+    snapshot_ack_from_n2(&mut p, ms(405), now_term, rid, at_50);
+    assert_eq!(matched(&p), Some(LogIndex(50)));
+    // A duplicate of it, once nothing is in flight, changes nothing.
+    snapshot_ack_from_n2(
+        &mut p,
+        ms(406),
+        now_term,
+        rid,
+        Position::new(t1, LogIndex(55)),
+    );
+    assert_eq!(matched(&p), Some(LogIndex(50)));
 }

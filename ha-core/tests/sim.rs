@@ -1,4 +1,4 @@
-//! The deterministic simulator over many seeds (DESIGN.md section 4), and mutation
+//! The deterministic simulator over many seeds (protocol.md, "Invariants"), and mutation
 //! tests proving that its checker catches each broken rule: one or more per class
 //! of blind spot it was built to close (crashes inside a step, fast restarts,
 //! timing at the lease's edge, witness floors and switchover, the invariants of

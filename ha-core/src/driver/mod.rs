@@ -86,9 +86,7 @@ use crate::message::{Envelope, Request, Response};
 use crate::replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
 use crate::state_machine::StateMachine;
 use crate::transport::Transport;
-use crate::types::{
-    Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term,
-};
+use crate::types::{Command, HardState, Instant, LogIndex, NodeId, Position, Role, Term};
 
 /// Capacity of the engine task's input channel; callers wait (within their own
 /// deadlines) when it is full.
@@ -685,11 +683,7 @@ fn storage(e: StorageError) -> Error {
 }
 
 fn member_role(cfg: &Config, voter: bool) -> Role {
-    match (cfg.kind, voter) {
-        (MemberKind::Witness, _) => Role::Witness,
-        (MemberKind::Data, true) => Role::Standby,
-        (MemberKind::Data, false) => Role::Learner,
-    }
+    Role::follower(cfg.kind, voter)
 }
 
 /// The status reported before the node started.

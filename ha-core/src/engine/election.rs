@@ -1,12 +1,51 @@
-//! Pre-vote, vote and leadership transfer (DESIGN.md section 3, "Election",
+//! Pre-vote, vote and leadership transfer (protocol.md, "Election",
 //! "Switchover, promotion").
 
 use std::collections::BTreeSet;
 
+use super::replica::{Meta, Standing};
 use super::{Action, Campaign, ClientId, Engine};
 use crate::error::Error;
-use crate::message::{Envelope, Promote, PromoteAck, Request, Response, VoteRequest, VoteResponse};
+use crate::message::{Promote, PromoteAck, Request, Response, VoteRequest, VoteResponse};
 use crate::types::{MemberKind, NodeId, Role, Term};
+
+/// Which round of an election a campaign runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Round {
+    /// Asks whether a vote would be granted; changes no one's term or vote.
+    PreVote,
+    /// The real vote, at `term + 1`.
+    Vote,
+}
+
+/// Why a node campaigns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// Its election timer ran out.
+    Timer,
+    /// The primary handed over to it (TimeoutNow).
+    Handover,
+    /// An operator asked (answered with `AdminDone` for this id).
+    Operator(ClientId),
+}
+
+/// How a node became primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Mandate {
+    /// Elected by a majority.
+    Elected,
+    /// Forced without one (an operator, or the unsafe witness-less option).
+    Forced,
+}
+
+/// Whether the standby took part in the election that made this node primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StandbySeen {
+    /// It answered: it is most likely up.
+    Answered,
+    /// It answered nothing: degraded sync may start at once.
+    Silent,
+}
 
 impl Engine {
     /// The voters: data nodes and the witness (a learner is not one, but the config
@@ -48,7 +87,7 @@ impl Engine {
             self.force_promote();
             return;
         }
-        self.start_campaign(true, false, None);
+        self.start_campaign(Round::PreVote, Cause::Timer);
     }
 
     fn witness_less_failover(&self) -> bool {
@@ -57,12 +96,13 @@ impl Engine {
             && self.cfg.auto_failover
     }
 
-    pub(super) fn start_campaign(
-        &mut self,
-        pre_vote: bool,
-        transfer: bool,
-        admin: Option<ClientId>,
-    ) {
+    pub(super) fn start_campaign(&mut self, round: Round, cause: Cause) {
+        let pre_vote = round == Round::PreVote;
+        let transfer = cause == Cause::Handover;
+        let admin = match cause {
+            Cause::Operator(id) => Some(id),
+            Cause::Timer | Cause::Handover => None,
+        };
         let term = self.hs.current_term.next_for(self.id);
         if !pre_vote {
             self.hs.current_term = term;
@@ -102,12 +142,12 @@ impl Engine {
         self.check_campaign();
     }
 
-    pub(super) fn on_vote_request(&mut self, env: &Envelope<Request>, v: VoteRequest) {
-        let (from, rid) = (env.from, env.request_id);
+    pub(super) fn on_vote_request(&mut self, meta: Meta, v: VoteRequest) {
+        let Meta { from, rid, .. } = meta;
         let granted = if v.pre_vote {
             self.decide_pre_vote(from, &v)
         } else {
-            self.decide_vote(from, env.term, &v)
+            self.decide_vote(meta, &v)
         };
         self.respond(
             from,
@@ -128,25 +168,22 @@ impl Engine {
         self.may_vote_now(from) && self.candidate_up_to_date(from, v)
     }
 
-    fn decide_vote(&mut self, from: NodeId, env_term: Term, v: &VoteRequest) -> bool {
-        if v.campaign_term != env_term || v.campaign_term.node != from {
+    /// A real vote, after the term rule ([`Engine::term_rule`]) adopted its term or
+    /// dropped it.
+    fn decide_vote(&mut self, meta: Meta, v: &VoteRequest) -> bool {
+        let from = meta.from;
+        if v.campaign_term != meta.term || v.campaign_term.node != from {
             return false;
         }
-        let transfer_target = self
-            .leader_state
-            .as_ref()
-            .and_then(|ls| ls.transfer_target())
-            == Some(from);
-        if env_term < self.hs.current_term && !self.mutations.accept_stale_terms {
-            return false;
-        }
-        // A voter that heard from a live primary drops the request without adopting
-        // its term; only the primary handing over to this target votes at once.
+        let transfer_target = match meta.standing {
+            Standing::Handover => true,
+            Standing::Current => false,
+            Standing::Stale | Standing::Dropped => return false,
+        };
+        // A voter that heard from a live primary refuses in its current term too;
+        // only the primary handing over to this target votes at once.
         if !transfer_target && !self.may_vote_now(from) {
             return false;
-        }
-        if env_term > self.hs.current_term {
-            self.adopt_term(env_term);
         }
         if self.hs.voted_for.is_some_and(|n| n != from) {
             return false;
@@ -164,7 +201,7 @@ impl Engine {
     }
 
     /// The start-up window, the voter's membership and the lease rule.
-    fn may_vote_now(&self, candidate: NodeId) -> bool {
+    pub(super) fn may_vote_now(&self, candidate: NodeId) -> bool {
         if !self.hs.voter || self.in_startup_window() {
             return false;
         }
@@ -229,10 +266,20 @@ impl Engine {
         if pre_vote {
             // The term may have moved while the pre-vote ran; campaign from the
             // current one.
-            self.start_campaign(false, transfer, admin);
+            let cause = match (transfer, admin) {
+                (_, Some(id)) => Cause::Operator(id),
+                (true, None) => Cause::Handover,
+                (false, None) => Cause::Timer,
+            };
+            self.start_campaign(Round::Vote, cause);
         } else {
             self.campaign = None;
-            self.become_leader(false, !peer_answered);
+            let standby = if peer_answered {
+                StandbySeen::Answered
+            } else {
+                StandbySeen::Silent
+            };
+            self.become_leader(Mandate::Elected, standby);
             if let Some(id) = admin {
                 self.emit(Action::AdminDone(id, Ok(())));
             }
@@ -240,9 +287,11 @@ impl Engine {
     }
 
     /// Leadership transfer: the primary asks its caught-up target to campaign now.
-    pub(super) fn on_promote(&mut self, meta: (NodeId, Term, u64), p: Promote) {
-        let (from, term, rid) = meta;
-        let valid = self.check_term(term)
+    pub(super) fn on_promote(&mut self, meta: Meta, p: Promote) {
+        let Meta {
+            from, term, rid, ..
+        } = meta;
+        let valid = meta.standing == Standing::Current
             && term == self.hs.current_term
             && self.leader == Some(from)
             && self.kind == MemberKind::Data
@@ -261,7 +310,7 @@ impl Engine {
             rid,
             Response::PromoteAck(PromoteAck { started: true }),
         );
-        self.start_campaign(false, true, None);
+        self.start_campaign(Round::Vote, Cause::Handover);
     }
 
     pub(super) fn admin_promote(&mut self, id: ClientId) {
@@ -293,7 +342,7 @@ impl Engine {
             self.emit(Action::AdminDone(id, Err(Error::Rejected(why.into()))));
             return;
         }
-        self.start_campaign(true, false, Some(id));
+        self.start_campaign(Round::PreVote, Cause::Operator(id));
     }
 
     pub(super) fn admin_force_promote(&mut self, id: ClientId) {
@@ -320,6 +369,6 @@ impl Engine {
         self.hs.current_term = self.hs.current_term.next_for(self.id);
         self.hs.voted_for = Some(self.id);
         self.persist_hard_state();
-        self.become_leader(true, true);
+        self.become_leader(Mandate::Forced, StandbySeen::Silent);
     }
 }

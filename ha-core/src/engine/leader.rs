@@ -1,9 +1,11 @@
 //! The primary's side: heartbeats and the lease, pipelined WAL batches, the commit
-//! rule with witness floors, client acks and reads, switchover (DESIGN.md section 3,
+//! rule with witness floors, client acks and reads, switchover (docs/protocol.md,
 //! "Replication and commit", "Lease", "Witness floors", "Switchover").
 
 use std::collections::VecDeque;
 
+use super::election::{Mandate, StandbySeen};
+use super::progress::Progress;
 use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
 use crate::error::{Error, StorageError};
@@ -13,8 +15,7 @@ use crate::message::{
     Request, SnapshotAck, WalAck, WalBatch,
 };
 use crate::types::{
-    Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, Term,
-    WalEntry,
+    Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, WalEntry,
 };
 
 /// How many heartbeat send times the primary remembers, to match acks.
@@ -30,23 +31,6 @@ fn lease_duration(cfg: &Config, m: Mutations) -> std::time::Duration {
     let rho = f64::from(cfg.clock_drift_ppm) / 1_000_000.0;
     let bound = cfg.failover_timeout.as_secs_f64() * (1.0 - rho) / (1.0 + rho);
     std::time::Duration::from_secs_f64(bound * (1.0 + f64::from(m.lease_overshoot_ppm) / 1e6))
-}
-
-/// Replication progress of the data peer.
-#[derive(Clone, Debug)]
-pub(super) struct Progress {
-    id: NodeId,
-    matched: LogIndex,
-    next: LogIndex,
-    applied: LogIndex,
-    /// (request id, last position, sent at) of batches awaiting an ack.
-    inflight: VecDeque<(u64, Position, Instant)>,
-    /// A read of entries older than the in-memory log, for this peer: (read id,
-    /// the peer's next index it serves, issued at). At most one at a time.
-    reading: Option<(u64, LogIndex, Instant)>,
-    /// Mismatch replies to requests older than this are stale.
-    reset_after: u64,
-    snapshot_inflight: Option<Instant>,
 }
 
 /// An ongoing switchover.
@@ -86,7 +70,7 @@ pub(super) struct LeaderState {
 }
 
 impl LeaderState {
-    /// The lease rule (DESIGN.md section 3, "Lease"): when the lease runs out on
+    /// The lease rule (protocol.md, "Lease"): when the lease runs out on
     /// this node's clock (valid while `now` is before it), or `None` without one.
     pub(super) fn lease_expiry(&self, cfg: &Config, m: Mutations) -> Option<Instant> {
         // A primary handing over gives up its lease once it has told the target to
@@ -103,7 +87,7 @@ impl LeaderState {
     }
 
     /// When a primary without a lease for a whole election timeout steps down
-    /// (DESIGN.md section 3, "Lease"): `None` for a forced primary.
+    /// (protocol.md, "Lease"): `None` for a forced primary.
     pub(super) fn step_down_at(&self, cfg: &Config, m: Mutations) -> Option<Instant> {
         if self.forced || m.no_lease {
             return None;
@@ -137,26 +121,22 @@ impl LeaderState {
 }
 
 impl Engine {
-    /// `peer_silent`: the standby answered no part of the election, so it is most
+    /// `StandbySeen::Silent`: the standby answered no part of the election, so it is most
     /// likely down; degraded sync starts at once instead of after
     /// `degrade_timeout` (only the timing changes: floors are always safe).
-    pub(super) fn become_leader(&mut self, forced: bool, peer_silent: bool) {
+    pub(super) fn become_leader(&mut self, mandate: Mandate, standby: StandbySeen) {
+        let forced = mandate == Mandate::Forced;
+        let peer_silent = standby == StandbySeen::Silent;
         self.campaign = None;
         let before = self.log.last();
         let noop = WalEntry::noop(Position::new(self.hs.current_term, before.index.next()));
         let noop_index = noop.index();
         self.log.push(noop.clone());
         self.emit(Action::Append(vec![noop]));
-        let peer = self.cfg.data_peer().map(|m| Progress {
-            id: m.id,
-            matched: LogIndex::ZERO,
-            next: before.index.next(),
-            applied: LogIndex::ZERO,
-            inflight: VecDeque::new(),
-            reading: None,
-            reset_after: 0,
-            snapshot_inflight: None,
-        });
+        let peer = self
+            .cfg
+            .data_peer()
+            .map(|m| Progress::new(m.id, before.index.next()));
         self.leader_state = Some(LeaderState {
             forced,
             noop_index,
@@ -249,25 +229,14 @@ impl Engine {
         }
         let retransmit = self.cfg.heartbeat_interval * 2;
         if let Some(p) = ls.peer.as_mut() {
-            if p.inflight
-                .front()
-                .is_some_and(|(_, _, sent)| now >= sent.plus(retransmit))
-            {
-                p.next = p.matched.next();
-                p.inflight.clear();
-                p.reset_after = self.next_request_id;
+            if p.oldest_sent_before(Instant(now.0.saturating_sub(retransmit.as_nanos() as u64))) {
+                p.timed_out(self.next_request_id);
             }
-            if p.snapshot_inflight
-                .is_some_and(|t| now >= t.plus(self.cfg.rpc_timeout))
-            {
-                p.snapshot_inflight = None;
-            }
-            // The driver always answers a read; this only bounds a lost answer.
-            if p.reading
-                .is_some_and(|(_, _, t)| now >= t.plus(self.cfg.rpc_timeout))
-            {
-                p.reading = None;
-            }
+            // The driver always answers a read; this only bounds a lost answer
+            // (and a lost snapshot).
+            p.expire(Instant(
+                now.0.saturating_sub(self.cfg.rpc_timeout.as_nanos() as u64),
+            ));
         }
         if ls
             .floor_inflight
@@ -353,10 +322,7 @@ impl Engine {
             let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
                 return;
             };
-            if p.inflight.len() >= max_inflight
-                || p.snapshot_inflight.is_some()
-                || p.reading.is_some()
-            {
+            if !p.may_send(max_inflight) {
                 return;
             }
             let (peer, next) = (p.id, p.next);
@@ -369,7 +335,7 @@ impl Engine {
                     max_bytes: batch_bytes,
                 });
                 if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-                    p.reading = Some((read_id, next, now));
+                    p.start_read(read_id, now);
                 }
                 return;
             }
@@ -395,13 +361,9 @@ impl Engine {
         let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) else {
             return;
         };
-        let Some((id, next, _)) = p.reading else {
+        let Some(next) = p.finish_read(read_id) else {
             return;
         };
-        if id != read_id {
-            return;
-        }
-        p.reading = None;
         let peer = p.id;
         if p.next != next {
             // An ack or a mismatch moved the peer while the read ran.
@@ -439,10 +401,10 @@ impl Engine {
             commit: self.commit,
             leader_last: self.log.last(),
         };
-        self.send(peer, Request::InstallSnapshot(req));
+        let rid = self.send(peer, Request::InstallSnapshot(req));
         let now = self.now;
         if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-            p.snapshot_inflight = Some(now);
+            p.sent_snapshot(rid, now);
         }
     }
 
@@ -461,8 +423,7 @@ impl Engine {
         if let Some(ls) = self.leader_state.as_mut() {
             ls.commit_notified = ls.commit_notified.max(commit);
             if let Some(p) = ls.peer.as_mut() {
-                p.inflight.push_back((rid, last, now));
-                p.next = last.index.next();
+                p.sent_batch(rid, last, now);
             }
         }
     }
@@ -475,7 +436,7 @@ impl Engine {
             return;
         };
         let Some(p) = ls.peer.as_ref() else { return };
-        if commit <= ls.commit_notified || !p.inflight.is_empty() || p.snapshot_inflight.is_some() {
+        if commit <= ls.commit_notified || !p.idle() {
             return;
         }
         let (peer, next) = (p.id, p.next);
@@ -503,12 +464,7 @@ impl Engine {
         // its in-memory log does, or if it is the end of the batch acked (sent from
         // the durable log, below the in-memory log).
         let held = match ack.result {
-            AckResult::Durable(pos) => {
-                holds(pos)
-                    || p.inflight
-                        .iter()
-                        .any(|(id, last, _)| *id == rid && *last == pos)
-            }
+            AckResult::Durable(pos) => holds(pos) || p.in_flight_ending_at(rid, pos),
             _ => false,
         };
         // The primary ignores replies that do not carry its own term.
@@ -518,13 +474,7 @@ impl Engine {
         p.applied = p.applied.max(ack.applied);
         match ack.result {
             AckResult::Durable(pos) => {
-                if held && pos.index > p.matched {
-                    p.matched = pos.index;
-                }
-                p.inflight.retain(|(id, _, _)| *id > rid);
-                if p.next <= p.matched {
-                    p.next = p.matched.next();
-                }
+                p.acked(rid, pos, held);
                 let matched = p.matched;
                 while ls.unacked.front().is_some_and(|(i, _)| *i <= matched) {
                     ls.unacked.pop_front();
@@ -541,27 +491,18 @@ impl Engine {
                 }
             }
             AckResult::Mismatch { next, .. } => {
-                // A mismatch for a request no longer in flight is stale: a later
-                // ack covered it, or the window was reset since (a reordered
-                // answer must not lower what the standby durably acked).
-                if rid < p.reset_after || !p.inflight.iter().any(|(id, _, _)| *id == rid) {
-                    return;
+                let matched = p.matched;
+                if p.refused(rid, next, last, reset_id) && next <= matched {
+                    tracing::warn!(standby = %from, %matched, %next, "standby lost acknowledged entries; resending");
                 }
-                if next <= p.matched {
-                    // A standby never loses what it acked durably, unless its disk
-                    // was wiped and it rejoined empty (as a non-voter): start over.
-                    tracing::warn!(standby = %from, matched = %p.matched, %next, "standby lost acknowledged entries; resending");
-                    p.matched = next.prev();
-                }
-                p.next = next.max(p.matched.next()).min(last.next()).max(LogIndex(1));
-                p.inflight.clear();
-                p.reset_after = reset_id;
             }
             AckResult::StaleTerm => {}
         }
     }
 
-    pub(super) fn on_snapshot_ack(&mut self, from: NodeId, ack: SnapshotAck) {
+    /// Only the answer to the snapshot in flight counts (a stale or duplicated
+    /// one is ignored); the term rule already dropped answers of other terms.
+    pub(super) fn on_snapshot_ack(&mut self, from: NodeId, rid: u64, ack: SnapshotAck) {
         let last = self.log.last().index;
         let reset_id = self.next_request_id;
         let Some(ls) = self.leader_state.as_mut() else {
@@ -570,28 +511,10 @@ impl Engine {
         let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
             return;
         };
-        p.snapshot_inflight = None;
-        if ack.installed && ack.last.index > p.matched {
-            p.matched = ack.last.index;
-            p.next = p.matched.next();
-            p.inflight.clear();
-        } else if !ack.installed && ack.last.index > p.matched && ack.last.index <= last {
-            // The standby kept a newer snapshot of its own (async mode): probe from
-            // its last position; log matching decides whether it agrees with ours.
-            p.next = ack.last.index.next();
-            p.inflight.clear();
-            p.reset_after = reset_id;
-        }
+        p.snapshot_answered(rid, ack.installed, ack.last, last, reset_id);
     }
 
-    pub(super) fn on_heartbeat_ack(
-        &mut self,
-        from: NodeId,
-        from_term: Term,
-        rid: u64,
-        ack: HeartbeatAck,
-    ) {
-        let term = self.hs.current_term;
+    pub(super) fn on_heartbeat_ack(&mut self, from: NodeId, rid: u64, ack: HeartbeatAck) {
         let now = self.now;
         let is_witness = self
             .cfg
@@ -600,7 +523,7 @@ impl Engine {
         let Some(ls) = self.leader_state.as_mut() else {
             return;
         };
-        if !ack.accepted || from_term != term {
+        if !ack.accepted {
             return;
         }
         // Only a voter's ack extends the lease: the lease runs from the send time of
@@ -618,10 +541,7 @@ impl Engine {
                 // It rejoined with a wiped disk (a non-voter holding less than it
                 // once acked): replicate to it from what it holds now.
                 tracing::warn!(standby = %from, matched = %p.matched, last = %ack.last.index, "standby rejoined empty; resending");
-                p.matched = ack.last.index;
-                p.next = ack.last.index.next();
-                p.inflight.clear();
-                p.reset_after = self.next_request_id;
+                p.rejoined_empty(ack.last.index, self.next_request_id);
             }
         }
         // Only once this term's no-op is committed does the primary's commit index
@@ -658,8 +578,7 @@ impl Engine {
         self.send(witness, Request::RaiseFloor(req));
     }
 
-    pub(super) fn on_floor_ack(&mut self, from: NodeId, from_term: Term, ack: FloorAck) {
-        let term = self.hs.current_term;
+    pub(super) fn on_floor_ack(&mut self, from: NodeId, ack: FloorAck) {
         let peer_id = self.cfg.data_peer().map(|m| m.id);
         let floor = ack
             .floors
@@ -670,7 +589,7 @@ impl Engine {
         let Some(ls) = self.leader_state.as_mut() else {
             return;
         };
-        if Some(from) != ls.witness || from_term != term || !ack.accepted {
+        if Some(from) != ls.witness || !ack.accepted {
             return;
         }
         ls.floor_inflight = None;
@@ -681,7 +600,7 @@ impl Engine {
         }
     }
 
-    /// The commit rule (DESIGN.md section 3): an entry of this term commits once the
+    /// The commit rule (docs/protocol.md): an entry of this term commits once the
     /// primary holds it durably and the standby durably acked it, or the witness
     /// recorded a standby floor at most `allowed_lag` entries below it.
     pub(super) fn advance_commit(&mut self) {
@@ -729,7 +648,7 @@ impl Engine {
         // Acks leave under the lease; the Promote that gives the lease up waits for
         // a step that acknowledged nothing, so no ack follows it out of this step.
         let had_pending = !ls.pending_writes.is_empty();
-        // The lease is checked where a write is acknowledged (DESIGN.md section 3).
+        // The lease is checked where a write is acknowledged (docs/protocol.md).
         if lease {
             let peer_applied = ls.peer.as_ref().map(|p| p.applied);
             let mut blocked = false;

@@ -1,4 +1,4 @@
-//! The replication engine: the protocol of DESIGN.md section 3 as a deterministic,
+//! The replication engine: the protocol of docs/protocol.md as a deterministic,
 //! sans-IO state machine.
 //!
 //! Feed it [`Event`]s with [`Engine::step`]; it answers with [`Action`]s, drained with
@@ -34,6 +34,7 @@
 mod election;
 mod leader;
 mod log;
+mod progress;
 mod replica;
 
 use std::collections::BTreeSet;
@@ -49,6 +50,7 @@ use crate::types::{
 
 use self::leader::LeaderState;
 use self::log::Log;
+use self::replica::{Meta, Standing};
 
 /// Most entries handed to the state machine in one step.
 const MAX_APPLY_PER_STEP: u64 = 4096;
@@ -309,7 +311,7 @@ pub struct Engine {
 impl Engine {
     /// Builds an engine from durable state. Every node starts as a follower (or
     /// witness), whatever its config says, and for one failover timeout neither
-    /// campaigns nor votes (DESIGN.md section 3, "Terms, votes, start-up").
+    /// campaigns nor votes (protocol.md, "Terms, votes, start-up").
     pub fn new(cfg: Config, init: InitialState, now: Instant, seed: u64) -> Self {
         let snapshot_pos = init
             .snapshot
@@ -320,11 +322,7 @@ impl Engine {
         let durable = log.last().index;
         let applied = init.applied.max(snapshot_pos.index).min(durable);
         let kind = cfg.kind;
-        let role = match (kind, init.hard_state.voter) {
-            (MemberKind::Witness, _) => Role::Witness,
-            (MemberKind::Data, true) => Role::Standby,
-            (MemberKind::Data, false) => Role::Learner,
-        };
+        let role = Role::follower(kind, init.hard_state.voter);
         let mut e = Engine {
             id: cfg.node_id,
             kind,
@@ -673,11 +671,7 @@ impl Engine {
                 ));
             }
         }
-        let role = match self.kind {
-            MemberKind::Witness => Role::Witness,
-            MemberKind::Data if self.hs.voter => Role::Standby,
-            MemberKind::Data => Role::Learner,
-        };
+        let role = Role::follower(self.kind, self.hs.voter);
         self.leader_verified = LogIndex::ZERO;
         self.set_role(role, leader);
     }
@@ -698,20 +692,67 @@ impl Engine {
         self.cfg.member(id).is_some()
     }
 
-    /// The common term rule (DESIGN.md section 3): a lower term is rejected, a higher
+    /// The common term rule (docs/protocol.md): a lower term is rejected, a higher
     /// one adopted. Returns false if the message must be refused as stale.
-    fn check_term(&mut self, term: Term) -> bool {
-        if term < self.hs.current_term {
-            if self.mutations.accept_stale_terms {
-                self.stale_reply_term = Some(term);
-                return true;
+    /// The term rule, in one place (protocol.md, "Terms, votes, start-up"): a
+    /// request of an older term is refused, a newer one is adopted (stepping down)
+    /// before the handler runs, with the rule's named exceptions: a pre-vote changes
+    /// no term (it is judged on its campaign term), a voter that heard a live primary
+    /// drops a vote without adopting its term (leader stickiness), and a primary
+    /// handing over votes for its target at once (switchover).
+    fn term_rule(&mut self, env: &Envelope<Request>) -> Standing {
+        let term = env.term;
+        if let Request::Vote(v) = &env.body {
+            if v.pre_vote {
+                return Standing::Current;
             }
-            return false;
+            // A vote is for its sender's own campaign, in the term it is sent in;
+            // anything else is malformed and adopts nothing.
+            if v.campaign_term != term || term.node != env.from {
+                return Standing::Dropped;
+            }
         }
-        if term > self.hs.current_term {
-            self.adopt_term(term);
+        match term.cmp(&self.hs.current_term) {
+            std::cmp::Ordering::Less if self.mutations.accept_stale_terms => {
+                self.stale_reply_term = Some(term);
+                Standing::Current
+            }
+            std::cmp::Ordering::Less => Standing::Stale,
+            std::cmp::Ordering::Equal => match &env.body {
+                Request::Vote(_) if self.is_handover_target(env.from) => Standing::Handover,
+                _ => Standing::Current,
+            },
+            std::cmp::Ordering::Greater => match &env.body {
+                Request::Vote(_) if self.is_handover_target(env.from) => {
+                    self.adopt_term(term);
+                    Standing::Handover
+                }
+                Request::Vote(_) if !self.may_vote_now(env.from) => Standing::Dropped,
+                _ => {
+                    self.adopt_term(term);
+                    Standing::Current
+                }
+            },
         }
-        true
+    }
+
+    /// True if this node is the primary handing over to `candidate`.
+    fn is_handover_target(&self, candidate: NodeId) -> bool {
+        self.leader_state
+            .as_ref()
+            .and_then(|ls| ls.transfer_target())
+            == Some(candidate)
+    }
+
+    /// Requests only a member of the right kind may receive.
+    fn misdirected(&self, body: &Request) -> Option<&'static str> {
+        match (body, self.kind) {
+            (Request::WalBatch(_) | Request::InstallSnapshot(_), MemberKind::Witness) => {
+                Some("the witness stores no log")
+            }
+            (Request::RaiseFloor(_), MemberKind::Data) => Some("only the witness keeps floors"),
+            _ => None,
+        }
     }
 
     fn on_request(&mut self, env: Envelope<Request>) {
@@ -724,42 +765,59 @@ impl Engine {
             return;
         }
         self.note_contact(env.from);
+        if let Some(why) = self.misdirected(&env.body) {
+            let malformed = Response::Error(RpcError::Malformed(why.into()));
+            self.respond(env.from, env.request_id, malformed);
+            return;
+        }
+        // Every request but a vote comes from a primary, whose term names it.
+        let from_primary = !matches!(env.body, Request::Vote(_));
+        if from_primary && env.term.node != env.from {
+            let malformed = RpcError::Malformed("term does not name its primary".into());
+            self.respond(env.from, env.request_id, Response::Error(malformed));
+            return;
+        }
+        let standing = self.term_rule(&env);
+        let meta = Meta {
+            from: env.from,
+            term: env.term,
+            rid: env.request_id,
+            standing,
+        };
         match env.body {
-            Request::Vote(ref v) => {
-                let v = v.clone();
-                self.on_vote_request(&env, v)
-            }
-            Request::WalBatch(b) => {
-                let meta = (env.from, env.term, env.request_id);
-                self.on_wal_batch(meta, b)
-            }
-            Request::Heartbeat(h) => self.on_heartbeat((env.from, env.term, env.request_id), h),
-            Request::Fence(f) => self.on_fence((env.from, env.term, env.request_id), f),
-            Request::Promote(p) => self.on_promote((env.from, env.term, env.request_id), p),
-            Request::RaiseFloor(r) => self.on_raise_floor((env.from, env.term, env.request_id), r),
-            Request::InstallSnapshot(s) => {
-                self.on_install_snapshot((env.from, env.term, env.request_id), s)
-            }
+            Request::Vote(v) => self.on_vote_request(meta, v),
+            Request::WalBatch(b) => self.on_wal_batch(meta, b),
+            Request::Heartbeat(h) => self.on_heartbeat(meta, h),
+            Request::Fence(f) => self.on_fence(meta, f),
+            Request::Promote(p) => self.on_promote(meta, p),
+            Request::RaiseFloor(r) => self.on_raise_floor(meta, r),
+            Request::InstallSnapshot(s) => self.on_install_snapshot(meta, s),
         }
     }
 
+    /// The term rule for responses: a newer term is adopted (and the response
+    /// then means nothing to this node's new state); an older one is ignored,
+    /// except a pre-vote's answer, which is judged on its campaign term.
     fn on_response(&mut self, env: Envelope<Response>) {
         if !self.is_member(env.from) || env.to != self.id {
             return;
         }
         self.note_contact(env.from);
-        if env.term > self.hs.current_term {
-            self.adopt_term(env.term);
-            return;
+        let pre_vote = matches!(&env.body, Response::Vote(v) if v.pre_vote);
+        match env.term.cmp(&self.hs.current_term) {
+            std::cmp::Ordering::Greater => {
+                self.adopt_term(env.term);
+                return;
+            }
+            std::cmp::Ordering::Less if !pre_vote => return,
+            _ => {}
         }
         match env.body {
             Response::Vote(v) => self.on_vote_response(env.from, env.term, v),
             Response::WalAck(a) => self.on_wal_ack(env.from, env.request_id, a),
-            Response::HeartbeatAck(a) => {
-                self.on_heartbeat_ack(env.from, env.term, env.request_id, a)
-            }
-            Response::FloorAck(a) => self.on_floor_ack(env.from, env.term, a),
-            Response::SnapshotAck(a) => self.on_snapshot_ack(env.from, a),
+            Response::HeartbeatAck(a) => self.on_heartbeat_ack(env.from, env.request_id, a),
+            Response::FloorAck(a) => self.on_floor_ack(env.from, a),
+            Response::SnapshotAck(a) => self.on_snapshot_ack(env.from, env.request_id, a),
             Response::FenceAck(_) | Response::PromoteAck(_) | Response::Error(_) => {}
         }
     }
@@ -824,7 +882,7 @@ impl Engine {
         self.snapshot = Some(snap);
         // The in-memory log starts after the snapshot; what a lagging standby still
         // needs is the durable log's to keep (its retention policy), and is read
-        // back from there (DESIGN.md section 3, "Fencing, rejoin, catch-up": a
+        // back from there (protocol.md, "Fencing, rejoin, catch-up": a
         // standby that needs purged entries gets the snapshot).
         if upto > self.log.snapshot().index {
             self.log.compact(upto);

@@ -1,5 +1,5 @@
 //! The receiving side: WAL batches, heartbeats, fences, snapshots and, on the
-//! witness, floors (DESIGN.md section 3, "Replication and commit", "Witness floors",
+//! witness, floors (protocol.md, "Replication and commit", "Witness floors",
 //! "Fencing, rejoin, catch-up").
 
 use super::{Action, Engine, PendingAck};
@@ -20,8 +20,31 @@ enum Truncated {
     Resynced,
 }
 
-/// Sender, sender's term, request id.
-pub(super) type Meta = (NodeId, Term, u64);
+/// A request's sender, its term, its id, and what the term rule made of it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Meta {
+    pub(super) from: NodeId,
+    pub(super) term: Term,
+    pub(super) rid: u64,
+    pub(super) standing: Standing,
+}
+
+/// What the term rule ([`Engine::term_rule`]) made of a request: every handler
+/// decides on this alone, never on the term itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Standing {
+    /// Of this node's current term (adopted first if it was newer).
+    Current,
+    /// Of an older term: refused (the answer carries this node's term, so the
+    /// sender learns it is behind).
+    Stale,
+    /// A vote this node drops without adopting its term: it heard a live primary
+    /// within its election timeout (leader stickiness), or it is starting up.
+    Dropped,
+    /// A vote for the target of this node's own switchover: the handover's
+    /// exception to leader stickiness and the log check (protocol.md, "Switchover").
+    Handover,
+}
 
 impl Engine {
     /// Accepts `from` as the primary of the current term: resets the election timer
@@ -37,50 +60,23 @@ impl Engine {
         }
         self.last_leader_contact = Some(self.now);
         self.reset_election_deadline();
-        let role = match self.kind {
-            MemberKind::Witness => Role::Witness,
-            MemberKind::Data if self.hs.voter => Role::Standby,
-            MemberKind::Data => Role::Learner,
-        };
+        let role = Role::follower(self.kind, self.hs.voter);
         if self.leader != Some(from) {
             self.leader_verified = LogIndex::ZERO;
         }
         self.set_role(role, Some(from));
     }
 
-    /// A leader-only message is valid if its term names its sender and the receiver
-    /// is not itself leading (the term rule makes that impossible unless mutated).
-    fn leader_message_ok(&mut self, from: NodeId, term: Term, rid: u64) -> bool {
-        if term.node != from {
-            self.respond(
-                from,
-                rid,
-                Response::Error(RpcError::Malformed("term does not name its primary".into())),
-            );
-            return false;
-        }
-        true
-    }
-
     pub(super) fn on_wal_batch(&mut self, meta: Meta, b: WalBatch) {
-        let (from, term, rid) = meta;
-        if self.kind != MemberKind::Data {
-            self.respond(
-                from,
-                rid,
-                Response::Error(RpcError::Malformed("the witness stores no log".into())),
-            );
-            return;
-        }
-        if !self.leader_message_ok(from, term, rid) {
-            return;
-        }
+        let Meta {
+            from, term, rid, ..
+        } = meta;
         let stale_ack = |e: &Engine| WalAck {
             batch_term: term,
             result: AckResult::StaleTerm,
             applied: e.applied,
         };
-        if !self.check_term(term) || self.leader_state.is_some() {
+        if meta.standing != Standing::Current || self.leader_state.is_some() {
             let ack = stale_ack(self);
             self.respond(from, rid, Response::WalAck(ack));
             return;
@@ -223,7 +219,7 @@ impl Engine {
     }
 
     /// Removes a conflicting suffix from `from` on. Never at or below the commit
-    /// index in sync modes (DESIGN.md section 3: assert it); in async mode a rewind of
+    /// index in sync modes (docs/protocol.md: assert it); in async mode a rewind of
     /// applied entries restores a snapshot and reports what was discarded.
     fn truncate_conflict(&mut self, from: LogIndex) -> Truncated {
         if from <= self.commit && self.cfg.commit_mode != CommitMode::Async {
@@ -336,11 +332,8 @@ impl Engine {
     }
 
     pub(super) fn on_heartbeat(&mut self, meta: Meta, h: Heartbeat) {
-        let (from, term, rid) = meta;
-        if !self.leader_message_ok(from, term, rid) {
-            return;
-        }
-        let accepted = self.check_term(term) && self.leader_state.is_none();
+        let Meta { from, rid, .. } = meta;
+        let accepted = meta.standing == Standing::Current && self.leader_state.is_none();
         if accepted {
             self.accept_leader(from);
             self.leader_last = h.last.index;
@@ -360,12 +353,11 @@ impl Engine {
     }
 
     pub(super) fn on_fence(&mut self, meta: Meta, f: Fence) {
-        let (from, term, rid) = meta;
-        if !self.leader_message_ok(from, term, rid) {
-            return;
-        }
-        // A fence with a stale term is ignored (DESIGN.md section 3, "Fencing").
-        let fenced = self.check_term(term) && self.leader_state.is_none();
+        let Meta {
+            from, term, rid, ..
+        } = meta;
+        // A fence with a stale term is ignored (protocol.md, "Fencing").
+        let fenced = meta.standing == Standing::Current && self.leader_state.is_none();
         if fenced {
             tracing::info!(node = %self.id, by = %from, %term, reason = %f.reason, "fenced");
             self.accept_leader(from);
@@ -374,18 +366,7 @@ impl Engine {
     }
 
     pub(super) fn on_install_snapshot(&mut self, meta: Meta, s: InstallSnapshot) {
-        let (from, term, rid) = meta;
-        if self.kind != MemberKind::Data {
-            self.respond(
-                from,
-                rid,
-                Response::Error(RpcError::Malformed("the witness stores no log".into())),
-            );
-            return;
-        }
-        if !self.leader_message_ok(from, term, rid) {
-            return;
-        }
+        let Meta { from, rid, .. } = meta;
         let snap_pos = s.last_included;
         let refuse = |e: &mut Engine, last: Position| {
             let ack = SnapshotAck {
@@ -395,7 +376,7 @@ impl Engine {
             };
             e.respond(from, rid, Response::SnapshotAck(ack));
         };
-        if !self.check_term(term) || self.leader_state.is_some() {
+        if meta.standing != Standing::Current || self.leader_state.is_some() {
             refuse(self, self.log.last());
             return;
         }
@@ -430,7 +411,7 @@ impl Engine {
         if !held {
             if snap_pos.index <= self.commit && !is_async {
                 // The primary's state disagrees with entries this node knows are
-                // committed: refuse rather than discard them (DESIGN.md section 3).
+                // committed: refuse rather than discard them (docs/protocol.md).
                 self.safety_alarms += 1;
                 tracing::error!(node = %self.id, snapshot = %snap_pos, commit = %self.commit, "refused a snapshot that conflicts with committed entries");
                 refuse(self, self.log.last());
@@ -468,20 +449,9 @@ impl Engine {
     /// Witness: only the primary of the current term raises floors, which never go
     /// down; the record is persisted before the reply.
     pub(super) fn on_raise_floor(&mut self, meta: Meta, r: RaiseFloor) {
-        let (from, term, rid) = meta;
-        if self.kind != MemberKind::Witness {
-            self.respond(
-                from,
-                rid,
-                Response::Error(RpcError::Malformed("only the witness keeps floors".into())),
-            );
-            return;
-        }
-        if !self.leader_message_ok(from, term, rid) {
-            return;
-        }
+        let Meta { from, rid, .. } = meta;
         let asked: Vec<NodeId> = r.floors.iter().map(|(n, _)| *n).collect();
-        let accepted = self.check_term(term);
+        let accepted = meta.standing == Standing::Current;
         if accepted {
             self.accept_leader(from);
             let mut changed = false;

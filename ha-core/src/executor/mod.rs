@@ -21,7 +21,7 @@
 //! - **The lease where an answer leaves.** A write acknowledgement or a read
 //!   answer is sent only if the engine still holds its lease at that moment: a pause
 //!   (or a slow durable action before it) can fall between the engine deciding and
-//!   the answer leaving (DESIGN.md section 3, "Fencing").
+//!   the answer leaving (protocol.md, "Fencing").
 //! - **Snapshots.** The engine decides when ([`Action::TakeSnapshot`]); the executor
 //!   captures the state machine and saves it in the background, and reports the
 //!   save with [`Event::SnapshotTaken`] once durable. A save overtaken by a
@@ -525,7 +525,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
 
     /// The engine decided under a lease, but a pause (or a slow durable action
     /// before this one) can fall between deciding and answering: check the lease
-    /// again at the moment of answering (DESIGN.md section 3, "Fencing"). A write
+    /// again at the moment of answering (protocol.md, "Fencing"). A write
     /// refused here is committed but unacknowledged: its outcome is unknown to the
     /// client, as with a timeout.
     fn recheck_lease<R>(&self, result: Result<R, Error>) -> Result<R, Error> {

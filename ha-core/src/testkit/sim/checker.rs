@@ -1,4 +1,4 @@
-//! The invariants of DESIGN.md section 4, checked as the run goes (after every
+//! The invariants of protocol.md, "Invariants", checked as the run goes (after every
 //! event, at every apply, acknowledgement, read and election) and at the end, and
 //! the counters that show which protocol paths a run exercised.
 
@@ -99,7 +99,7 @@ impl World {
     }
 
     /// A primary without a lease for a whole election timeout steps down and
-    /// stops heartbeating (DESIGN.md section 3, "Lease"), so its standby can take
+    /// stops heartbeating (protocol.md, "Lease"), so its standby can take
     /// over: checked at every heartbeat it sends, against the time the step that
     /// decided to send it ran (a pause may fall between the two).
     pub(super) fn check_heartbeat_sender(&mut self, from: NodeId) {
@@ -325,7 +325,7 @@ impl World {
     }
 
     /// A hard state of the witness became durable: its floors never go down
-    /// (DESIGN.md section 3, "Witness floors").
+    /// (protocol.md, "Witness floors").
     pub(super) fn witness_floors_durable(&mut self, hs: &HardState) {
         for d in DATA {
             let (old, new) = (self.checker.durable_floors.floor(d), hs.floor(d));

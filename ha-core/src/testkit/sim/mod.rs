@@ -7,7 +7,7 @@
 //! world (`host`). Durable disk operations take simulated time, so a crash can
 //! fall between an action and the durability it depends on; the executor may be
 //! descheduled before any action (briefly, paused, or killed). After every event
-//! the simulator checks the invariants of DESIGN.md section 4 (`checker`).
+//! the simulator checks the invariants of protocol.md, "Invariants" (`checker`).
 //!
 //! `run(seed, &config)` replays exactly; a failing seed is reproduced alone with
 //! `cargo xtask sim --seed S` (plus the same mode flags).

@@ -1,0 +1,412 @@
+//! The primary's view of its data peer's replication, as a state machine:
+//! where the peer's log stands (`matched`, `next`) and what flows to it now.
+//!
+//! ```text
+//!            durable ack                 next entries older than the in-memory log
+//!   Probe ───────────────▶ Replicate ───────────────────────────▶ Reading
+//!     ▲  ◀───────────────────  │  ◀──────── batch read, sent ──────  │
+//!     │   mismatch, timeout,   │                                     │ log cannot
+//!     │   peer rejoined empty  │                                     ▼ serve it
+//!     └──── ack or timeout ─────────────────────────────────────── Snapshot
+//! ```
+//!
+//! - **Probe**: where the peer's log matches is not confirmed since the last reset;
+//!   batches go out optimistically from `next` (up to the window, as when
+//!   replicating: a probe that misses costs one mismatch), until a durable ack
+//!   confirms the match.
+//! - **Replicate**: the match is confirmed; batches are pipelined up to the window.
+//! - **Reading**: the batch the peer needs is older than the in-memory log and is
+//!   being read from the durable log; nothing else is sent meanwhile.
+//! - **Snapshot**: the log no longer holds what the peer needs; the snapshot is in
+//!   flight, and only the answer to that request moves the peer on.
+//!
+//! Only a durable ack of a batch in flight, or of the snapshot in flight, raises
+//! `matched` (protocol.md, "Replication and commit").
+
+use std::collections::VecDeque;
+
+use crate::types::{Instant, LogIndex, NodeId, Position};
+
+/// What flows to the peer now. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Flow {
+    /// Sending from `next` until a durable ack confirms where the logs match.
+    Probe,
+    /// Batches pipelined up to the window.
+    Replicate,
+    /// A catch-up read of the durable log is running.
+    Reading {
+        /// Echoed by the read's answer.
+        read_id: u64,
+        /// The peer's next index the read serves.
+        next: LogIndex,
+        /// When it was issued.
+        since: Instant,
+        /// Whether to pipeline again once the read's batch is sent.
+        replicating: bool,
+    },
+    /// The snapshot is in flight.
+    Snapshot {
+        /// The request id of the `InstallSnapshot`.
+        rid: u64,
+        /// When it was sent.
+        since: Instant,
+    },
+}
+
+/// A batch in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct InFlight {
+    pub(super) rid: u64,
+    pub(super) last: Position,
+    pub(super) sent: Instant,
+}
+
+/// Replication progress of the data peer.
+#[derive(Clone, Debug)]
+pub(super) struct Progress {
+    pub(super) id: NodeId,
+    /// The last index the peer durably holds, as acked.
+    pub(super) matched: LogIndex,
+    /// The next index to send.
+    pub(super) next: LogIndex,
+    /// The peer's applied index, as reported.
+    pub(super) applied: LogIndex,
+    flow: Flow,
+    inflight: VecDeque<InFlight>,
+    /// Mismatch replies to requests older than this are stale.
+    reset_after: u64,
+}
+
+impl Progress {
+    /// A peer whose log is unknown: probe from `next`.
+    pub(super) fn new(id: NodeId, next: LogIndex) -> Progress {
+        Progress {
+            id,
+            matched: LogIndex::ZERO,
+            next,
+            applied: LogIndex::ZERO,
+            flow: Flow::Probe,
+            inflight: VecDeque::new(),
+            reset_after: 0,
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn flow(&self) -> Flow {
+        self.flow
+    }
+
+    /// True if another batch may be sent now.
+    pub(super) fn may_send(&self, window: usize) -> bool {
+        match self.flow {
+            Flow::Probe | Flow::Replicate => self.inflight.len() < window.max(1),
+            Flow::Reading { .. } | Flow::Snapshot { .. } => false,
+        }
+    }
+
+    /// True if nothing is in flight (no batch, read or snapshot).
+    pub(super) fn idle(&self) -> bool {
+        self.inflight.is_empty() && matches!(self.flow, Flow::Probe | Flow::Replicate)
+    }
+
+    /// A batch ending at `last` was sent under `rid`.
+    pub(super) fn sent_batch(&mut self, rid: u64, last: Position, now: Instant) {
+        self.inflight.push_back(InFlight {
+            rid,
+            last,
+            sent: now,
+        });
+        self.next = last.index.next();
+    }
+
+    /// True if `rid` is a batch in flight ending at `last`.
+    pub(super) fn in_flight_ending_at(&self, rid: u64, last: Position) -> bool {
+        self.inflight.iter().any(|b| b.rid == rid && b.last == last)
+    }
+
+    /// The peer durably holds up to `pos` (`held`: this log holds `pos` too, so
+    /// the logs match up to there), acked for the batch `rid`.
+    pub(super) fn acked(&mut self, rid: u64, pos: Position, held: bool) {
+        if held && pos.index > self.matched {
+            self.matched = pos.index;
+        }
+        self.inflight.retain(|b| b.rid > rid);
+        if self.next <= self.matched {
+            self.next = self.matched.next();
+        }
+        if held && self.flow == Flow::Probe {
+            self.flow = Flow::Replicate;
+        }
+    }
+
+    /// The peer refused the batch `rid` and needs `next` on (its log ends or
+    /// conflicts before it). Ignored if `rid` is no longer in flight: a later ack
+    /// covered it, or the window was reset since (a reordered answer must not
+    /// lower what the peer durably acked). Returns false if ignored.
+    pub(super) fn refused(
+        &mut self,
+        rid: u64,
+        next: LogIndex,
+        last: LogIndex,
+        reset_id: u64,
+    ) -> bool {
+        if rid < self.reset_after || !self.inflight.iter().any(|b| b.rid == rid) {
+            return false;
+        }
+        if next <= self.matched {
+            // A peer never loses what it acked durably, unless its disk was wiped
+            // and it rejoined empty (as a non-voter): start over.
+            self.matched = next.prev();
+        }
+        self.next = next
+            .max(self.matched.next())
+            .min(last.next())
+            .max(LogIndex(1));
+        self.reset(reset_id);
+        true
+    }
+
+    /// Back to probing from the match index: nothing answered in time.
+    pub(super) fn timed_out(&mut self, reset_id: u64) {
+        self.next = self.matched.next();
+        self.reset(reset_id);
+    }
+
+    /// The peer rejoined with a wiped disk holding only up to `last`.
+    pub(super) fn rejoined_empty(&mut self, last: LogIndex, reset_id: u64) {
+        self.matched = last;
+        self.next = last.next();
+        self.reset(reset_id);
+    }
+
+    fn reset(&mut self, reset_id: u64) {
+        self.inflight.clear();
+        self.reset_after = reset_id;
+        self.flow = Flow::Probe;
+    }
+
+    /// The oldest batch in flight was sent at or before `before`.
+    pub(super) fn oldest_sent_before(&self, before: Instant) -> bool {
+        self.inflight.front().is_some_and(|b| b.sent <= before)
+    }
+
+    /// A catch-up read `read_id` for `next` was issued.
+    pub(super) fn start_read(&mut self, read_id: u64, now: Instant) {
+        let replicating = self.flow == Flow::Replicate;
+        self.flow = Flow::Reading {
+            read_id,
+            next: self.next,
+            since: now,
+            replicating,
+        };
+    }
+
+    /// The read `read_id` finished: the index it served if it is the read in
+    /// flight (the flow goes back to what it was), `None` otherwise.
+    pub(super) fn finish_read(&mut self, read_id: u64) -> Option<LogIndex> {
+        match self.flow {
+            Flow::Reading {
+                read_id: id,
+                next,
+                replicating,
+                ..
+            } if id == read_id => {
+                self.flow = if replicating {
+                    Flow::Replicate
+                } else {
+                    Flow::Probe
+                };
+                Some(next)
+            }
+            _ => None,
+        }
+    }
+
+    /// The snapshot was sent under `rid`.
+    pub(super) fn sent_snapshot(&mut self, rid: u64, now: Instant) {
+        self.flow = Flow::Snapshot { rid, since: now };
+    }
+
+    /// The answer to the snapshot request `rid`: installed up to `last`, or kept
+    /// (its own log or snapshot reaches `last`, unconfirmed). Ignored unless it
+    /// answers the snapshot in flight. Returns false if ignored.
+    pub(super) fn snapshot_answered(
+        &mut self,
+        rid: u64,
+        installed: bool,
+        last: Position,
+        own_last: LogIndex,
+        reset_id: u64,
+    ) -> bool {
+        if !matches!(self.flow, Flow::Snapshot { rid: r, .. } if r == rid) {
+            return false;
+        }
+        if installed && last.index > self.matched {
+            // Installed durably: the peer's log starts after the snapshot.
+            self.matched = last.index;
+            self.next = self.matched.next();
+        } else if !installed && last.index > self.matched && last.index <= own_last {
+            // It kept a newer state of its own: probe from its last position;
+            // log matching decides whether it agrees with ours.
+            self.next = last.index.next();
+        }
+        self.reset(reset_id);
+        true
+    }
+
+    /// Gives up on a read or snapshot that has not answered since `before`.
+    pub(super) fn expire(&mut self, before: Instant) {
+        match self.flow {
+            Flow::Reading { since, .. } | Flow::Snapshot { since, .. } if since <= before => {
+                self.flow = Flow::Probe;
+            }
+            _ => {}
+        }
+    }
+
+    /// How many batches are in flight.
+    #[cfg(test)]
+    fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Term;
+
+    fn pos(i: u64) -> Position {
+        Position::new(Term::ZERO, LogIndex(i))
+    }
+
+    fn ms(n: u64) -> Instant {
+        Instant(n * 1_000_000)
+    }
+
+    fn peer() -> Progress {
+        Progress::new(NodeId(2), LogIndex(11))
+    }
+
+    #[test]
+    fn a_new_peer_is_probed_until_a_durable_ack_confirms_the_match() {
+        let mut p = peer();
+        assert_eq!(p.flow(), Flow::Probe);
+        assert!(p.may_send(8));
+        p.sent_batch(1, pos(12), ms(0));
+        assert_eq!(p.flow(), Flow::Probe, "sent, not yet confirmed");
+        assert_eq!(p.next, LogIndex(13));
+        p.acked(1, pos(12), true);
+        assert_eq!(p.flow(), Flow::Replicate);
+        assert_eq!(p.matched, LogIndex(12));
+        for rid in 2..10 {
+            assert!(p.may_send(8));
+            p.sent_batch(rid, pos(12 + rid), ms(1));
+        }
+        assert!(!p.may_send(8), "replicate: the window is full");
+        assert_eq!(p.inflight_len(), 8);
+    }
+
+    #[test]
+    fn an_ack_of_a_position_this_log_does_not_hold_does_not_raise_the_match() {
+        let mut p = peer();
+        p.sent_batch(1, pos(12), ms(0));
+        p.acked(1, pos(12), false);
+        assert_eq!(p.matched, LogIndex::ZERO);
+        assert_eq!(p.flow(), Flow::Probe);
+    }
+
+    #[test]
+    fn a_mismatch_resets_to_probe_and_a_stale_one_is_ignored() {
+        let mut p = peer();
+        p.sent_batch(1, pos(12), ms(0));
+        p.acked(1, pos(12), true);
+        p.sent_batch(2, pos(13), ms(1));
+        p.sent_batch(3, pos(14), ms(1));
+        // The answer to batch 2 arrives after batch 3's ack: batch 2 is no longer
+        // in flight, so its mismatch is stale.
+        p.acked(3, pos(14), true);
+        assert!(!p.refused(2, LogIndex(13), LogIndex(20), 100));
+        assert_eq!(p.matched, LogIndex(14));
+        // A real mismatch: back to probing from the hint.
+        p.sent_batch(4, pos(15), ms(2));
+        assert!(p.refused(4, LogIndex(15), LogIndex(20), 100));
+        assert_eq!(p.flow(), Flow::Probe);
+        assert_eq!(p.next, LogIndex(15));
+        // Answers to requests from before the reset are stale.
+        assert!(!p.refused(5, LogIndex(3), LogIndex(20), 100));
+    }
+
+    #[test]
+    fn a_refusal_below_the_match_means_the_peer_lost_its_disk() {
+        let mut p = peer();
+        p.sent_batch(1, pos(12), ms(0));
+        p.acked(1, pos(12), true);
+        p.sent_batch(2, pos(13), ms(1));
+        assert!(p.refused(2, LogIndex(1), LogIndex(20), 50));
+        assert_eq!(p.matched, LogIndex::ZERO);
+        assert_eq!(p.next, LogIndex(1));
+    }
+
+    #[test]
+    fn a_read_pauses_sending_and_resumes_the_flow_it_interrupted() {
+        let mut p = peer();
+        p.sent_batch(1, pos(12), ms(0));
+        p.acked(1, pos(12), true);
+        p.start_read(7, ms(1));
+        assert!(!p.may_send(8));
+        assert_eq!(p.finish_read(8), None, "another read's answer");
+        assert_eq!(p.finish_read(7), Some(LogIndex(13)));
+        assert_eq!(p.flow(), Flow::Replicate);
+        // A read that never answers is given up.
+        p.start_read(9, ms(2));
+        p.expire(ms(1));
+        assert!(matches!(p.flow(), Flow::Reading { .. }));
+        p.expire(ms(2));
+        assert_eq!(p.flow(), Flow::Probe);
+    }
+
+    #[test]
+    fn only_the_answer_to_the_snapshot_in_flight_moves_the_peer() {
+        let mut p = peer();
+        p.sent_snapshot(5, ms(0));
+        assert!(!p.may_send(8));
+        // An answer to an older snapshot request is stale.
+        assert!(!p.snapshot_answered(4, true, pos(50), LogIndex(60), 10));
+        assert_eq!(p.matched, LogIndex::ZERO);
+        assert!(p.snapshot_answered(5, true, pos(50), LogIndex(60), 10));
+        assert_eq!(p.matched, LogIndex(50));
+        assert_eq!(p.next, LogIndex(51));
+        assert_eq!(p.flow(), Flow::Probe);
+        // Kept its own newer state: probe from there, without raising the match.
+        p.sent_snapshot(6, ms(1));
+        assert!(p.snapshot_answered(6, false, pos(55), LogIndex(60), 11));
+        assert_eq!(p.matched, LogIndex(50));
+        assert_eq!(p.next, LogIndex(56));
+    }
+
+    #[test]
+    fn a_timeout_resends_from_the_match() {
+        let mut p = peer();
+        p.sent_batch(1, pos(12), ms(0));
+        p.acked(1, pos(12), true);
+        p.sent_batch(2, pos(20), ms(1));
+        assert!(p.oldest_sent_before(ms(1)));
+        assert!(!p.oldest_sent_before(ms(0)));
+        p.timed_out(9);
+        assert_eq!(p.next, LogIndex(13));
+        assert_eq!(p.flow(), Flow::Probe);
+        assert!(p.may_send(8));
+    }
+
+    #[test]
+    fn a_peer_that_rejoined_empty_is_resent_from_what_it_holds() {
+        let mut p = peer();
+        p.sent_batch(1, pos(12), ms(0));
+        p.acked(1, pos(12), true);
+        p.rejoined_empty(LogIndex(3), 9);
+        assert_eq!((p.matched, p.next), (LogIndex(3), LogIndex(4)));
+        assert_eq!(p.flow(), Flow::Probe);
+    }
+}
