@@ -27,15 +27,21 @@
 mod config;
 pub mod format;
 mod fsutil;
+mod lock;
 mod metrics;
+mod recovery;
 mod retention;
 mod state;
 mod streamer;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod testutil;
 mod wal;
 mod writer;
 
 pub use config::WalConfig;
+pub use lock::LOCK_FILE;
 pub use metrics::WalMetrics;
 pub use retention::{RetainedLog, Retention};
 pub use streamer::WalStreamer;
-pub use wal::{Wal, LOCK_FILE};
+pub use wal::Wal;
