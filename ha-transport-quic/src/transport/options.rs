@@ -1,0 +1,83 @@
+//! [`QuicOptions`]: the tuning of a [`QuicTransport`](super::QuicTransport).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ha_core::config::Config;
+use ha_core::types::NodeId;
+
+use super::WAL_WINDOW;
+use crate::framing;
+
+/// Tuning of a [`QuicTransport`](super::QuicTransport).
+#[derive(Clone, Debug)]
+pub struct QuicOptions {
+    /// Local UDP address to bind.
+    pub bind: SocketAddr,
+    /// The node ids a peer certificate may name.
+    pub members: Vec<NodeId>,
+    /// First reconnect delay after a lost connection.
+    pub reconnect_interval: Duration,
+    /// Maximum reconnect delay.
+    pub max_reconnect_backoff: Duration,
+    /// Bound on a handshake (dial or accept).
+    pub connect_timeout: Duration,
+    /// QUIC idle timeout: a silent peer is declared gone after this.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive interval (a third of the idle timeout by default).
+    pub keep_alive: Duration,
+    /// Largest frame accepted or sent.
+    pub max_frame: usize,
+    /// Once a frame's length arrived, its body must arrive within this.
+    pub frame_timeout: Duration,
+    /// Bound on waiting for connections to drain at [`Transport::close`].
+    ///
+    /// [`Transport::close`]: ha_core::transport::Transport::close
+    pub close_timeout: Duration,
+    /// At most this many WAL requests per peer are queued or awaiting their
+    /// answer; further WAL calls wait (until their deadline) for one to be
+    /// answered. At least 1; [`WAL_WINDOW`] by default.
+    pub wal_window: usize,
+    /// Bound on winding down a retired duplicate connection (this node's
+    /// requests on it answered, the peer's retire received); then it is closed
+    /// anyway and requests still on it fail.
+    pub drain_timeout: Duration,
+}
+
+impl QuicOptions {
+    /// Options for `bind` and `members` with defaults for a LAN.
+    pub fn new(bind: SocketAddr, members: Vec<NodeId>) -> Self {
+        let idle = Duration::from_secs(1);
+        QuicOptions {
+            bind,
+            members,
+            reconnect_interval: Duration::from_millis(20),
+            max_reconnect_backoff: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: idle,
+            keep_alive: idle / 3,
+            max_frame: framing::MAX_FRAME_BYTES,
+            frame_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_millis(500),
+            wal_window: WAL_WINDOW,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Options from a node's config: its members (itself and its peers), reconnect
+    /// backoff, and an idle timeout of twice the failover timeout (at least
+    /// 300 ms) with keep-alives at a third of it.
+    pub fn from_config(config: &Config, bind: SocketAddr) -> Self {
+        let mut members: Vec<NodeId> = config.peers.iter().map(|m| m.id).collect();
+        members.push(config.node_id);
+        let idle = (config.failover_timeout * 2).max(Duration::from_millis(300));
+        QuicOptions {
+            reconnect_interval: config.reconnect_interval,
+            max_reconnect_backoff: config.max_reconnect_backoff,
+            connect_timeout: config.rpc_timeout.max(Duration::from_secs(1)),
+            idle_timeout: idle,
+            keep_alive: idle / 3,
+            ..QuicOptions::new(bind, members)
+        }
+    }
+}
