@@ -1,6 +1,11 @@
 //! The tokio driver ([`ha_core::driver::Node`]) over the in-memory transport, log
 //! store and state machine of the test kit.
 //!
+//! Longer than 800 lines because it is one harness (the in-memory cluster, its
+//! gated and failing stores, its shared state machines, at the top) with every
+//! driver scenario that needs it; split it when a group of scenarios grows a
+//! harness of its own.
+//!
 //! Every test runs on tokio's paused clock: timers are virtual and the runtime jumps
 //! ahead whenever every task waits. Nothing sleeps to wait for a condition; tests
 //! wait on the nodes' published status (a `watch`) with generous virtual deadlines.

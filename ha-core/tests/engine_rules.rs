@@ -1,5 +1,8 @@
 //! Rule-by-rule tests of the sans-IO engine (docs/protocol.md), driving single
 //! engines with hand-made messages and asserting the actions they emit.
+//!
+//! Longer than 800 lines because it is one rule book: one test per rule of
+//! docs/protocol.md over the same few message-building helpers at the top.
 
 use std::time::Duration;
 

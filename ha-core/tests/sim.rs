@@ -50,6 +50,19 @@ fn async_seed_71474_loses_no_more_than_failovers_may() {
     assert!(r.violations.is_empty(), "{:?}", r.violations);
 }
 
+/// Found by 200,000 seeds (with 134033 and 180689): an async standby that
+/// resynced from scratch (its snapshot held entries a failover discarded) kept
+/// voting with an empty log, was elected after the primary died, and lost every
+/// write the primary had acknowledged. It now rejoins as a learner until it has
+/// caught up.
+#[test]
+fn async_seed_168047_a_resyncing_standby_does_not_vote() {
+    for seed in [168047, 134033, 180689] {
+        let r = run(seed, &SimConfig::for_seed(seed));
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+    }
+}
+
 /// Every class of fault and protocol path the simulator exists to exercise
 /// happens over a modest number of seeds: none of the counters is zero.
 #[test]

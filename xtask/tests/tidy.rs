@@ -75,3 +75,83 @@ fn shipped_code_has_no_stubs() {
         }
     }
 }
+
+/// The engine is sans-IO and deterministic (docs/protocol.md; ARCHITECTURE.md,
+/// `ha-core`): its files name no runtime, clock, file system, network, thread or
+/// unseeded randomness. The executor, the one place that runs its actions, names
+/// no clock or runtime either: its host supplies time.
+#[test]
+fn the_engine_and_executor_touch_no_clock_disk_network_thread_or_randomness() {
+    let root = workspace_root().join("ha-core/src");
+    let banned = [
+        "tokio",
+        "std::time::Instant",
+        "SystemTime",
+        "std::fs",
+        "std::net",
+        "std::thread",
+        "thread::spawn",
+        "rand::",
+        "thread_rng",
+        "getrandom",
+    ];
+    let mut checked = 0;
+    for dir in ["engine", "executor"] {
+        let mut files = Vec::new();
+        rust_files(&root.join(dir), &mut files);
+        for f in files {
+            checked += 1;
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for b in banned {
+                    assert!(
+                        !code.contains(b),
+                        "{}:{} uses `{b}`: {line}",
+                        f.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 8,
+        "found only {checked} engine and executor files"
+    );
+}
+
+/// A file is a room with one purpose: no source file passes ~800 lines unless
+/// its first lines say why.
+#[test]
+fn no_source_file_passes_800_lines_without_a_reason_at_its_top() {
+    let mut files = Vec::new();
+    rust_files(&workspace_root(), &mut files);
+    for dir in [
+        "ha-core",
+        "ha-wal",
+        "ha-transport-quic",
+        "ha-transport-tcp",
+        "ha-node",
+        "xtask",
+    ] {
+        for sub in ["tests", "benches", "examples"] {
+            let mut more = Vec::new();
+            rust_files(&workspace_root().join(dir).join(sub), &mut more);
+            files.extend(more);
+        }
+    }
+    let mut long = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let lines = text.lines().count();
+        let head: String = text.lines().take(12).collect::<Vec<_>>().join("\n");
+        if lines > 850 && !head.contains("Longer than 800 lines because") {
+            long.push(format!("{} ({lines} lines)", f.display()));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "split these along their seams, or say why at the top: {long:?}"
+    );
+}

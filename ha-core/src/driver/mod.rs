@@ -61,11 +61,13 @@
 //! reads query the local state machine directly, on any data node.
 
 mod handler;
+mod metrics;
 mod peers;
+mod status;
 mod task;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,18 +77,22 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
 use self::handler::Handler;
+use self::metrics::Counters;
+pub use self::metrics::Metrics;
+pub use self::status::NodeStatus;
+use self::status::{initial_health, stopped_health};
 use self::task::{run_engine, HostParts, TokioHost};
 use crate::config::Config;
 use crate::engine::{Admin, Engine, InitialState};
 use crate::error::{Error, StorageError};
 use crate::executor::Executor;
-use crate::health::{HealthStatus, PeerStatus};
+use crate::health::HealthStatus;
 use crate::log_store::{LogStore, StoredState};
 use crate::message::{Envelope, Request, Response};
 use crate::replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
 use crate::state_machine::StateMachine;
 use crate::transport::Transport;
-use crate::types::{Command, HardState, Instant, LogIndex, NodeId, Position, Role, Term};
+use crate::types::{Command, HardState, Instant, LogIndex, NodeId, Role, Term};
 
 /// Capacity of the engine task's input channel; callers wait (within their own
 /// deadlines) when it is full.
@@ -101,148 +107,6 @@ pub enum Bootstrap {
     /// Join an existing cluster: an empty store gets [`HardState::joining`] (not a
     /// voter until it has caught up).
     JoinExisting,
-}
-
-/// Counters a node keeps about itself, read with [`Node::metrics`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Metrics {
-    /// Client writes acknowledged.
-    pub writes_acked: u64,
-    /// Client writes the engine failed (not leader, fenced, ...).
-    pub writes_failed: u64,
-    /// Linearizable reads served.
-    pub reads_served: u64,
-    /// Stale reads served from the local state machine.
-    pub stale_reads_served: u64,
-    /// Changes of role, term or known primary.
-    pub role_changes: u64,
-    /// Acknowledged writes discarded by a failover (async commit mode only).
-    pub discarded: u64,
-    /// State-machine snapshots taken and saved.
-    pub snapshots_taken: u64,
-    /// Requests received from peers.
-    pub peer_requests: u64,
-    /// Requests to peers that failed in the transport (the engine retries).
-    pub send_failures: u64,
-    /// Snapshots received from the primary and installed (the log could not
-    /// serve this node's catch-up).
-    pub snapshots_installed: u64,
-    /// Reads of this node's durable log that served a lagging standby's catch-up
-    /// (entries older than the in-memory log).
-    pub catch_up_reads: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    writes_acked: AtomicU64,
-    writes_failed: AtomicU64,
-    reads_served: AtomicU64,
-    stale_reads_served: AtomicU64,
-    role_changes: AtomicU64,
-    discarded: AtomicU64,
-    snapshots_taken: AtomicU64,
-    peer_requests: AtomicU64,
-    send_failures: AtomicU64,
-    snapshots_installed: AtomicU64,
-    catch_up_reads: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
-impl Counters {
-    fn bump_write_acked(&self) {
-        bump(&self.writes_acked, 1)
-    }
-    fn bump_write_failed(&self) {
-        bump(&self.writes_failed, 1)
-    }
-    fn bump_read(&self) {
-        bump(&self.reads_served, 1)
-    }
-    fn bump_stale_read(&self) {
-        bump(&self.stale_reads_served, 1)
-    }
-    fn bump_role_change(&self) {
-        bump(&self.role_changes, 1)
-    }
-    fn add_discarded(&self, n: u64) {
-        bump(&self.discarded, n)
-    }
-    fn bump_snapshot(&self) {
-        bump(&self.snapshots_taken, 1)
-    }
-    fn bump_peer_request(&self) {
-        bump(&self.peer_requests, 1)
-    }
-    fn bump_send_failure(&self) {
-        bump(&self.send_failures, 1)
-    }
-    fn bump_snapshot_installed(&self) {
-        bump(&self.snapshots_installed, 1)
-    }
-    fn bump_catch_up_read(&self) {
-        bump(&self.catch_up_reads, 1)
-    }
-
-    fn read(&self) -> Metrics {
-        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Metrics {
-            writes_acked: r(&self.writes_acked),
-            writes_failed: r(&self.writes_failed),
-            reads_served: r(&self.reads_served),
-            stale_reads_served: r(&self.stale_reads_served),
-            role_changes: r(&self.role_changes),
-            discarded: r(&self.discarded),
-            snapshots_taken: r(&self.snapshots_taken),
-            peer_requests: r(&self.peer_requests),
-            send_failures: r(&self.send_failures),
-            snapshots_installed: r(&self.snapshots_installed),
-            catch_up_reads: r(&self.catch_up_reads),
-        }
-    }
-}
-
-/// A node's replication progress, published after every engine step (see
-/// [`Node::subscribe_status`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// False before start and after the node stopped (shutdown or storage failure).
-    pub running: bool,
-    /// The current role.
-    pub role: Role,
-    /// The current term.
-    pub term: Term,
-    /// The primary this node knows of (itself, if primary).
-    pub leader: Option<NodeId>,
-    /// The last position in the log.
-    pub last_position: Position,
-    /// The highest index known to be committed.
-    pub commit_index: LogIndex,
-    /// The highest index applied to the state machine.
-    pub applied_index: LogIndex,
-    /// True if this node is the primary and holds a lease (see
-    /// [`HealthStatus::writable`]).
-    pub writable: bool,
-    /// True while automatic failover is paused (or off in the config).
-    pub failover_paused: bool,
-}
-
-impl NodeStatus {
-    fn from_health(h: &HealthStatus, running: bool) -> Self {
-        NodeStatus {
-            running,
-            role: h.role,
-            term: h.term,
-            leader: h.leader,
-            last_position: h.last_position,
-            commit_index: h.commit_index,
-            applied_index: h.applied_index,
-            writable: h.writable,
-            failover_paused: h.failover_paused,
-        }
-    }
 }
 
 /// What the engine task publishes and every handle reads.
@@ -680,54 +544,6 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
 
 fn storage(e: StorageError) -> Error {
     Error::Storage(e.to_string())
-}
-
-fn member_role(cfg: &Config, voter: bool) -> Role {
-    Role::follower(cfg.kind, voter)
-}
-
-/// The status reported before the node started.
-fn initial_health(cfg: &Config) -> HealthStatus {
-    HealthStatus {
-        node_id: cfg.node_id,
-        role: member_role(cfg, true),
-        term: Term::ZERO,
-        leader: None,
-        writable: false,
-        commit_mode: cfg.commit_mode,
-        last_position: Position::ZERO,
-        commit_index: LogIndex::ZERO,
-        applied_index: LogIndex::ZERO,
-        lag: 0,
-        degraded: false,
-        failover_paused: !cfg.auto_failover_enabled(),
-        peers: cfg
-            .peers
-            .iter()
-            .map(|m| PeerStatus {
-                id: m.id,
-                addr: m.addr.clone(),
-                kind: m.kind,
-                healthy: false,
-                last_contact: None,
-                match_index: None,
-            })
-            .collect(),
-    }
-}
-
-/// The status reported after the node stopped: its last state, leading nothing.
-fn stopped_health(cfg: &Config, last: &HealthStatus) -> HealthStatus {
-    let mut h = last.clone();
-    h.role = member_role(cfg, last.role != Role::Learner);
-    h.leader = None;
-    h.writable = false;
-    h.degraded = false;
-    for p in &mut h.peers {
-        p.healthy = false;
-        p.match_index = None;
-    }
-    h
 }
 
 impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {

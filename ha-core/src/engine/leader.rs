@@ -1,6 +1,7 @@
-//! The primary's side: heartbeats and the lease, pipelined WAL batches, the commit
-//! rule with witness floors, client acks and reads, switchover (docs/protocol.md,
-//! "Replication and commit", "Lease", "Witness floors", "Switchover").
+//! The primary's side: becoming primary, heartbeats and the lease, client writes,
+//! acks and reads (protocol.md, "Lease", "Reads"). Replication to the standby is
+//! in `replication.rs`, the commit rule and witness floors in `commit.rs`, the
+//! switchover in `transfer.rs`.
 
 use std::collections::VecDeque;
 
@@ -8,12 +9,8 @@ use super::election::{Mandate, StandbySeen};
 use super::progress::Progress;
 use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
-use crate::error::{Error, StorageError};
-use crate::log_store::CatchUpBatch;
-use crate::message::{
-    AckResult, Fence, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, RaiseFloor,
-    Request, SnapshotAck, WalAck, WalBatch,
-};
+use crate::error::Error;
+use crate::message::{Fence, Heartbeat, HeartbeatAck, Request};
 use crate::types::{
     Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, WalEntry,
 };
@@ -35,38 +32,38 @@ fn lease_duration(cfg: &Config, m: Mutations) -> std::time::Duration {
 
 /// An ongoing switchover.
 #[derive(Clone, Debug)]
-struct Transfer {
-    target: NodeId,
-    admin: ClientId,
-    deadline: Instant,
-    promote_sent: bool,
+pub(super) struct Transfer {
+    pub(super) target: NodeId,
+    pub(super) admin: ClientId,
+    pub(super) deadline: Instant,
+    pub(super) promote_sent: bool,
 }
 
 /// Everything only a primary has; dropped when it steps down.
 #[derive(Clone, Debug)]
 pub(super) struct LeaderState {
-    forced: bool,
-    noop_index: LogIndex,
-    since: Instant,
-    peer: Option<Progress>,
-    witness: Option<NodeId>,
-    heartbeats: VecDeque<(u64, Instant)>,
-    last_heartbeat: Option<Instant>,
-    lease_start: Option<Instant>,
-    pending_writes: VecDeque<(ClientId, LogIndex)>,
-    pending_reads: Vec<(ClientId, LogIndex)>,
+    pub(super) forced: bool,
+    pub(super) noop_index: LogIndex,
+    pub(super) since: Instant,
+    pub(super) peer: Option<Progress>,
+    pub(super) witness: Option<NodeId>,
+    pub(super) heartbeats: VecDeque<(u64, Instant)>,
+    pub(super) last_heartbeat: Option<Instant>,
+    pub(super) lease_start: Option<Instant>,
+    pub(super) pending_writes: VecDeque<(ClientId, LogIndex)>,
+    pub(super) pending_reads: Vec<(ClientId, LogIndex)>,
     /// The standby's floor the witness confirmed in this term.
-    floor: Position,
-    floor_inflight: Option<Instant>,
+    pub(super) floor: Position,
+    pub(super) floor_inflight: Option<Instant>,
     /// (last index, appended at) of this term's appends not yet acked by the standby.
-    unacked: VecDeque<(LogIndex, Instant)>,
+    pub(super) unacked: VecDeque<(LogIndex, Instant)>,
     pub(super) degraded: bool,
     /// sync-apply: since when the oldest acknowledgement waits for the standby to
     /// apply an entry it holds.
-    apply_wait_since: Option<Instant>,
-    transfer: Option<Transfer>,
-    commit_notified: LogIndex,
-    witness_rewrite_sent: Option<Instant>,
+    pub(super) apply_wait_since: Option<Instant>,
+    pub(super) transfer: Option<Transfer>,
+    pub(super) commit_notified: LogIndex,
+    pub(super) witness_rewrite_sent: Option<Instant>,
 }
 
 impl LeaderState {
@@ -311,209 +308,6 @@ impl Engine {
         ls.pending_reads.push((id, commit));
     }
 
-    /// Sends batches to the data peer while its window has room: from the
-    /// in-memory log, or, for entries older than it, from the durable log (read
-    /// with [`Action::ReadEntries`], sent in [`Self::on_entries_read`]).
-    pub(super) fn replicate(&mut self) {
-        let now = self.now;
-        let max_inflight = self.cfg.max_inflight_batches;
-        let (batch_size, batch_bytes) = (self.cfg.wal_batch_size, self.cfg.wal_batch_bytes);
-        loop {
-            let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
-                return;
-            };
-            if !p.may_send(max_inflight) {
-                return;
-            }
-            let (peer, next) = (p.id, p.next);
-            if next <= self.log.snapshot().index {
-                let read_id = self.next_request_id();
-                self.emit(Action::ReadEntries {
-                    read_id,
-                    next,
-                    max_entries: batch_size,
-                    max_bytes: batch_bytes,
-                });
-                if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-                    p.start_read(read_id, now);
-                }
-                return;
-            }
-            let entries = self.log.slice(next, batch_size, batch_bytes);
-            let Some(last) = entries.last().map(|e| e.position) else {
-                return;
-            };
-            let Some(prev) = self.log.position_at(next.prev()) else {
-                return;
-            };
-            self.send_batch(peer, prev, entries, last);
-        }
-    }
-
-    /// Entries read from the durable log for the peer: send them as a batch, or
-    /// the snapshot if the log could not provide them (purged by its retention
-    /// policy, or a read error).
-    pub(super) fn on_entries_read(
-        &mut self,
-        read_id: u64,
-        result: Result<CatchUpBatch, StorageError>,
-    ) {
-        let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) else {
-            return;
-        };
-        let Some(next) = p.finish_read(read_id) else {
-            return;
-        };
-        let peer = p.id;
-        if p.next != next {
-            // An ack or a mismatch moved the peer while the read ran.
-            self.replicate();
-            return;
-        }
-        match result {
-            Ok(CatchUpBatch { prev, entries })
-                if entries.first().map(|e| e.index()) == Some(next) =>
-            {
-                let last = entries.last().map(|e| e.position).unwrap_or(prev);
-                self.send_batch(peer, prev, entries, last);
-                self.replicate();
-            }
-            Ok(_) => {
-                tracing::warn!(node = %self.id, %peer, %next, "the durable log answered a catch-up read with other entries; sending the snapshot");
-                self.send_snapshot(peer);
-            }
-            Err(e) => {
-                tracing::info!(node = %self.id, %peer, %next, error = %e, "the durable log cannot serve the standby's catch-up; sending the snapshot");
-                self.send_snapshot(peer);
-            }
-        }
-    }
-
-    /// Sends the latest snapshot to the peer (it needs entries the log no longer
-    /// holds).
-    fn send_snapshot(&mut self, peer: NodeId) {
-        let Some(snap) = self.snapshot.clone() else {
-            return;
-        };
-        let req = InstallSnapshot {
-            last_included: snap.last_included,
-            data: snap.data,
-            commit: self.commit,
-            leader_last: self.log.last(),
-        };
-        let rid = self.send(peer, Request::InstallSnapshot(req));
-        let now = self.now;
-        if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-            p.sent_snapshot(rid, now);
-        }
-    }
-
-    /// Sends one batch (possibly empty, to carry the commit index) and records it in
-    /// flight; the standby's next expected index becomes `last + 1`.
-    fn send_batch(&mut self, peer: NodeId, prev: Position, entries: Vec<WalEntry>, last: Position) {
-        let (commit, now) = (self.commit, self.now);
-        let rid = self.send(
-            peer,
-            Request::WalBatch(WalBatch {
-                prev,
-                entries,
-                commit,
-            }),
-        );
-        if let Some(ls) = self.leader_state.as_mut() {
-            ls.commit_notified = ls.commit_notified.max(commit);
-            if let Some(p) = ls.peer.as_mut() {
-                p.sent_batch(rid, last, now);
-            }
-        }
-    }
-
-    /// An empty batch carrying the commit index, when the standby is idle and the
-    /// commit moved (so it applies promptly; `sync-apply` waits on that).
-    fn notify_commit(&mut self) {
-        let commit = self.commit;
-        let Some(ls) = self.leader_state.as_ref() else {
-            return;
-        };
-        let Some(p) = ls.peer.as_ref() else { return };
-        if commit <= ls.commit_notified || !p.idle() {
-            return;
-        }
-        let (peer, next) = (p.id, p.next);
-        if next <= self.log.snapshot().index || next <= self.log.last().index {
-            return;
-        }
-        let Some(prev) = self.log.position_at(next.prev()) else {
-            return;
-        };
-        self.send_batch(peer, prev, Vec::new(), prev);
-    }
-
-    pub(super) fn on_wal_ack(&mut self, from: NodeId, rid: u64, ack: WalAck) {
-        let term = self.hs.current_term;
-        let last = self.log.last().index;
-        let reset_id = self.next_request_id;
-        let holds = |pos: Position| self.log.holds(pos);
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
-            return;
-        };
-        // The standby holds the position it acks; this primary's log holds it too if
-        // its in-memory log does, or if it is the end of the batch acked (sent from
-        // the durable log, below the in-memory log).
-        let held = match ack.result {
-            AckResult::Durable(pos) => holds(pos) || p.in_flight_ending_at(rid, pos),
-            _ => false,
-        };
-        // The primary ignores replies that do not carry its own term.
-        if ack.batch_term != term {
-            return;
-        }
-        p.applied = p.applied.max(ack.applied);
-        match ack.result {
-            AckResult::Durable(pos) => {
-                p.acked(rid, pos, held);
-                let matched = p.matched;
-                while ls.unacked.front().is_some_and(|(i, _)| *i <= matched) {
-                    ls.unacked.pop_front();
-                }
-                if ls.unacked.is_empty() {
-                    ls.degraded = false;
-                }
-                if ls.forced && matched >= ls.noop_index {
-                    // The standby followed the forced primary: from here on it is an
-                    // ordinary primary (lease from acks, commit rule, floors).
-                    tracing::info!(node = %self.id, "standby caught up with the forced primary; ordinary rules resume");
-                    ls.forced = false;
-                    ls.since = self.now;
-                }
-            }
-            AckResult::Mismatch { next, .. } => {
-                let matched = p.matched;
-                if p.refused(rid, next, last, reset_id) && next <= matched {
-                    tracing::warn!(standby = %from, %matched, %next, "standby lost acknowledged entries; resending");
-                }
-            }
-            AckResult::StaleTerm => {}
-        }
-    }
-
-    /// Only the answer to the snapshot in flight counts (a stale or duplicated
-    /// one is ignored); the term rule already dropped answers of other terms.
-    pub(super) fn on_snapshot_ack(&mut self, from: NodeId, rid: u64, ack: SnapshotAck) {
-        let last = self.log.last().index;
-        let reset_id = self.next_request_id;
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
-            return;
-        };
-        p.snapshot_answered(rid, ack.installed, ack.last, last, reset_id);
-    }
-
     pub(super) fn on_heartbeat_ack(&mut self, from: NodeId, rid: u64, ack: HeartbeatAck) {
         let now = self.now;
         let is_witness = self
@@ -557,79 +351,6 @@ impl Engine {
         {
             ls.witness_rewrite_sent = Some(now);
             self.rewrite_witness(from);
-        }
-    }
-
-    /// A witness that joined empty gets its whole record rewritten: floors at the
-    /// commit position for both data nodes (safe: too high only delays an election).
-    fn rewrite_witness(&mut self, witness: NodeId) {
-        let Some(pos) = self.log.position_at(self.commit) else {
-            return;
-        };
-        let mut floors = vec![(self.id, pos)];
-        if let Some(peer) = self.cfg.data_peer() {
-            floors.push((peer.id, pos));
-        }
-        let req = RaiseFloor {
-            floors,
-            commit: self.commit,
-            rewrite: true,
-        };
-        self.send(witness, Request::RaiseFloor(req));
-    }
-
-    pub(super) fn on_floor_ack(&mut self, from: NodeId, ack: FloorAck) {
-        let peer_id = self.cfg.data_peer().map(|m| m.id);
-        let floor = ack
-            .floors
-            .iter()
-            .find(|(n, _)| Some(*n) == peer_id)
-            .map(|(_, p)| *p);
-        let held = floor.is_some_and(|p| self.log.holds(p));
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        if Some(from) != ls.witness || !ack.accepted {
-            return;
-        }
-        ls.floor_inflight = None;
-        if let (Some(f), true) = (floor, held) {
-            if f > ls.floor {
-                ls.floor = f;
-            }
-        }
-    }
-
-    /// The commit rule (docs/protocol.md): an entry of this term commits once the
-    /// primary holds it durably and the standby durably acked it, or the witness
-    /// recorded a standby floor at most `allowed_lag` entries below it.
-    pub(super) fn advance_commit(&mut self) {
-        let Some(ls) = self.leader_state.as_ref() else {
-            return;
-        };
-        let own = self.durable;
-        let lag = self.cfg.allowed_lag();
-        let matched = ls
-            .peer
-            .as_ref()
-            .map(|p| p.matched)
-            .unwrap_or(LogIndex::ZERO);
-        let floor = if self.cfg.strict_sync && self.cfg.commit_mode != CommitMode::Async {
-            LogIndex::ZERO
-        } else {
-            ls.floor.index
-        };
-        let covered = LogIndex(matched.max(floor).0.saturating_add(lag));
-        let no_floor =
-            self.mutations.async_commit_without_floor && self.cfg.commit_mode == CommitMode::Async;
-        let c = if self.mutations.ack_before_standby_persists || ls.forced || no_floor {
-            own
-        } else {
-            own.min(covered)
-        };
-        // Earlier terms' entries commit only through this term's no-op.
-        if c >= ls.noop_index && c > self.commit {
-            self.commit = c;
         }
     }
 
@@ -699,135 +420,6 @@ impl Engine {
         }
         self.replicate();
         self.notify_commit();
-    }
-
-    /// Degraded sync / async lag: record a standby floor at the witness so the
-    /// primary can commit what the standby has not acked.
-    fn maybe_raise_floor(&mut self) {
-        let now = self.now;
-        let own = self.durable;
-        let lag = self.cfg.allowed_lag();
-        let is_async = self.cfg.commit_mode == CommitMode::Async;
-        if self.cfg.strict_sync && !is_async {
-            return;
-        }
-        let Some(ls) = self.leader_state.as_ref() else {
-            return;
-        };
-        let (Some(witness), Some(p)) = (ls.witness, ls.peer.as_ref()) else {
-            return;
-        };
-        if ls.forced || ls.floor_inflight.is_some() {
-            return;
-        }
-        // sync-apply also needs the standby to have applied what it holds.
-        let standby_cover = if self.cfg.commit_mode == CommitMode::SyncApply {
-            p.matched.min(p.applied)
-        } else {
-            p.matched
-        };
-        let covered = standby_cover.max(ls.floor.index).0.saturating_add(lag);
-        if own.0 <= covered {
-            return;
-        }
-        let old =
-            |since: Option<Instant>| since.is_some_and(|t| now >= t.plus(self.cfg.degrade_timeout));
-        let waited_long = old(ls.unacked.front().map(|(_, t)| *t)) || old(ls.apply_wait_since);
-        if !is_async && !waited_long {
-            return;
-        }
-        let target = LogIndex(own.0.saturating_sub(lag));
-        let Some(pos) = self.log.position_at(target) else {
-            return;
-        };
-        if pos <= ls.floor {
-            return;
-        }
-        let peer = p.id;
-        if !is_async && !ls.degraded {
-            tracing::warn!(node = %self.id, standby = %peer, "standby lagging; committing through witness floors (degraded sync)");
-        }
-        let commit = self.commit;
-        self.send(
-            witness,
-            Request::RaiseFloor(RaiseFloor {
-                floors: vec![(peer, pos)],
-                commit,
-                rewrite: false,
-            }),
-        );
-        if let Some(ls) = self.leader_state.as_mut() {
-            ls.floor_inflight = Some(now);
-            ls.degraded = !is_async;
-        }
-    }
-
-    pub(super) fn admin_switchover(&mut self, id: ClientId) {
-        let deadline = self.now.plus(self.cfg.failover_timeout * 2);
-        let target = self.cfg.data_peer().map(|m| m.id);
-        let Some(ls) = self.leader_state.as_mut() else {
-            let err = self.not_leader_error();
-            self.emit(Action::AdminDone(id, Err(err)));
-            return;
-        };
-        let Some(target) = target else {
-            self.actions.push(Action::AdminDone(
-                id,
-                Err(Error::Rejected("no standby to hand over to".into())),
-            ));
-            return;
-        };
-        if ls.transfer.is_some() {
-            self.actions.push(Action::AdminDone(
-                id,
-                Err(Error::Rejected("a switchover is already running".into())),
-            ));
-            return;
-        }
-        // Stop writes and lease reads for the rest of this term.
-        ls.transfer = Some(Transfer {
-            target,
-            admin: id,
-            deadline,
-            promote_sent: false,
-        });
-        let reads = std::mem::take(&mut ls.pending_reads);
-        for (rid, _) in reads {
-            let err = Error::NotLeader {
-                leader: Some(target),
-                leader_addr: None,
-            };
-            self.actions.push(Action::ReadReady(rid, Err(err)));
-        }
-    }
-
-    /// Once the target holds the last index durably, tell it to campaign now.
-    fn drive_transfer(&mut self) {
-        let last = self.log.last();
-        let durable = self.durable;
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        let Some(t) = ls.transfer.as_mut() else {
-            return;
-        };
-        let caught_up = self.mutations.transfer_without_catch_up
-            || ls
-                .peer
-                .as_ref()
-                .is_some_and(|p| p.id == t.target && p.matched >= last.index);
-        if t.promote_sent || !caught_up || durable < last.index || !ls.pending_writes.is_empty() {
-            return;
-        }
-        t.promote_sent = true;
-        let target = t.target;
-        self.send(
-            target,
-            Request::Promote(Promote {
-                reason: "switchover".into(),
-                last,
-            }),
-        );
     }
 
     /// Fails what a stepping-down primary still owes; a switchover to the node that

@@ -31,219 +31,37 @@
 //! with [`Action::ReadEntries`] and sends them when they arrive; if the log no longer
 //! holds them (its retention policy purged them) the peer gets the snapshot.
 
+mod commit;
 mod election;
+mod events;
 mod leader;
 mod log;
 mod progress;
 mod replica;
+mod replication;
+mod term;
+mod transfer;
 
 use std::collections::BTreeSet;
 
 use crate::config::{Config, ConfiguredRole};
-use crate::error::{Error, StorageError};
+use crate::error::Error;
 use crate::health::{HealthStatus, PeerStatus};
-use crate::log_store::{CatchUpBatch, Snapshot};
-use crate::message::{Envelope, Request, Response, RpcError};
+use crate::log_store::Snapshot;
+use crate::message::{Envelope, Request, Response};
 use crate::types::{
     Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry,
 };
 
+pub use self::events::{Action, Admin, Event, InitialState, Mutations};
 use self::leader::LeaderState;
 use self::log::Log;
-use self::replica::{Meta, Standing};
 
 /// Most entries handed to the state machine in one step.
 const MAX_APPLY_PER_STEP: u64 = 4096;
 
 /// A client request's identity, chosen by the driver; echoed in replies.
 pub type ClientId = u64;
-
-/// Something that happened, fed to [`Engine::step`].
-#[derive(Clone, Debug)]
-pub enum Event {
-    /// Time passed. Drivers tick every `tick_interval`.
-    Tick,
-    /// A request from a peer (already authenticated by the transport).
-    Request(Envelope<Request>),
-    /// A response to a request this engine sent.
-    Response(Envelope<Response>),
-    /// Client writes to replicate.
-    ClientWrites(Vec<(ClientId, Command)>),
-    /// A linearizable read: answered with [`Action::ReadReady`] once it may be served.
-    ClientRead(ClientId),
-    /// The log store made entries durable up to this position.
-    Persisted(Position),
-    /// The snapshot asked for by [`Action::TakeSnapshot`] is durable in the log
-    /// store.
-    SnapshotTaken(Snapshot),
-    /// An operator's request.
-    Admin(ClientId, Admin),
-    /// The answer to [`Action::ReadEntries`] with the same `read_id`: the batch
-    /// read from the durable log, or why it could not be read (purged, I/O).
-    EntriesRead {
-        /// The id the action carried.
-        read_id: u64,
-        /// The batch, or the failure.
-        result: Result<CatchUpBatch, StorageError>,
-    },
-}
-
-/// Operator requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admin {
-    /// Run an election now (still needs a majority).
-    Promote,
-    /// Become primary without a majority. May lose acknowledged writes.
-    ForcePromote,
-    /// Hand over to the caught-up standby with zero loss.
-    Switchover,
-    /// Do not start elections on this node's own timer.
-    PauseFailover,
-    /// Undo `PauseFailover`.
-    ResumeFailover,
-}
-
-/// Something the driver must do.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Action {
-    /// Replace the hard state durably before executing any later action.
-    PersistHardState(HardState),
-    /// Append entries to the log store; report [`Event::Persisted`] when durable.
-    Append(Vec<WalEntry>),
-    /// Remove log entries with index `>= from`, durably.
-    Truncate(LogIndex),
-    /// Replace log and state machine with a snapshot received from the primary.
-    InstallSnapshot(Snapshot),
-    /// Reset the state machine to its empty initial state; the engine then replays
-    /// the log with [`Action::Apply`] (async-mode rewind after a failover).
-    ResetStateMachine,
-    /// Restore the state machine (not the log) from this local snapshot; the engine
-    /// then replays the log after it (async-mode rewind after a failover).
-    RestoreStateMachine(Snapshot),
-    /// Drop the whole log and snapshot: the store then holds an empty log at
-    /// position zero (async mode, when a failover discarded entries that the local
-    /// snapshot already holds; the node then resyncs from the primary). Always
-    /// preceded by [`Action::ResetStateMachine`].
-    ResetLog,
-    /// A durable snapshot covers the entries up to and including `upto`: the log
-    /// store may purge them, keeping what its retention policy keeps for a lagging
-    /// standby, which needs the entries from `keep_from` on (`None`: no standby to
-    /// keep entries for). See [`crate::log_store::LogStore::purge_point`].
-    Compact {
-        /// The snapshot's index: nothing after it may be purged.
-        upto: LogIndex,
-        /// The standby's match index, if this node leads one: the last entry it is
-        /// known to hold, whose position the next batch names as `prev`.
-        keep_from: Option<LogIndex>,
-    },
-    /// Capture the state machine's state after the entry at this position (the
-    /// last one applied: every [`Action::Apply`] before it ran), save it to the log
-    /// store as the snapshot, and report it with [`Event::SnapshotTaken`] once it
-    /// is durable. The engine asks every `snapshot_every` applied entries, one at a
-    /// time; a snapshot overtaken by a replacement of the state machine
-    /// ([`Action::InstallSnapshot`], [`Action::ResetStateMachine`],
-    /// [`Action::RestoreStateMachine`]) is never reported.
-    TakeSnapshot(Position),
-    /// Read a catch-up batch from the durable log
-    /// ([`crate::log_store::LogStore::read_batch`]) and report it with
-    /// [`Event::EntriesRead`]: the engine streams from there to a peer that needs
-    /// entries older than its in-memory log.
-    ReadEntries {
-        /// Echoed in [`Event::EntriesRead`].
-        read_id: u64,
-        /// The peer's next needed index: the batch starts there.
-        next: LogIndex,
-        /// At most this many entries.
-        max_entries: usize,
-        /// The byte bound (by [`WalEntry::approx_size`]).
-        max_bytes: usize,
-    },
-    /// Send a request to a peer; deliver its response as [`Event::Response`].
-    Send(Envelope<Request>),
-    /// Answer a request received from a peer.
-    Respond(Envelope<Response>),
-    /// Apply committed entries to the state machine, in order.
-    Apply(Vec<WalEntry>),
-    /// A client write finished: committed at this position (whose term is the
-    /// fencing token), or failed.
-    WriteDone(ClientId, Result<Position, Error>),
-    /// A linearizable read may be served from the state machine now, or failed.
-    ReadReady(ClientId, Result<Term, Error>),
-    /// An operator request finished.
-    AdminDone(ClientId, Result<(), Error>),
-    /// Writes this node had acknowledged (async mode) were discarded by a failover.
-    /// When the divergence reaches into the local snapshot, the snapshot's
-    /// position stands for the discarded entries it holds (their count is then a
-    /// lower bound).
-    Discarded(Vec<Position>),
-    /// The node's role, term or known primary changed.
-    RoleChanged {
-        /// The new role.
-        role: Role,
-        /// The current term.
-        term: Term,
-        /// The primary it follows, if known.
-        leader: Option<NodeId>,
-    },
-}
-
-/// Rules that tests can switch off to prove the simulator's checker catches the
-/// violation. Every field is `false` in production; the setter exists only with the
-/// `testkit` feature.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Mutations {
-    /// The primary behaves as if it always held a lease.
-    pub no_lease: bool,
-    /// The witness votes without checking the candidate's floor.
-    pub witness_skips_floor_check: bool,
-    /// Messages with a stale term are processed as if current.
-    pub accept_stale_terms: bool,
-    /// The primary acknowledges writes after its own fsync alone.
-    pub ack_before_standby_persists: bool,
-    /// A standby keeps its own entry instead of truncating a conflicting suffix.
-    pub no_truncate_on_conflict: bool,
-    /// Data nodes grant votes without the up-to-date check.
-    pub vote_without_log_check: bool,
-    /// The lease is the bound it must stay below (`failover_timeout × (1 −
-    /// ρ)/(1 + ρ)`, without the tick) stretched by this many parts per million
-    /// (0: the correct lease).
-    pub lease_overshoot_ppm: u32,
-    /// A restarted node campaigns and votes at once, without the start-up window.
-    pub no_startup_window: bool,
-    /// The witness sets a floor to whatever a raise asks, lower or not.
-    pub witness_floor_may_decrease: bool,
-    /// `sync-apply` acknowledges writes once the standby holds them durably, as
-    /// `sync` does, without waiting for it to apply them.
-    pub sync_apply_skips_apply_wait: bool,
-    /// A new primary serves reads before its no-op is applied.
-    pub read_before_noop: bool,
-    /// Async mode commits what the standby has not acked without a witness floor.
-    pub async_commit_without_floor: bool,
-    /// A primary without a lease for an election timeout neither steps down nor
-    /// stops heartbeating (so its standby never takes over).
-    pub never_step_down: bool,
-    /// A switchover sends TimeoutNow without waiting for the target to catch up,
-    /// and the target campaigns without checking it holds the primary's last entry.
-    pub transfer_without_catch_up: bool,
-}
-
-/// What the engine needs from durable storage at start-up.
-#[derive(Clone, Debug, Default)]
-pub struct InitialState {
-    /// The stored hard state (for a fresh node: [`HardState::bootstrap`] or
-    /// [`HardState::joining`], already persisted by the driver).
-    pub hard_state: HardState,
-    /// The stored snapshot, if any.
-    pub snapshot: Option<Snapshot>,
-    /// The stored entries after the snapshot.
-    pub entries: Vec<WalEntry>,
-    /// The index the state machine has applied up to: the snapshot's for a state
-    /// machine restored from it, further for one that persists its own state (its
-    /// applied entries were committed, and are not applied again). Counted from the
-    /// snapshot when lower; clipped to the log's last entry (the driver refuses to
-    /// start a state machine that is ahead of its log).
-    pub applied: LogIndex,
-}
 
 /// An election in progress (pre-vote or vote).
 #[derive(Clone, Debug)]
@@ -694,134 +512,6 @@ impl Engine {
 
     /// The common term rule (docs/protocol.md): a lower term is rejected, a higher
     /// one adopted. Returns false if the message must be refused as stale.
-    /// The term rule, in one place (protocol.md, "Terms, votes, start-up"): a
-    /// request of an older term is refused, a newer one is adopted (stepping down)
-    /// before the handler runs, with the rule's named exceptions: a pre-vote changes
-    /// no term (it is judged on its campaign term), a voter that heard a live primary
-    /// drops a vote without adopting its term (leader stickiness), and a primary
-    /// handing over votes for its target at once (switchover).
-    fn term_rule(&mut self, env: &Envelope<Request>) -> Standing {
-        let term = env.term;
-        if let Request::Vote(v) = &env.body {
-            if v.pre_vote {
-                return Standing::Current;
-            }
-            // A vote is for its sender's own campaign, in the term it is sent in;
-            // anything else is malformed and adopts nothing.
-            if v.campaign_term != term || term.node != env.from {
-                return Standing::Dropped;
-            }
-        }
-        match term.cmp(&self.hs.current_term) {
-            std::cmp::Ordering::Less if self.mutations.accept_stale_terms => {
-                self.stale_reply_term = Some(term);
-                Standing::Current
-            }
-            std::cmp::Ordering::Less => Standing::Stale,
-            std::cmp::Ordering::Equal => match &env.body {
-                Request::Vote(_) if self.is_handover_target(env.from) => Standing::Handover,
-                _ => Standing::Current,
-            },
-            std::cmp::Ordering::Greater => match &env.body {
-                Request::Vote(_) if self.is_handover_target(env.from) => {
-                    self.adopt_term(term);
-                    Standing::Handover
-                }
-                Request::Vote(_) if !self.may_vote_now(env.from) => Standing::Dropped,
-                _ => {
-                    self.adopt_term(term);
-                    Standing::Current
-                }
-            },
-        }
-    }
-
-    /// True if this node is the primary handing over to `candidate`.
-    fn is_handover_target(&self, candidate: NodeId) -> bool {
-        self.leader_state
-            .as_ref()
-            .and_then(|ls| ls.transfer_target())
-            == Some(candidate)
-    }
-
-    /// Requests only a member of the right kind may receive.
-    fn misdirected(&self, body: &Request) -> Option<&'static str> {
-        match (body, self.kind) {
-            (Request::WalBatch(_) | Request::InstallSnapshot(_), MemberKind::Witness) => {
-                Some("the witness stores no log")
-            }
-            (Request::RaiseFloor(_), MemberKind::Data) => Some("only the witness keeps floors"),
-            _ => None,
-        }
-    }
-
-    fn on_request(&mut self, env: Envelope<Request>) {
-        if !self.is_member(env.from) || env.to != self.id {
-            self.respond(
-                env.from,
-                env.request_id,
-                Response::Error(RpcError::NotAMember),
-            );
-            return;
-        }
-        self.note_contact(env.from);
-        if let Some(why) = self.misdirected(&env.body) {
-            let malformed = Response::Error(RpcError::Malformed(why.into()));
-            self.respond(env.from, env.request_id, malformed);
-            return;
-        }
-        // Every request but a vote comes from a primary, whose term names it.
-        let from_primary = !matches!(env.body, Request::Vote(_));
-        if from_primary && env.term.node != env.from {
-            let malformed = RpcError::Malformed("term does not name its primary".into());
-            self.respond(env.from, env.request_id, Response::Error(malformed));
-            return;
-        }
-        let standing = self.term_rule(&env);
-        let meta = Meta {
-            from: env.from,
-            term: env.term,
-            rid: env.request_id,
-            standing,
-        };
-        match env.body {
-            Request::Vote(v) => self.on_vote_request(meta, v),
-            Request::WalBatch(b) => self.on_wal_batch(meta, b),
-            Request::Heartbeat(h) => self.on_heartbeat(meta, h),
-            Request::Fence(f) => self.on_fence(meta, f),
-            Request::Promote(p) => self.on_promote(meta, p),
-            Request::RaiseFloor(r) => self.on_raise_floor(meta, r),
-            Request::InstallSnapshot(s) => self.on_install_snapshot(meta, s),
-        }
-    }
-
-    /// The term rule for responses: a newer term is adopted (and the response
-    /// then means nothing to this node's new state); an older one is ignored,
-    /// except a pre-vote's answer, which is judged on its campaign term.
-    fn on_response(&mut self, env: Envelope<Response>) {
-        if !self.is_member(env.from) || env.to != self.id {
-            return;
-        }
-        self.note_contact(env.from);
-        let pre_vote = matches!(&env.body, Response::Vote(v) if v.pre_vote);
-        match env.term.cmp(&self.hs.current_term) {
-            std::cmp::Ordering::Greater => {
-                self.adopt_term(env.term);
-                return;
-            }
-            std::cmp::Ordering::Less if !pre_vote => return,
-            _ => {}
-        }
-        match env.body {
-            Response::Vote(v) => self.on_vote_response(env.from, env.term, v),
-            Response::WalAck(a) => self.on_wal_ack(env.from, env.request_id, a),
-            Response::HeartbeatAck(a) => self.on_heartbeat_ack(env.from, env.request_id, a),
-            Response::FloorAck(a) => self.on_floor_ack(env.from, a),
-            Response::SnapshotAck(a) => self.on_snapshot_ack(env.from, env.request_id, a),
-            Response::FenceAck(_) | Response::PromoteAck(_) | Response::Error(_) => {}
-        }
-    }
-
     fn on_tick(&mut self) {
         if self.leader_state.is_some() {
             self.leader_tick();

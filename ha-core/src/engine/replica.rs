@@ -249,6 +249,14 @@ impl Engine {
                 .filter_map(|i| self.log.position_at(LogIndex(i))),
         );
         tracing::warn!(node = %self.id, "async failover discarded entries held in the local snapshot; resyncing");
+        // With its log gone this node must not vote (or be elected) until it has
+        // caught up again, as a node that joined with an empty data directory:
+        // the witness's floor for it may be far below what the primary acked.
+        // Durable before the log is dropped.
+        if self.hs.voter {
+            self.hs.voter = false;
+            self.persist_hard_state();
+        }
         self.emit(Action::Discarded(discarded));
         self.log.reset_to(Position::ZERO);
         self.snapshot = None;
@@ -258,6 +266,8 @@ impl Engine {
         self.leader_verified = LogIndex::ZERO;
         self.emit(Action::ResetStateMachine);
         self.emit(Action::ResetLog);
+        let leader = self.leader;
+        self.set_role(Role::Learner, leader);
         self.flush_pending_acks();
     }
 

@@ -1,5 +1,8 @@
 //! The [`Transport`] conformance suite.
 //!
+//! Longer than 800 lines because it is one suite that every transport runs: the
+//! checks share the harness at the top and are listed in `transport_suite`.
+//!
 //! The checks never sleep to wait for something: they wait on channels, and use
 //! timeouts only as upper bounds. They run on a current-thread or multi-thread
 //! tokio runtime, in real time, or (for in-process transports) with paused time.

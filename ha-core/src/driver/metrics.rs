@@ -1,0 +1,105 @@
+//! The counters a node keeps about itself ([`Metrics`]), bumped by the engine
+//! task and read by any handle.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters a node keeps about itself, read with [`Node::metrics`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Client writes acknowledged.
+    pub writes_acked: u64,
+    /// Client writes the engine failed (not leader, fenced, ...).
+    pub writes_failed: u64,
+    /// Linearizable reads served.
+    pub reads_served: u64,
+    /// Stale reads served from the local state machine.
+    pub stale_reads_served: u64,
+    /// Changes of role, term or known primary.
+    pub role_changes: u64,
+    /// Acknowledged writes discarded by a failover (async commit mode only).
+    pub discarded: u64,
+    /// State-machine snapshots taken and saved.
+    pub snapshots_taken: u64,
+    /// Requests received from peers.
+    pub peer_requests: u64,
+    /// Requests to peers that failed in the transport (the engine retries).
+    pub send_failures: u64,
+    /// Snapshots received from the primary and installed (the log could not
+    /// serve this node's catch-up).
+    pub snapshots_installed: u64,
+    /// Reads of this node's durable log that served a lagging standby's catch-up
+    /// (entries older than the in-memory log).
+    pub catch_up_reads: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    writes_acked: AtomicU64,
+    writes_failed: AtomicU64,
+    reads_served: AtomicU64,
+    stale_reads_served: AtomicU64,
+    role_changes: AtomicU64,
+    discarded: AtomicU64,
+    snapshots_taken: AtomicU64,
+    peer_requests: AtomicU64,
+    send_failures: AtomicU64,
+    snapshots_installed: AtomicU64,
+    catch_up_reads: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(super) fn bump_write_acked(&self) {
+        bump(&self.writes_acked, 1)
+    }
+    pub(super) fn bump_write_failed(&self) {
+        bump(&self.writes_failed, 1)
+    }
+    pub(super) fn bump_read(&self) {
+        bump(&self.reads_served, 1)
+    }
+    pub(super) fn bump_stale_read(&self) {
+        bump(&self.stale_reads_served, 1)
+    }
+    pub(super) fn bump_role_change(&self) {
+        bump(&self.role_changes, 1)
+    }
+    pub(super) fn add_discarded(&self, n: u64) {
+        bump(&self.discarded, n)
+    }
+    pub(super) fn bump_snapshot(&self) {
+        bump(&self.snapshots_taken, 1)
+    }
+    pub(super) fn bump_peer_request(&self) {
+        bump(&self.peer_requests, 1)
+    }
+    pub(super) fn bump_send_failure(&self) {
+        bump(&self.send_failures, 1)
+    }
+    pub(super) fn bump_snapshot_installed(&self) {
+        bump(&self.snapshots_installed, 1)
+    }
+    pub(super) fn bump_catch_up_read(&self) {
+        bump(&self.catch_up_reads, 1)
+    }
+
+    pub(super) fn read(&self) -> Metrics {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Metrics {
+            writes_acked: r(&self.writes_acked),
+            writes_failed: r(&self.writes_failed),
+            reads_served: r(&self.reads_served),
+            stale_reads_served: r(&self.stale_reads_served),
+            role_changes: r(&self.role_changes),
+            discarded: r(&self.discarded),
+            snapshots_taken: r(&self.snapshots_taken),
+            peer_requests: r(&self.peer_requests),
+            send_failures: r(&self.send_failures),
+            snapshots_installed: r(&self.snapshots_installed),
+            catch_up_reads: r(&self.catch_up_reads),
+        }
+    }
+}

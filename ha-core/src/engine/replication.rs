@@ -1,0 +1,220 @@
+//! The primary's side of replication: pipelined WAL batches from the in-memory
+//! log, catch-up reads of the durable log, snapshots, and the standby's answers
+//! (protocol.md, "Replication and commit", "Fencing, rejoin, catch-up").
+
+use super::{Action, Engine};
+use crate::error::StorageError;
+use crate::log_store::CatchUpBatch;
+use crate::message::{AckResult, InstallSnapshot, Request, SnapshotAck, WalAck, WalBatch};
+use crate::types::{NodeId, Position, WalEntry};
+
+impl Engine {
+    /// Sends batches to the data peer while its window has room: from the
+    /// in-memory log, or, for entries older than it, from the durable log (read
+    /// with [`Action::ReadEntries`], sent in [`Self::on_entries_read`]).
+    pub(super) fn replicate(&mut self) {
+        let now = self.now;
+        let max_inflight = self.cfg.max_inflight_batches;
+        let (batch_size, batch_bytes) = (self.cfg.wal_batch_size, self.cfg.wal_batch_bytes);
+        loop {
+            let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
+                return;
+            };
+            if !p.may_send(max_inflight) {
+                return;
+            }
+            let (peer, next) = (p.id, p.next);
+            if next <= self.log.snapshot().index {
+                let read_id = self.next_request_id();
+                self.emit(Action::ReadEntries {
+                    read_id,
+                    next,
+                    max_entries: batch_size,
+                    max_bytes: batch_bytes,
+                });
+                if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
+                    p.start_read(read_id, now);
+                }
+                return;
+            }
+            let entries = self.log.slice(next, batch_size, batch_bytes);
+            let Some(last) = entries.last().map(|e| e.position) else {
+                return;
+            };
+            let Some(prev) = self.log.position_at(next.prev()) else {
+                return;
+            };
+            self.send_batch(peer, prev, entries, last);
+        }
+    }
+
+    /// Entries read from the durable log for the peer: send them as a batch, or
+    /// the snapshot if the log could not provide them (purged by its retention
+    /// policy, or a read error).
+    pub(super) fn on_entries_read(
+        &mut self,
+        read_id: u64,
+        result: Result<CatchUpBatch, StorageError>,
+    ) {
+        let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) else {
+            return;
+        };
+        let Some(next) = p.finish_read(read_id) else {
+            return;
+        };
+        let peer = p.id;
+        if p.next != next {
+            // An ack or a mismatch moved the peer while the read ran.
+            self.replicate();
+            return;
+        }
+        match result {
+            Ok(CatchUpBatch { prev, entries })
+                if entries.first().map(|e| e.index()) == Some(next) =>
+            {
+                let last = entries.last().map(|e| e.position).unwrap_or(prev);
+                self.send_batch(peer, prev, entries, last);
+                self.replicate();
+            }
+            Ok(_) => {
+                tracing::warn!(node = %self.id, %peer, %next, "the durable log answered a catch-up read with other entries; sending the snapshot");
+                self.send_snapshot(peer);
+            }
+            Err(e) => {
+                tracing::info!(node = %self.id, %peer, %next, error = %e, "the durable log cannot serve the standby's catch-up; sending the snapshot");
+                self.send_snapshot(peer);
+            }
+        }
+    }
+
+    /// Sends the latest snapshot to the peer (it needs entries the log no longer
+    /// holds).
+    pub(super) fn send_snapshot(&mut self, peer: NodeId) {
+        let Some(snap) = self.snapshot.clone() else {
+            return;
+        };
+        let req = InstallSnapshot {
+            last_included: snap.last_included,
+            data: snap.data,
+            commit: self.commit,
+            leader_last: self.log.last(),
+        };
+        let rid = self.send(peer, Request::InstallSnapshot(req));
+        let now = self.now;
+        if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
+            p.sent_snapshot(rid, now);
+        }
+    }
+
+    /// Sends one batch (possibly empty, to carry the commit index) and records it in
+    /// flight; the standby's next expected index becomes `last + 1`.
+    pub(super) fn send_batch(
+        &mut self,
+        peer: NodeId,
+        prev: Position,
+        entries: Vec<WalEntry>,
+        last: Position,
+    ) {
+        let (commit, now) = (self.commit, self.now);
+        let rid = self.send(
+            peer,
+            Request::WalBatch(WalBatch {
+                prev,
+                entries,
+                commit,
+            }),
+        );
+        if let Some(ls) = self.leader_state.as_mut() {
+            ls.commit_notified = ls.commit_notified.max(commit);
+            if let Some(p) = ls.peer.as_mut() {
+                p.sent_batch(rid, last, now);
+            }
+        }
+    }
+
+    /// An empty batch carrying the commit index, when the standby is idle and the
+    /// commit moved (so it applies promptly; `sync-apply` waits on that).
+    pub(super) fn notify_commit(&mut self) {
+        let commit = self.commit;
+        let Some(ls) = self.leader_state.as_ref() else {
+            return;
+        };
+        let Some(p) = ls.peer.as_ref() else { return };
+        if commit <= ls.commit_notified || !p.idle() {
+            return;
+        }
+        let (peer, next) = (p.id, p.next);
+        if next <= self.log.snapshot().index || next <= self.log.last().index {
+            return;
+        }
+        let Some(prev) = self.log.position_at(next.prev()) else {
+            return;
+        };
+        self.send_batch(peer, prev, Vec::new(), prev);
+    }
+
+    pub(super) fn on_wal_ack(&mut self, from: NodeId, rid: u64, ack: WalAck) {
+        let term = self.hs.current_term;
+        let last = self.log.last().index;
+        let reset_id = self.next_request_id;
+        let holds = |pos: Position| self.log.holds(pos);
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
+        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
+            return;
+        };
+        // The standby holds the position it acks; this primary's log holds it too if
+        // its in-memory log does, or if it is the end of the batch acked (sent from
+        // the durable log, below the in-memory log).
+        let held = match ack.result {
+            AckResult::Durable(pos) => holds(pos) || p.in_flight_ending_at(rid, pos),
+            _ => false,
+        };
+        // The primary ignores replies that do not carry its own term.
+        if ack.batch_term != term {
+            return;
+        }
+        p.applied = p.applied.max(ack.applied);
+        match ack.result {
+            AckResult::Durable(pos) => {
+                p.acked(rid, pos, held);
+                let matched = p.matched;
+                while ls.unacked.front().is_some_and(|(i, _)| *i <= matched) {
+                    ls.unacked.pop_front();
+                }
+                if ls.unacked.is_empty() {
+                    ls.degraded = false;
+                }
+                if ls.forced && matched >= ls.noop_index {
+                    // The standby followed the forced primary: from here on it is an
+                    // ordinary primary (lease from acks, commit rule, floors).
+                    tracing::info!(node = %self.id, "standby caught up with the forced primary; ordinary rules resume");
+                    ls.forced = false;
+                    ls.since = self.now;
+                }
+            }
+            AckResult::Mismatch { next, .. } => {
+                let matched = p.matched;
+                if p.refused(rid, next, last, reset_id) && next <= matched {
+                    tracing::warn!(standby = %from, %matched, %next, "standby lost acknowledged entries; resending");
+                }
+            }
+            AckResult::StaleTerm => {}
+        }
+    }
+
+    /// Only the answer to the snapshot in flight counts (a stale or duplicated
+    /// one is ignored); the term rule already dropped answers of other terms.
+    pub(super) fn on_snapshot_ack(&mut self, from: NodeId, rid: u64, ack: SnapshotAck) {
+        let last = self.log.last().index;
+        let reset_id = self.next_request_id;
+        let Some(ls) = self.leader_state.as_mut() else {
+            return;
+        };
+        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
+            return;
+        };
+        p.snapshot_answered(rid, ack.installed, ack.last, last, reset_id);
+    }
+}
