@@ -1,5 +1,6 @@
 //! Errors a caller of the replicator can match on.
 
+use crate::config::ConfigError;
 use crate::types::{NodeId, Term};
 
 /// Why a replicator call did not succeed.
@@ -13,9 +14,6 @@ pub enum Error {
         /// That primary's address, if known.
         leader_addr: Option<String>,
     },
-    /// No primary is known.
-    #[error("no leader")]
-    NoLeader,
     /// The operation did not finish before its deadline. A write that timed out may
     /// still commit later: its outcome is unknown.
     #[error("timed out")]
@@ -35,6 +33,32 @@ pub enum Error {
     Fenced {
         /// The term that fenced this node.
         term: Term,
+    },
+    /// The primary refuses new writes while this many wait to commit
+    /// (`Config::max_uncommitted_entries`): retry later. The write was not taken.
+    #[error("busy: {waiting} writes are waiting to commit")]
+    Busy {
+        /// Writes appended and not yet committed.
+        waiting: u64,
+    },
+    /// The config does not validate; names the field.
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    /// The transport speaks for another node than the config names.
+    #[error("the transport speaks for {transport} but the config is for {configured}")]
+    IdentityMismatch {
+        /// `Config::node_id`.
+        configured: NodeId,
+        /// The transport's [`Transport::local_id`](crate::transport::Transport::local_id).
+        transport: NodeId,
+    },
+    /// The transport could not start listening.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The configured bind address.
+        addr: String,
+        /// Why.
+        reason: String,
     },
     /// The request is not valid in this state (for example a switchover without a
     /// caught-up standby, or a forced promotion without the flag).

@@ -31,9 +31,13 @@ pub mod types;
 pub mod testkit;
 
 pub use config::{Config, ConfigError, ConfiguredRole, Member};
+pub use driver::{Bootstrap, Node, NodeBuilder, NodeStatus};
 pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};
+pub use log_store::{LogStore, Snapshot};
 pub use replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
+pub use state_machine::StateMachine;
+pub use transport::Transport;
 pub use types::{
     Command, CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role,
     Term, WalEntry,

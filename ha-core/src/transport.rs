@@ -87,6 +87,11 @@ pub trait Transport: Send + Sync + 'static {
     /// A connection this transport opens.
     type Conn: PeerConnection;
 
+    /// The node this transport speaks for: the identity its peers authenticate
+    /// (for a TLS transport, the node its certificate names). A node refuses to
+    /// start with a transport whose identity is not its configured id.
+    fn local_id(&self) -> NodeId;
+
     /// Opens (or reuses) a connection to `peer`.
     fn connect(
         &self,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-use ha_core::driver::{Bootstrap, Node};
+use ha_core::driver::{Bootstrap, Node, NodeBuilder};
 use ha_core::log_store::{LogStore, Snapshot, StoredState};
 use ha_core::state_machine::StateMachine;
 use ha_core::testkit::memory::{
@@ -86,7 +86,14 @@ fn node_with<L: LogStore, S: StateMachine>(
 ) -> MemNode<L, S> {
     let mut cfg = config(id);
     tweak(&mut cfg);
-    Node::new(cfg, net.transport(id), store, sm, bootstrap, 0x5EED ^ id.0).expect("valid config")
+    NodeBuilder::new(cfg)
+        .transport(net.transport(id))
+        .log_store(store)
+        .state_machine(sm)
+        .bootstrap(bootstrap)
+        .seed(0x5EED ^ id.0)
+        .build()
+        .expect("valid config")
 }
 
 struct Cluster<L: LogStore = MemLogStore, S: StateMachine = KvStateMachine> {
@@ -440,17 +447,16 @@ async fn an_invalid_config_is_rejected_naming_the_field() {
     let net = MemNetwork::new();
     let mut cfg = config(N1);
     cfg.heartbeat_interval = Duration::ZERO;
-    let r = MemNode::new(
-        cfg,
-        net.transport(N1),
-        MemLogStore::new(),
-        KvStateMachine::new(),
-        Bootstrap::NewCluster,
-        1,
-    );
+    let r = NodeBuilder::new(cfg)
+        .transport(net.transport(N1))
+        .log_store(MemLogStore::new())
+        .state_machine(KvStateMachine::new())
+        .bootstrap(Bootstrap::NewCluster)
+        .seed(1)
+        .build();
     match r {
-        Err(Error::Rejected(msg)) => assert!(msg.contains("heartbeat_interval"), "{msg}"),
-        other => panic!("expected Rejected, got {other:?}"),
+        Err(Error::InvalidConfig(e)) => assert_eq!(e.field, "heartbeat_interval", "{e}"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
     }
 }
 
@@ -1832,6 +1838,10 @@ impl Drop for PendingConnect {
 impl Transport for BlackholeTransport {
     type Conn = MemConnection;
 
+    fn local_id(&self) -> NodeId {
+        self.inner.local_id()
+    }
+
     fn connect(
         &self,
         _peer: &Member,
@@ -1869,15 +1879,14 @@ async fn concurrent_shutdowns_all_wait_until_the_node_has_stopped() {
         closed: Arc::new(AtomicBool::new(false)),
         after_close: Arc::new(AtomicUsize::new(0)),
     };
-    let n = Node::new(
-        config(N1),
-        transport.clone(),
-        MemLogStore::new(),
-        KvStateMachine::new(),
-        Bootstrap::NewCluster,
-        1,
-    )
-    .expect("valid config");
+    let n = NodeBuilder::new(config(N1))
+        .transport(transport.clone())
+        .log_store(MemLogStore::new())
+        .state_machine(KvStateMachine::new())
+        .bootstrap(Bootstrap::NewCluster)
+        .seed(1)
+        .build()
+        .expect("valid config");
     n.start().await.expect("start");
     // Alone, it campaigns: its pre-votes hang in `connect` on control-request tasks.
     let mut pending = transport.pending.subscribe();
@@ -1910,4 +1919,22 @@ async fn concurrent_shutdowns_all_wait_until_the_node_has_stopped() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(transport.after_close.load(Ordering::SeqCst), 0);
     assert_eq!(*transport.pending.borrow(), 0);
+}
+
+/// The builder checks that the transport speaks for the configured node.
+#[tokio::test(start_paused = true)]
+async fn a_transport_speaking_for_another_node_is_refused() {
+    let net = MemNetwork::new();
+    let r: Result<MemNode, Error> = NodeBuilder::new(config(N1))
+        .transport(net.transport(N2))
+        .log_store(MemLogStore::new())
+        .state_machine(KvStateMachine::new())
+        .build();
+    match r {
+        Err(Error::IdentityMismatch {
+            configured,
+            transport,
+        }) => assert_eq!((configured, transport), (N1, N2)),
+        other => panic!("expected IdentityMismatch, got {other:?}"),
+    }
 }

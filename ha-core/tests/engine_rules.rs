@@ -1156,9 +1156,10 @@ fn the_primary_refuses_writes_beyond_the_uncommitted_limit() {
         "within the limit: accepted"
     );
     p.step(ms(10), Event::ClientWrites(vec![(3, Command(vec![3]))]));
+    // Refused with the typed backpressure error (it was `Rejected` with a text).
     assert!(matches!(
         write_done(&p.take_actions(), 3),
-        Some(Err(ha_core::Error::Rejected(_)))
+        Some(Err(ha_core::Error::Busy { .. }))
     ));
 }
 

@@ -53,11 +53,13 @@ fn async_seed_71474_loses_no_more_than_failovers_may() {
 /// Found by 200,000 seeds (with 134033 and 180689): an async standby that
 /// resynced from scratch (its snapshot held entries a failover discarded) kept
 /// voting with an empty log, was elected after the primary died, and lost every
-/// write the primary had acknowledged. It now rejoins as a learner until it has
-/// caught up.
+/// write the primary had acknowledged. It now records what it held as its own
+/// floor and neither campaigns nor votes below it until it has caught up. (A
+/// first fix made it a non-voter, which seed 49361 showed can leave the cluster
+/// with one voter after a witness loses its disk: no primary, ever.)
 #[test]
-fn async_seed_168047_a_resyncing_standby_does_not_vote() {
-    for seed in [168047, 134033, 180689] {
+fn async_seed_168047_a_resyncing_standby_is_not_elected_and_the_cluster_recovers() {
+    for seed in [168047, 134033, 180689, 49361] {
         let r = run(seed, &SimConfig::for_seed(seed));
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
     }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ha_core::driver::{Bootstrap, Node};
+use ha_core::driver::{Bootstrap, Node, NodeBuilder};
 use ha_core::testkit::memory::{KvCommand, KvStateMachine};
 use ha_core::{Config, Member, MemberKind, NodeId, ReadConsistency, Replicator, Role};
 use ha_transport_quic::testkit::{loopback, TestCluster};
@@ -62,15 +62,14 @@ fn node(cluster: &TestCluster, addrs: &[SocketAddr], id: NodeId, dir: &Path) -> 
     let transport =
         QuicTransport::new(&identity, QuicOptions::from_config(&cfg, bind)).expect("bind");
     let wal = Wal::open(dir.join(format!("n{}", id.0)), WalConfig::default()).expect("open wal");
-    Node::new(
-        cfg,
-        transport,
-        wal,
-        KvStateMachine::new(),
-        Bootstrap::NewCluster,
-        id.0,
-    )
-    .expect("valid config")
+    NodeBuilder::new(cfg)
+        .transport(transport)
+        .log_store(wal)
+        .state_machine(KvStateMachine::new())
+        .bootstrap(Bootstrap::NewCluster)
+        .seed(id.0)
+        .build()
+        .expect("valid config")
 }
 
 /// Waits (bounded) until one of `nodes` is a writable primary.

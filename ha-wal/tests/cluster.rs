@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ha_core::driver::{Bootstrap, Node};
+use ha_core::driver::{Bootstrap, Node, NodeBuilder};
 use ha_core::testkit::memory::{KvCommand, KvStateMachine, MemNetwork, MemTransport};
 use ha_core::{Config, Member, MemberKind, NodeId, ReadConsistency, Replicator, Role};
 use ha_wal::{Retention, Wal, WalConfig};
@@ -44,15 +44,14 @@ fn node_with(net: &MemNetwork, id: NodeId, dir: &Path, wal_cfg: WalConfig) -> Di
     let mut cfg = Config::new(id, kind(id), format!("mem://{id}"), peers);
     cfg.snapshot_every = 64;
     let wal = Wal::open(dir.join(format!("n{}", id.0)), wal_cfg).expect("open wal");
-    Node::new(
-        cfg,
-        net.transport(id),
-        wal,
-        KvStateMachine::new(),
-        Bootstrap::NewCluster,
-        id.0,
-    )
-    .expect("valid config")
+    NodeBuilder::new(cfg)
+        .transport(net.transport(id))
+        .log_store(wal)
+        .state_machine(KvStateMachine::new())
+        .bootstrap(Bootstrap::NewCluster)
+        .seed(id.0)
+        .build()
+        .expect("valid config")
 }
 
 async fn wait_primary(nodes: &[DiskNode]) -> DiskNode {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point for project chores.
 //!
-//! - `cargo xtask ci`: what CI runs (fmt check, clippy, tests).
+//! - `cargo xtask ci`: what CI runs (fmt check, clippy, tests, the library example,
+//!   20,000 simulator seeds).
 //! - `cargo xtask sim --seeds N` / `--seed S`: the deterministic simulator.
 //! - `cargo xtask demo`: a readable simulated failover.
 
@@ -53,7 +54,7 @@ fn cargo(args: &[&str]) -> bool {
 }
 
 fn ci() -> ExitCode {
-    let steps: [&[&str]; 3] = [
+    let steps: [&[&str]; 4] = [
         &["fmt", "--all", "--", "--check"],
         &[
             "clippy",
@@ -65,6 +66,15 @@ fn ci() -> ExitCode {
             "warnings",
         ],
         &["test", "--workspace", "--all-features"],
+        // The library consumer's path (README, "Using it as a library") runs.
+        &[
+            "run",
+            "-q",
+            "-p",
+            "ha-transport-quic",
+            "--example",
+            "failover",
+        ],
     ];
     for step in steps {
         if !cargo(step) {

@@ -60,6 +60,7 @@
 //! read may return a write that a later failover discards. [`ReadConsistency::Stale`]
 //! reads query the local state machine directly, on any data node.
 
+mod builder;
 mod handler;
 mod metrics;
 mod peers;
@@ -76,6 +77,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
+pub use self::builder::{Missing, NodeBuilder};
 use self::handler::Handler;
 use self::metrics::Counters;
 pub use self::metrics::Metrics;
@@ -211,12 +213,10 @@ impl<T: Transport, L: LogStore, S: StateMachine> std::fmt::Debug for Node<T, L, 
 }
 
 impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
-    /// Builds a node; nothing runs until [`Replicator::start`].
-    ///
-    /// `seed` feeds the engine's randomness (election jitter) and the reconnect
-    /// jitter; give each node a different one. Fails with [`Error::Rejected`] naming
-    /// the bad field if `config` does not validate.
-    pub fn new(
+    /// Builds a node from checked parts ([`NodeBuilder::build`], the way to make
+    /// one); nothing runs
+    /// until [`Replicator::start`].
+    fn from_parts(
         config: Config,
         transport: T,
         store: L,
@@ -224,9 +224,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         bootstrap: Bootstrap,
         seed: u64,
     ) -> Result<Self, Error> {
-        config
-            .validate()
-            .map_err(|e| Error::Rejected(e.to_string()))?;
+        config.validate()?;
         let (status, _) = watch::channel(NodeStatus::from_health(&initial_health(&config), false));
         let shared = Arc::new(Shared {
             health: RwLock::new(initial_health(&config)),
@@ -457,10 +455,10 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         });
         if let Err(e) = inner.transport.listen(handler).await {
             *inner.state_machine.lock() = Some(sm);
-            return Err(Error::Rejected(format!(
-                "cannot listen on {}: {e}",
-                cfg.bind_addr
-            )));
+            return Err(Error::Listen {
+                addr: cfg.bind_addr.clone(),
+                reason: e.to_string(),
+            });
         }
         if inner.paused_before_start.load(Ordering::SeqCst) {
             let _ = inputs.try_send(Input::Admin {

@@ -78,7 +78,7 @@ impl Engine {
             }
         }
         self.reset_election_deadline();
-        if self.failover_paused() || self.in_startup_window() {
+        if self.failover_paused() || self.in_startup_window() || self.behind_own_floor() {
             return;
         }
         if self.witness_less_failover() {
@@ -221,11 +221,22 @@ impl Engine {
         }
     }
 
-    /// A data node votes for a log at least as up to date as its own; the witness
-    /// for one that reached the candidate's floor.
+    /// A data node that resynced from scratch (async mode) has not yet caught up
+    /// with what it held before: it must not campaign (protocol.md, "Replication
+    /// and commit").
+    pub(super) fn behind_own_floor(&self) -> bool {
+        self.kind == MemberKind::Data && self.log.last() < self.hs.floor(self.id)
+    }
+
+    /// A data node votes for a log at least as up to date as its own (and as what
+    /// it held before a resync from scratch); the witness for one that reached the
+    /// candidate's floor.
     fn candidate_up_to_date(&self, candidate: NodeId, v: &VoteRequest) -> bool {
         match self.kind {
-            MemberKind::Data => self.mutations.vote_without_log_check || v.last >= self.log.last(),
+            MemberKind::Data => {
+                self.mutations.vote_without_log_check
+                    || v.last >= self.log.last().max(self.hs.floor(self.id))
+            }
             MemberKind::Witness => {
                 self.mutations.witness_skips_floor_check || v.last >= self.hs.floor(candidate)
             }
@@ -333,6 +344,11 @@ impl Engine {
         let primary_heard = self
             .last_leader_contact
             .is_some_and(|t| self.now < t.plus(self.cfg.failover_timeout));
+        if self.behind_own_floor() {
+            let why = "catching up after a resync; try again once it has caught up";
+            self.emit(Action::AdminDone(id, Err(Error::Rejected(why.into()))));
+            return;
+        }
         if self.in_startup_window() || primary_heard {
             let why = if primary_heard {
                 "a primary is alive; ask it for a switchover instead"

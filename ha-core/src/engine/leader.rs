@@ -268,9 +268,9 @@ impl Engine {
         let uncommitted = self.log.last().index.0.saturating_sub(self.commit.0);
         if uncommitted.saturating_add(writes.len() as u64) > self.cfg.max_uncommitted_entries {
             for (id, _) in writes {
-                let err = Error::Rejected(format!(
-                    "backpressure: {uncommitted} writes are waiting to commit"
-                ));
+                let err = Error::Busy {
+                    waiting: uncommitted,
+                };
                 self.actions.push(Action::WriteDone(id, Err(err)));
             }
             return;

@@ -53,7 +53,12 @@ use crate::types::{
     Command, HardState, Instant, LogIndex, MemberKind, NodeId, Position, Role, Term, WalEntry,
 };
 
-pub use self::events::{Action, Admin, Event, InitialState, Mutations};
+/// Test-only rule switches: public with the `testkit` feature only.
+#[cfg(feature = "testkit")]
+pub use self::events::Mutations;
+#[cfg(not(feature = "testkit"))]
+pub(crate) use self::events::Mutations;
+pub use self::events::{Action, Admin, Event, InitialState};
 use self::leader::LeaderState;
 use self::log::Log;
 
@@ -378,6 +383,16 @@ impl Engine {
         self.actions.push(a);
     }
 
+    /// A data node that resynced from scratch recorded what it held as its own
+    /// floor; once its durable log has passed it, the floor has done its job.
+    fn clear_own_floor(&mut self) {
+        let own = self.hs.floor(self.id);
+        if own > Position::ZERO && self.log.last() >= own && self.durable >= self.log.last().index {
+            self.hs.floors.retain(|(n, _)| *n != self.id);
+            self.persist_hard_state();
+        }
+    }
+
     /// Asks for a snapshot once `snapshot_every` entries were applied since the
     /// last one (and none is being taken): at the end of a step, after every
     /// entry of it was applied and every client answered.
@@ -635,6 +650,7 @@ impl Engine {
         } else {
             self.flush_pending_acks();
         }
+        self.clear_own_floor();
         self.maybe_take_snapshot();
     }
 }

@@ -249,12 +249,14 @@ impl Engine {
                 .filter_map(|i| self.log.position_at(LogIndex(i))),
         );
         tracing::warn!(node = %self.id, "async failover discarded entries held in the local snapshot; resyncing");
-        // With its log gone this node must not vote (or be elected) until it has
-        // caught up again, as a node that joined with an empty data directory:
-        // the witness's floor for it may be far below what the primary acked.
-        // Durable before the log is dropped.
-        if self.hs.voter {
-            self.hs.voter = false;
+        // With its log gone this node must not be elected (the witness's floor for
+        // it may be far below what the primary acked), nor vote for a candidate
+        // behind what it held: it records what it held as its own floor, durable
+        // before the log is dropped, and neither campaigns nor grants a vote below
+        // it until its log has passed it again (`follower_tick`,
+        // `candidate_up_to_date`).
+        let held = self.log.last();
+        if self.hs.raise_floor(self.id, held) {
             self.persist_hard_state();
         }
         self.emit(Action::Discarded(discarded));
@@ -266,8 +268,6 @@ impl Engine {
         self.leader_verified = LogIndex::ZERO;
         self.emit(Action::ResetStateMachine);
         self.emit(Action::ResetLog);
-        let leader = self.leader;
-        self.set_role(Role::Learner, leader);
         self.flush_pending_acks();
     }
 

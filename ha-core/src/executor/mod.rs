@@ -38,6 +38,13 @@
 
 mod background;
 pub(crate) mod futures;
+mod mutations;
+
+/// Test-only rule switches: public with the `testkit` feature only.
+#[cfg(feature = "testkit")]
+pub use self::mutations::ExecutorMutations;
+#[cfg(not(feature = "testkit"))]
+pub(crate) use self::mutations::ExecutorMutations;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::poll_fn;
@@ -150,18 +157,6 @@ pub trait Host {
 
     /// Something to count or log.
     fn notice(&mut self, notice: Notice<'_>);
-}
-
-/// Executor rules that tests switch off, to prove the simulator catches a driver
-/// that breaks them. Every field is `false` in production; the setter exists only
-/// with the `testkit` feature.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExecutorMutations {
-    /// The first hard-state write of a step runs after the first send or response
-    /// that follows it, instead of before.
-    pub send_before_durable: bool,
-    /// Write acknowledgements and read answers leave without the lease re-check.
-    pub no_lease_recheck: bool,
 }
 
 /// Runs one engine's actions over a log store, a state machine and a host. See

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ha_core::config::Config;
+use ha_core::error::TransportError;
 use ha_core::types::NodeId;
 
 use super::WAL_WINDOW;
@@ -62,6 +63,18 @@ impl QuicOptions {
             wal_window: WAL_WINDOW,
             drain_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Options from a node's config alone: as [`QuicOptions::from_config`], bound
+    /// to the config's `bind_addr`, which must be an IP address and port.
+    pub fn for_node(config: &Config) -> Result<Self, TransportError> {
+        let bind: SocketAddr = config.bind_addr.parse().map_err(|e| {
+            TransportError::Local(format!(
+                "bind_addr {:?} is not an IP address and port: {e}",
+                config.bind_addr
+            ))
+        })?;
+        Ok(Self::from_config(config, bind))
     }
 
     /// Options from a node's config: its members (itself and its peers), reconnect

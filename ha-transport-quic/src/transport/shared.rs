@@ -221,6 +221,10 @@ impl QuicTransport {
 impl Transport for QuicTransport {
     type Conn = QuicConnection;
 
+    fn local_id(&self) -> NodeId {
+        self.inner.me
+    }
+
     fn connect(
         &self,
         peer: &Member,

@@ -256,6 +256,10 @@ impl MemTransport {
 impl Transport for MemTransport {
     type Conn = MemConnection;
 
+    fn local_id(&self) -> NodeId {
+        self.node
+    }
+
     fn connect(
         &self,
         peer: &Member,
