@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use crate::config::Member;
 use crate::error::TransportError;
+use crate::message::{Envelope, Request, Response};
+#[cfg(feature = "testkit")]
 use crate::message::{
-    Envelope, Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote,
-    PromoteAck, RaiseFloor, Request, Response, SnapshotAck, VoteRequest, VoteResponse, WalAck,
-    WalBatch,
+    Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, Promote, PromoteAck,
+    RaiseFloor, SnapshotAck, VoteRequest, VoteResponse, WalAck, WalBatch,
 };
 use crate::types::NodeId;
 
@@ -108,6 +109,7 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
+#[cfg(feature = "testkit")]
 macro_rules! typed_rpc {
     ($(#[$doc:meta])* $name:ident, $req:ident, $resp:ident, $req_ty:ty, $resp_ty:ty) => {
         $(#[$doc])*
@@ -135,6 +137,7 @@ macro_rules! typed_rpc {
     };
 }
 
+#[cfg(feature = "testkit")]
 fn map_body<A, B>(e: Envelope<A>, f: impl FnOnce(A) -> B) -> Envelope<B> {
     Envelope {
         from: e.from,
@@ -145,7 +148,9 @@ fn map_body<A, B>(e: Envelope<A>, f: impl FnOnce(A) -> B) -> Envelope<B> {
     }
 }
 
-/// The seed's typed RPCs, on top of [`PeerConnection::call`].
+/// The seed's typed RPCs, on top of [`PeerConnection::call`] (`testkit` only: the
+/// driver and the transports speak in [`Request`] and [`Response`]).
+#[cfg(feature = "testkit")]
 pub trait PeerConnectionExt: PeerConnection {
     typed_rpc!(
         /// Sends a WAL batch (Raft AppendEntries).
@@ -177,4 +182,5 @@ pub trait PeerConnectionExt: PeerConnection {
     );
 }
 
+#[cfg(feature = "testkit")]
 impl<T: PeerConnection + ?Sized> PeerConnectionExt for T {}

@@ -1188,11 +1188,9 @@ fn read_request(acts: &[Action]) -> Option<(u64, LogIndex)> {
     })
 }
 
-/// The primary keeps only the entries after its snapshot in memory: a standby that
-/// needs older ones is served from the durable log (a read, then a batch whose
-/// `prev` the read supplied), and gets the snapshot once the log cannot serve it.
-#[test]
-fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_snapshot() {
+/// An elected primary whose in-memory log starts after its snapshot at 50 (entries
+/// 51 to 60), the actions of its election, and its first batch to the standby.
+fn primary_with_snapshot_at_50() -> (Engine, Snapshot, Vec<Action>, Envelope<Request>) {
     let t1 = term(1, N1);
     let snapshot = Snapshot {
         last_included: Position::new(t1, LogIndex(50)),
@@ -1215,6 +1213,16 @@ fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_sn
         .into_iter()
         .find(|s| s.to == N2 && matches!(s.body, Request::WalBatch(_)))
         .expect("a batch to the standby");
+    (p, snapshot, acts, first)
+}
+
+/// The primary keeps only the entries after its snapshot in memory: a standby that
+/// needs older ones is served from the durable log (a read, then a batch whose
+/// `prev` the read supplied), and gets the snapshot once the log cannot serve it.
+#[test]
+fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_snapshot() {
+    let t1 = term(1, N1);
+    let (mut p, snapshot, acts, first) = primary_with_snapshot_at_50();
     assert_eq!(
         read_request(&acts),
         None,
@@ -1402,27 +1410,7 @@ fn snapshot_ack_from_n2(p: &mut Engine, at: Instant, term: Term, request_id: u64
 #[test]
 fn a_stale_snapshot_ack_is_ignored() {
     let t1 = term(1, N1);
-    let snapshot = Snapshot {
-        last_included: Position::new(t1, LogIndex(50)),
-        data: b"state at 50".to_vec(),
-    };
-    let e = Engine::new(
-        config(N1),
-        InitialState {
-            hard_state: HardState::bootstrap(),
-            snapshot: Some(snapshot.clone()),
-            entries: (51..=60).map(|i| entry(t1, i)).collect(),
-            applied: LogIndex(50),
-        },
-        ms(0),
-        7,
-    );
-    let mut p = elect(e);
-    let acts = p.take_actions();
-    let first = sent(&acts)
-        .into_iter()
-        .find(|s| s.to == N2 && matches!(s.body, Request::WalBatch(_)))
-        .expect("a batch to the standby");
+    let (mut p, snapshot, _, first) = primary_with_snapshot_at_50();
     wal_ack_from_n2(
         &mut p,
         ms(401),

@@ -154,13 +154,17 @@ impl QuicTransport {
     /// How many open QUIC connections this node has with `peer` (retired ones
     /// still draining included). Once a simultaneous dial has settled, one.
     pub fn live_connections(&self, peer: NodeId) -> usize {
-        self.connection_dialers(peer).len()
+        self.dialers(peer).len()
     }
 
     /// Who dialed each open connection with `peer` (for tests of the pair's
-    /// choice of connection).
-    #[doc(hidden)]
+    /// choice of connection; `testkit` only).
+    #[cfg(feature = "testkit")]
     pub fn connection_dialers(&self, peer: NodeId) -> Vec<NodeId> {
+        self.dialers(peer)
+    }
+
+    fn dialers(&self, peer: NodeId) -> Vec<NodeId> {
         let Some(p) = self.inner.peers.lock().get(&peer).cloned() else {
             return Vec::new();
         };
@@ -183,8 +187,9 @@ impl QuicTransport {
             .map_or(0, |p| p.window.used())
     }
 
-    /// WAL calls to `peer` waiting for room in the window (or just admitted).
-    #[doc(hidden)]
+    /// WAL calls to `peer` waiting for room in the window (or just admitted;
+    /// `testkit` only).
+    #[cfg(feature = "testkit")]
     pub fn wal_waiting(&self, peer: NodeId) -> usize {
         self.inner
             .peers
@@ -201,8 +206,9 @@ impl QuicTransport {
 
     /// Dials `member` and registers a new connection even if one is open (so
     /// tests can create a duplicate connection deterministically); the pair's
-    /// choice of connection then applies as after a simultaneous dial.
-    #[doc(hidden)]
+    /// choice of connection then applies as after a simultaneous dial (`testkit`
+    /// only).
+    #[cfg(feature = "testkit")]
     pub async fn dial_new(&self, member: &Member) -> Result<(), TransportError> {
         if self.inner.closed.is_set() {
             return Err(TransportError::Closed);
@@ -211,8 +217,9 @@ impl QuicTransport {
         self.inner.dial(&peer, member).await
     }
 
-    /// Background reconnect tasks running (none after [`Transport::close`]).
-    #[doc(hidden)]
+    /// Background reconnect tasks running (none after [`Transport::close`];
+    /// `testkit` only).
+    #[cfg(feature = "testkit")]
     pub fn reconnect_tasks(&self) -> usize {
         self.inner.reconnectors.load(Ordering::SeqCst)
     }

@@ -55,6 +55,7 @@ impl WalWindow {
         self.state.lock().used
     }
 
+    #[cfg(feature = "testkit")]
     pub(super) fn waiting(&self) -> usize {
         let s = self.state.lock();
         usize::try_from(s.next - s.head).unwrap_or(usize::MAX) - s.gone.len()
