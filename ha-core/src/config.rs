@@ -78,7 +78,10 @@ pub struct Config {
     pub wal_batch_size: usize,
     /// Maximum bytes per WAL batch.
     pub wal_batch_bytes: usize,
-    /// How long the primary may hold entries to fill a batch.
+    /// How long the primary may hold entries to fill a batch. Not read by this
+    /// version: a batch is cut at every engine step (client writes queued together
+    /// are already one step); batching that waits belongs with the throughput work
+    /// on the primary's batching.
     pub wal_batch_timeout: Duration,
     /// Batches in flight to one peer before the primary waits for acks.
     pub max_inflight_batches: usize,

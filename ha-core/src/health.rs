@@ -26,6 +26,9 @@ pub struct PeerStatus {
 /// A snapshot of a node's replication state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthStatus {
+    /// False before the node started and after it stopped (shutdown or storage
+    /// failure).
+    pub running: bool,
     /// This node.
     pub node_id: NodeId,
     /// Its current role.

@@ -31,7 +31,7 @@ pub mod types;
 pub mod testkit;
 
 pub use config::{Config, ConfigError, ConfiguredRole, Member};
-pub use driver::{Bootstrap, Node, NodeBuilder, NodeStatus};
+pub use driver::{Bootstrap, Node, NodeBuilder};
 pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};
 pub use log_store::{LogStore, Snapshot};

@@ -73,7 +73,7 @@ async fn wait_primary(nodes: &[DiskNode]) -> DiskNode {
 }
 
 /// Resolves when any of the status receivers sees a change.
-async fn futures_any(rxs: &mut [tokio::sync::watch::Receiver<ha_core::driver::NodeStatus>]) {
+async fn futures_any(rxs: &mut [tokio::sync::watch::Receiver<ha_core::HealthStatus>]) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(rxs.len());
     let mut tasks = Vec::new();
     for r in rxs.iter() {

@@ -26,7 +26,7 @@ impl RequestHandler for Handler {
         let error = move |e: RpcError| Envelope {
             from: node,
             to: peer,
-            term: shared.health.read().term,
+            term: shared.status.borrow().term,
             request_id,
             body: Response::Error(e),
         };
@@ -71,10 +71,10 @@ impl RequestHandler for Handler {
 mod tests {
     use super::*;
     use crate::config::{Config, Member};
-    use crate::driver::{initial_health, Counters, NodeStatus};
+    use crate::driver::{initial_health, Counters};
     use crate::message::Fence;
     use crate::types::{MemberKind, Term};
-    use parking_lot::{Mutex, RwLock};
+    use parking_lot::Mutex;
     use tokio::sync::watch;
 
     fn handler(inputs: mpsc::Sender<Input>) -> Handler {
@@ -91,11 +91,9 @@ mod tests {
             },
         ];
         let cfg = Config::new(NodeId(1), MemberKind::Data, "a", peers);
-        let health = initial_health(&cfg);
-        let (status, _) = watch::channel(NodeStatus::from_health(&health, false));
+        let (status, _) = watch::channel(initial_health(&cfg));
         let shared = Arc::new(Shared {
             cfg,
-            health: RwLock::new(health),
             status,
             counters: Counters::default(),
             failure: Mutex::new(None),

@@ -72,7 +72,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
@@ -81,7 +81,6 @@ pub use self::builder::{Missing, NodeBuilder};
 use self::handler::Handler;
 use self::metrics::Counters;
 pub use self::metrics::Metrics;
-pub use self::status::NodeStatus;
 use self::status::{initial_health, stopped_health};
 use self::task::{run_engine, HostParts, TokioHost};
 use crate::config::Config;
@@ -114,8 +113,7 @@ pub enum Bootstrap {
 /// What the engine task publishes and every handle reads.
 struct Shared {
     cfg: Config,
-    health: RwLock<HealthStatus>,
-    status: watch::Sender<NodeStatus>,
+    status: watch::Sender<HealthStatus>,
     counters: Counters,
     /// Set once a storage failure stopped the engine task.
     failure: Mutex<Option<String>>,
@@ -203,7 +201,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Clone for Node<T, L, S> {
 
 impl<T: Transport, L: LogStore, S: StateMachine> std::fmt::Debug for Node<T, L, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let h = self.inner.shared.health.read();
+        let h = self.inner.shared.status.borrow();
         f.debug_struct("Node")
             .field("id", &h.node_id)
             .field("role", &h.role)
@@ -225,9 +223,8 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         seed: u64,
     ) -> Result<Self, Error> {
         config.validate()?;
-        let (status, _) = watch::channel(NodeStatus::from_health(&initial_health(&config), false));
+        let (status, _) = watch::channel(initial_health(&config));
         let shared = Arc::new(Shared {
-            health: RwLock::new(initial_health(&config)),
             cfg: config,
             status,
             counters: Counters::default(),
@@ -271,36 +268,36 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
 
     /// The role as last published.
     pub fn role(&self) -> Role {
-        self.inner.shared.health.read().role
+        self.inner.shared.status.borrow().role
     }
 
     /// The term as last published (the fencing token of writes acknowledged now).
     pub fn term(&self) -> Term {
-        self.inner.shared.health.read().term
+        self.inner.shared.status.borrow().term
     }
 
     /// The replication progress as last published.
-    pub fn status(&self) -> NodeStatus {
-        *self.inner.shared.status.borrow()
+    pub fn status(&self) -> HealthStatus {
+        self.inner.shared.status.borrow().clone()
     }
 
-    /// A receiver that sees every change of [`NodeStatus`] (role, term, known
+    /// A receiver that sees every change of [`HealthStatus`] (role, term, known
     /// primary, log, commit and applied positions, writability, paused failover).
-    pub fn subscribe_status(&self) -> watch::Receiver<NodeStatus> {
+    pub fn subscribe_status(&self) -> watch::Receiver<HealthStatus> {
         self.inner.shared.status.subscribe()
     }
 
-    /// Waits until the published [`NodeStatus`] satisfies `condition`, and returns
+    /// Waits until the published [`HealthStatus`] satisfies `condition`, and returns
     /// it; [`Error::Timeout`] after `timeout`. Works before start and after
     /// shutdown too (the status then no longer changes).
     pub async fn wait_status(
         &self,
-        mut condition: impl FnMut(&NodeStatus) -> bool + Send,
+        mut condition: impl FnMut(&HealthStatus) -> bool + Send,
         timeout: Duration,
-    ) -> Result<NodeStatus, Error> {
+    ) -> Result<HealthStatus, Error> {
         let mut rx = self.inner.shared.status.subscribe();
         let result = match tokio::time::timeout(timeout, rx.wait_for(|s| condition(s))).await {
-            Ok(Ok(status)) => Ok(*status),
+            Ok(Ok(status)) => Ok(status.clone()),
             // The sender lives as long as this node.
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::Timeout),
@@ -611,7 +608,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {
     }
 
     fn is_leader(&self) -> bool {
-        self.inner.shared.health.read().role == Role::Primary
+        self.inner.shared.status.borrow().role == Role::Primary
     }
 
     fn leader_addr(&self) -> Option<String> {
@@ -625,11 +622,11 @@ impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {
     }
 
     fn leader_id(&self) -> Option<NodeId> {
-        self.inner.shared.health.read().leader
+        self.inner.shared.status.borrow().leader
     }
 
     fn health(&self) -> HealthStatus {
-        self.inner.shared.health.read().clone()
+        self.inner.shared.status.borrow().clone()
     }
 
     async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, Error> {
@@ -637,7 +634,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {
         let wait = async {
             loop {
                 self.inputs()?;
-                let current = *status.borrow_and_update();
+                let current = status.borrow_and_update().clone();
                 if !current.running {
                     return Err(self.stopped_error());
                 }

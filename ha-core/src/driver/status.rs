@@ -1,50 +1,8 @@
-//! What a node publishes about its progress: [`NodeStatus`], and the health
-//! reported before it started and after it stopped.
+//! The health a node reports before it started and after it stopped.
 
 use crate::config::Config;
 use crate::health::{HealthStatus, PeerStatus};
-use crate::types::{LogIndex, NodeId, Position, Role, Term};
-
-/// A node's replication progress, published after every engine step (see
-/// [`Node::subscribe_status`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// False before start and after the node stopped (shutdown or storage failure).
-    pub running: bool,
-    /// The current role.
-    pub role: Role,
-    /// The current term.
-    pub term: Term,
-    /// The primary this node knows of (itself, if primary).
-    pub leader: Option<NodeId>,
-    /// The last position in the log.
-    pub last_position: Position,
-    /// The highest index known to be committed.
-    pub commit_index: LogIndex,
-    /// The highest index applied to the state machine.
-    pub applied_index: LogIndex,
-    /// True if this node is the primary and holds a lease (see
-    /// [`HealthStatus::writable`]).
-    pub writable: bool,
-    /// True while automatic failover is paused (or off in the config).
-    pub failover_paused: bool,
-}
-
-impl NodeStatus {
-    pub(super) fn from_health(h: &HealthStatus, running: bool) -> Self {
-        NodeStatus {
-            running,
-            role: h.role,
-            term: h.term,
-            leader: h.leader,
-            last_position: h.last_position,
-            commit_index: h.commit_index,
-            applied_index: h.applied_index,
-            writable: h.writable,
-            failover_paused: h.failover_paused,
-        }
-    }
-}
+use crate::types::{LogIndex, Position, Role, Term};
 
 pub(super) fn member_role(cfg: &Config, voter: bool) -> Role {
     Role::follower(cfg.kind, voter)
@@ -53,6 +11,7 @@ pub(super) fn member_role(cfg: &Config, voter: bool) -> Role {
 /// The status reported before the node started.
 pub(super) fn initial_health(cfg: &Config) -> HealthStatus {
     HealthStatus {
+        running: false,
         node_id: cfg.node_id,
         role: member_role(cfg, true),
         term: Term::ZERO,
@@ -83,6 +42,7 @@ pub(super) fn initial_health(cfg: &Config) -> HealthStatus {
 /// The status reported after the node stopped: its last state, leading nothing.
 pub(super) fn stopped_health(cfg: &Config, last: &HealthStatus) -> HealthStatus {
     let mut h = last.clone();
+    h.running = false;
     h.role = member_role(cfg, last.role != Role::Learner);
     h.leader = None;
     h.writable = false;

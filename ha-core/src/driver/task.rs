@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant as TokioInstant, Interval, MissedTickBehavior};
 
 use super::peers::{spawn_control, wal_sender, PeerLink};
-use super::{stopped_health, Input, NodeStatus, Shared};
+use super::{stopped_health, Input, Shared};
 use crate::config::Config;
 use crate::engine::{ClientId, Engine};
 use crate::error::{Error, StorageError};
@@ -245,11 +245,11 @@ impl<T: Transport> TokioHost<T> {
     /// Publishes the health snapshot and the known primary.
     fn publish(&self, engine: &Engine) {
         let health = engine.health(self.now());
-        let status = NodeStatus::from_health(&health, true);
-        *self.shared.health.write() = health;
         self.shared.status.send_if_modified(|s| {
-            let changed = *s != status;
-            *s = status;
+            let changed = *s != health;
+            if changed {
+                *s = health;
+            }
             changed
         });
     }
@@ -439,10 +439,7 @@ async fn stop<T: Transport, L: LogStore, S: StateMachine>(core: &mut Core<T, L, 
         link.close();
     }
     let health = stopped_health(&host.shared.cfg, &last);
-    host.shared
-        .status
-        .send_replace(NodeStatus::from_health(&health, false));
-    *host.shared.health.write() = health;
+    host.shared.status.send_replace(health);
     host.transport.close().await;
 }
 

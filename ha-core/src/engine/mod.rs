@@ -347,6 +347,7 @@ impl Engine {
             None => self.leader_last.0.saturating_sub(self.durable.0),
         };
         HealthStatus {
+            running: true,
             node_id: self.id,
             role: self.role,
             term: self.hs.current_term,
