@@ -290,3 +290,17 @@ pub type AppendEntriesResponse = WalAck;
 pub type RequestVote = VoteRequest;
 /// Raft's TimeoutNow, used for leadership transfer: [`Promote`].
 pub type TimeoutNow = Promote;
+
+/// A fence from node 1 to node 2 with request id `id`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_request(id: u64) -> Envelope<Request> {
+    Envelope {
+        from: NodeId(1),
+        to: NodeId(2),
+        term: Term::ZERO,
+        request_id: id,
+        body: Request::Fence(Fence {
+            reason: "test".into(),
+        }),
+    }
+}

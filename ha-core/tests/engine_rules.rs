@@ -1341,17 +1341,24 @@ fn install(older_at: u64, leader_last: Position) -> Request {
     })
 }
 
+/// The async standby with its snapshot at 50 is offered the primary's snapshot at
+/// 30 by a primary (term 2) whose log ends at `leader_last`.
+fn offer_snapshot_at_30(leader_last: u64) -> (Engine, Vec<Action>) {
+    let mut s = async_standby_with_snapshot_at_50();
+    let t2 = term(2, N1);
+    let last = Position::new(t2, LogIndex(leader_last));
+    s.step(ms(400), req(N1, N2, t2, 5, install(30, last)));
+    let acts = s.take_actions();
+    (s, acts)
+}
+
 /// Async mode (the bug of `cargo xtask sim --seed 71474 --mode async`): a primary
 /// whose snapshot is older than the standby's own must not make it discard applied
 /// entries while log matching can still compare them: the standby keeps its
 /// snapshot and answers with its last position, and the primary probes from there.
 #[test]
 fn async_standby_keeps_its_newer_snapshot_while_the_primary_log_reaches_it() {
-    let mut s = async_standby_with_snapshot_at_50();
-    let t2 = term(2, N1);
-    let leader_last = Position::new(t2, LogIndex(61));
-    s.step(ms(400), req(N1, N2, t2, 5, install(30, leader_last)));
-    let acts = s.take_actions();
+    let (s, acts) = offer_snapshot_at_30(61);
     assert!(
         !acts.iter().any(|a| matches!(
             a,
@@ -1376,11 +1383,7 @@ fn async_standby_keeps_its_newer_snapshot_while_the_primary_log_reaches_it() {
 /// the primary's snapshot.
 #[test]
 fn async_standby_installs_an_older_snapshot_when_it_is_ahead_of_the_primary_log() {
-    let mut s = async_standby_with_snapshot_at_50();
-    let t2 = term(2, N1);
-    let leader_last = Position::new(t2, LogIndex(45));
-    s.step(ms(400), req(N1, N2, t2, 5, install(30, leader_last)));
-    let acts = s.take_actions();
+    let (_, acts) = offer_snapshot_at_30(45);
     assert!(acts.iter().any(
         |a| matches!(a, Action::InstallSnapshot(snap) if snap.last_included.index == LogIndex(30))
     ));

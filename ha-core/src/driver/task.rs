@@ -495,20 +495,8 @@ pub(super) async fn run_engine<T: Transport, L: LogStore, S: StateMachine>(
 mod tests {
     use super::*;
     use crate::config::Member;
-    use crate::message::Fence;
-    use crate::types::{MemberKind, Term};
-
-    fn request(id: u64) -> Envelope<Request> {
-        Envelope {
-            from: NodeId(1),
-            to: NodeId(2),
-            term: Term::ZERO,
-            request_id: id,
-            body: Request::Fence(Fence {
-                reason: "test".into(),
-            }),
-        }
-    }
+    use crate::message::test_request as request;
+    use crate::types::MemberKind;
 
     #[test]
     fn the_wal_queue_holds_twice_the_window() {

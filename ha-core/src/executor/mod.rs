@@ -576,19 +576,11 @@ fn send_before_durable(actions: &mut Vec<Action>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Fence;
-    use crate::types::{HardState, NodeId};
+    use crate::message::test_request;
+    use crate::types::HardState;
 
     fn send(id: u64) -> Action {
-        Action::Send(Envelope {
-            from: NodeId(1),
-            to: NodeId(2),
-            term: Term::ZERO,
-            request_id: id,
-            body: Request::Fence(Fence {
-                reason: "test".into(),
-            }),
-        })
+        Action::Send(test_request(id))
     }
 
     #[test]
