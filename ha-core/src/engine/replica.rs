@@ -76,7 +76,7 @@ impl Engine {
             result: AckResult::StaleTerm,
             applied: e.applied,
         };
-        if meta.standing != Standing::Current || self.leader_state.is_some() {
+        if meta.standing != Standing::Current {
             let ack = stale_ack(self);
             self.respond(from, rid, Response::WalAck(ack));
             return;
@@ -343,7 +343,7 @@ impl Engine {
 
     pub(super) fn on_heartbeat(&mut self, meta: Meta, h: Heartbeat) {
         let Meta { from, rid, .. } = meta;
-        let accepted = meta.standing == Standing::Current && self.leader_state.is_none();
+        let accepted = meta.standing == Standing::Current;
         if accepted {
             self.accept_leader(from);
             self.leader_last = h.last.index;
@@ -367,7 +367,7 @@ impl Engine {
             from, term, rid, ..
         } = meta;
         // A fence with a stale term is ignored (protocol.md, "Fencing").
-        let fenced = meta.standing == Standing::Current && self.leader_state.is_none();
+        let fenced = meta.standing == Standing::Current;
         if fenced {
             tracing::info!(node = %self.id, by = %from, %term, reason = %f.reason, "fenced");
             self.accept_leader(from);
@@ -386,7 +386,7 @@ impl Engine {
             };
             e.respond(from, rid, Response::SnapshotAck(ack));
         };
-        if meta.standing != Standing::Current || self.leader_state.is_some() {
+        if meta.standing != Standing::Current {
             refuse(self, self.log.last());
             return;
         }

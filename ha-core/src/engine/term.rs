@@ -90,7 +90,13 @@ impl Engine {
             self.respond(env.from, env.request_id, Response::Error(malformed));
             return;
         }
-        let standing = self.term_rule(&env);
+        let standing = match self.term_rule(&env) {
+            // While this node leads, a primary's message of its own term can only
+            // come from a node that believes it leads the same term, which the
+            // term naming its primary rules out: refused.
+            Standing::Current if from_primary && self.leader_state.is_some() => Standing::Stale,
+            standing => standing,
+        };
         let meta = Meta {
             from: env.from,
             term: env.term,
