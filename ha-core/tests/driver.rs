@@ -1938,3 +1938,16 @@ async fn a_transport_speaking_for_another_node_is_refused() {
         other => panic!("expected IdentityMismatch, got {other:?}"),
     }
 }
+
+/// The engine task keeps a histogram of how late its ticks ran; on tokio's paused
+/// clock, with nothing slow on the task, every tick runs on time.
+#[tokio::test(start_paused = true)]
+async fn the_engine_task_records_how_late_its_ticks_ran() {
+    let c = Cluster::start().await;
+    let (p, _) = c.primary().await;
+    p.apply(KvCommand::put("k", "v"), T).await.expect("write");
+    let ticks = p.metrics().tick_lateness;
+    assert!(ticks.count() > 0, "ticks are recorded: {ticks:?}");
+    assert_eq!(ticks.buckets[0], ticks.count(), "all on time: {ticks:?}");
+    c.shutdown().await;
+}

@@ -30,6 +30,37 @@ pub struct Metrics {
     /// Reads of this node's durable log that served a lagging standby's catch-up
     /// (entries older than the in-memory log).
     pub catch_up_reads: u64,
+    /// How late the engine's ticks ran: nothing slow may hold up the timers that
+    /// detect a dead primary and keep the lease.
+    pub tick_lateness: TickLateness,
+}
+
+/// A histogram of how late each engine tick ran after its scheduled time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickLateness {
+    /// Ticks per bucket; bucket `k` counts lateness up to
+    /// [`TickLateness::BOUNDS_US`]`[k]` microseconds, the last bucket the rest.
+    pub buckets: [u64; 7],
+    /// The latest tick, in microseconds.
+    pub max_us: u64,
+}
+
+impl TickLateness {
+    /// Upper bounds of the buckets but the last, in microseconds.
+    pub const BOUNDS_US: [u64; 6] = [100, 1_000, 5_000, 10_000, 50_000, 100_000];
+
+    /// The bucket a lateness of `us` microseconds falls in.
+    pub fn bucket(us: u64) -> usize {
+        Self::BOUNDS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(Self::BOUNDS_US.len())
+    }
+
+    /// Ticks recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +76,8 @@ pub(super) struct Counters {
     send_failures: AtomicU64,
     snapshots_installed: AtomicU64,
     catch_up_reads: AtomicU64,
+    tick_buckets: [AtomicU64; 7],
+    tick_max_us: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -85,6 +118,11 @@ impl Counters {
     pub(super) fn bump_catch_up_read(&self) {
         bump(&self.catch_up_reads, 1)
     }
+    pub(super) fn record_tick_lateness(&self, late: std::time::Duration) {
+        let us = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+        bump(&self.tick_buckets[TickLateness::bucket(us)], 1);
+        self.tick_max_us.fetch_max(us, Ordering::Relaxed);
+    }
 
     pub(super) fn read(&self) -> Metrics {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -100,6 +138,33 @@ impl Counters {
             send_failures: r(&self.send_failures),
             snapshots_installed: r(&self.snapshots_installed),
             catch_up_reads: r(&self.catch_up_reads),
+            tick_lateness: TickLateness {
+                buckets: std::array::from_fn(|k| r(&self.tick_buckets[k])),
+                max_us: r(&self.tick_max_us),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn tick_lateness_falls_in_the_bucket_of_its_bound() {
+        assert_eq!(TickLateness::bucket(0), 0);
+        assert_eq!(TickLateness::bucket(100), 0);
+        assert_eq!(TickLateness::bucket(101), 1);
+        assert_eq!(TickLateness::bucket(10_000), 3);
+        assert_eq!(TickLateness::bucket(100_001), 6);
+        let c = Counters::default();
+        c.record_tick_lateness(Duration::from_micros(50));
+        c.record_tick_lateness(Duration::from_millis(20));
+        c.record_tick_lateness(Duration::from_secs(1));
+        let t = c.read().tick_lateness;
+        assert_eq!(t.buckets, [1, 0, 0, 0, 1, 0, 1]);
+        assert_eq!(t.count(), 3);
+        assert_eq!(t.max_us, 1_000_000);
     }
 }

@@ -80,7 +80,7 @@ use tokio::time::Instant as TokioInstant;
 pub use self::builder::{Missing, NodeBuilder};
 use self::handler::Handler;
 use self::metrics::Counters;
-pub use self::metrics::Metrics;
+pub use self::metrics::{Metrics, TickLateness};
 use self::status::{initial_health, stopped_health};
 use self::task::{run_engine, HostParts, TokioHost};
 use crate::config::Config;

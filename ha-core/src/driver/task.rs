@@ -269,7 +269,11 @@ impl<T: Transport> Host for TokioHost<T> {
         if let Some(input) = self.deferred.take() {
             return Poll::Ready(self.admit(input));
         }
-        if self.ticker.poll_tick(cx).is_ready() {
+        if let Poll::Ready(scheduled) = self.ticker.poll_tick(cx) {
+            // Polled only while the executor waits for input: a slow step shows
+            // here as a late tick.
+            let late = TokioInstant::now().saturating_duration_since(scheduled);
+            self.shared.counters.record_tick_lateness(late);
             self.on_tick();
             return Poll::Ready(Some(executor::Input::Tick));
         }
