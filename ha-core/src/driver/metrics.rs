@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters a node keeps about itself, read with [`Node::metrics`].
+/// Counters a node keeps about itself, read with [`Node::metrics`](super::Node::metrics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Metrics {
     /// Client writes acknowledged.

@@ -24,7 +24,7 @@
 //! completion is awaited alongside everything else, then reported as
 //! [`Event::Persisted`](crate::engine::Event::Persisted), so the primary's own fsync
 //! overlaps sending to the standby. Every entry reaches the state machine with its
-//! [`Position`], whose term is the fencing token of the primary that wrote it. A
+//! [`Position`](crate::types::Position), whose term is the fencing token of the primary that wrote it. A
 //! write acknowledgement or read answer leaves only if the lease still holds at that
 //! moment.
 //!

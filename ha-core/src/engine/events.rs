@@ -7,7 +7,7 @@ use crate::log_store::{CatchUpBatch, Snapshot};
 use crate::message::{Envelope, Request, Response};
 use crate::types::{Command, HardState, LogIndex, NodeId, Position, Role, Term, WalEntry};
 
-/// Something that happened, fed to [`Engine::step`].
+/// Something that happened, fed to [`Engine::step`](super::Engine::step).
 #[derive(Clone, Debug)]
 pub enum Event {
     /// Time passed. Drivers tick every `tick_interval`.
