@@ -392,7 +392,6 @@ impl<T: Transport> Host for TokioHost<T> {
             Notice::CatchUpRead(Err(e)) => {
                 tracing::debug!(%node, error = %e, "read of the durable log failed")
             }
-            Notice::Applied(_) => {}
         }
     }
 }

@@ -96,10 +96,6 @@ impl LeaderState {
         Some(lease_end.plus(cfg.failover_timeout))
     }
 
-    pub(super) fn lease_valid(&self, now: Instant, cfg: &Config, m: Mutations) -> bool {
-        self.lease_expiry(cfg, m).is_some_and(|end| now < end)
-    }
-
     pub(super) fn transfer_target(&self) -> Option<NodeId> {
         self.transfer.as_ref().map(|t| t.target)
     }

@@ -279,9 +279,7 @@ impl Engine {
     /// True if this node is the primary and holds a lease at `now` (its own clock):
     /// it may acknowledge writes and serve linearizable reads.
     pub fn has_lease(&self, now: Instant) -> bool {
-        self.leader_state
-            .as_ref()
-            .is_some_and(|ls| ls.lease_valid(now, &self.cfg, self.mutations))
+        self.lease_expiry().is_some_and(|end| now < end)
     }
 
     /// True if this node is the primary and commits without the standby through

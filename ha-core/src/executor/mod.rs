@@ -107,8 +107,6 @@ pub enum Notice<'a> {
     SnapshotInstalled(Position),
     /// A read of the durable log for a lagging peer finished (or failed).
     CatchUpRead(Result<(), &'a StorageError>),
-    /// Committed entries were applied, up to this position.
-    Applied(Position),
 }
 
 /// What an executor runs on: its inputs, its clock and its outputs.
@@ -223,11 +221,6 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
     /// The host, mutably.
     pub fn host_mut(&mut self) -> &mut H {
         &mut self.host
-    }
-
-    /// The state machine.
-    pub fn state_machine(&self) -> &S {
-        &self.sm
     }
 
     /// Runs until the host has no more inputs (`Ok`) or the store fails (`Err`).
@@ -486,7 +479,6 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
 
     /// Applies committed entries in order, exactly once.
     fn apply(&mut self, entries: Vec<WalEntry>) -> Result<(), StorageError> {
-        let mut last = None;
         for entry in entries {
             let index = entry.index();
             let applied = self.sm.applied_index();
@@ -510,10 +502,6 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                     }
                 }
             }
-            last = Some(entry.position);
-        }
-        if let Some(pos) = last {
-            self.host.notice(Notice::Applied(pos));
         }
         Ok(())
     }

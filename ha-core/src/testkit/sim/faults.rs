@@ -189,7 +189,7 @@ impl World {
         };
         self.node_mut(id).preempted_until = Some(until);
         if until != u64::MAX {
-            self.schedule(until - now, Ev::Resume(id, inc));
+            self.schedule(until - now, Ev::Resume);
         }
         Poll::Pending
     }
@@ -273,10 +273,9 @@ impl World {
             let d = self.rng.random_range(20..600) * MS;
             let until = self.now + d;
             self.trace(|| format!("PAUSE {victim} for {}ms", d / MS));
-            let inc = self.node(victim).incarnation;
             let n = self.node_mut(victim);
             n.paused_until = Some(n.paused_until.map_or(until, |u| u.max(until)));
-            self.schedule(d, Ev::Resume(victim, inc));
+            self.schedule(d, Ev::Resume);
         }
     }
 

@@ -363,9 +363,9 @@ impl Sim {
                     w.disk_op_durable(id, &op);
                 }
             }
-            Ev::Resume(id, inc) => {
-                let _ = (id, inc);
-            }
+            // Nothing to do here: every live, unpaused node is polled after each
+            // event, so the node goes on from where it was suspended.
+            Ev::Resume => {}
             Ev::Crash(id, inc) => {
                 if w.current(id, inc) {
                     w.kill(id);

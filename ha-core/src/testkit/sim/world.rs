@@ -32,8 +32,8 @@ pub(super) enum Ev {
     /// The oldest pending disk operation of the node's incarnation completes.
     DiskDone(NodeId, u64),
     /// A preempted or paused node may run again.
-    Resume(NodeId, u64),
-    /// The node is killed (SIGKILL); with `mid_step`, it was suspended mid-step.
+    Resume,
+    /// The node's incarnation is killed (SIGKILL), wherever it is in a step.
     Crash(NodeId, u64),
     ClientOp,
     Fault,
