@@ -290,8 +290,11 @@ pub struct HardState {
     /// False for a node that joined with an empty data directory and has not caught
     /// up yet; such a node neither votes nor campaigns.
     pub voter: bool,
-    /// Witness only: the lowest position each data node's log must reach before the
-    /// witness votes for it. Floors never go down.
+    /// On the witness: the lowest position each data node's log must reach before
+    /// the witness votes for it; these floors never go down. On a data node: at
+    /// most its own entry, the position it held before an async-mode resync from
+    /// scratch, which its log must pass again before it campaigns or votes for a
+    /// candidate below it (cleared once passed).
     pub floors: Vec<(NodeId, Position)>,
 }
 
