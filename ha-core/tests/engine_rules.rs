@@ -1467,3 +1467,56 @@ fn a_stale_snapshot_ack_is_ignored() {
     );
     assert_eq!(matched(&p), Some(LogIndex(50)));
 }
+
+fn snapshot_ack(actions: &[Action]) -> Option<ha_core::message::SnapshotAck> {
+    responses(actions).into_iter().find_map(|r| match r.body {
+        Response::SnapshotAck(a) => Some(a),
+        _ => None,
+    })
+}
+
+/// A snapshot ack counts toward the primary's commit, so a standby that holds the
+/// snapshot's position only in memory (appended, not yet durable) must not claim
+/// it: it answers "not installed" with its durable position, and claims the
+/// snapshot once the entries are durable.
+#[test]
+fn a_snapshot_ack_claims_only_what_is_durable() {
+    let t1 = term(1, N1);
+    let mut s = fresh(N2);
+    let entries = (1..=4).map(|i| entry(t1, i)).collect();
+    s.step(
+        ms(10),
+        req(N1, N2, t1, 1, batch(Position::ZERO, entries, 0)),
+    );
+    assert_eq!(wal_ack(&s.take_actions()), None, "nothing durable yet");
+    let at_3 = Position::new(t1, LogIndex(3));
+    let offer = |rid| {
+        req(
+            N1,
+            N2,
+            t1,
+            rid,
+            Request::InstallSnapshot(ha_core::message::InstallSnapshot {
+                last_included: at_3,
+                data: b"state at 3".to_vec(),
+                commit: LogIndex(3),
+                leader_last: Position::new(t1, LogIndex(4)),
+            }),
+        )
+    };
+    s.step(ms(11), offer(2));
+    let ack = snapshot_ack(&s.take_actions()).expect("an answer to the snapshot");
+    assert!(!ack.installed, "held only in memory: {ack:?}");
+    assert_eq!(
+        ack.last,
+        Position::ZERO,
+        "it claims only its durable position"
+    );
+
+    s.step(ms(12), Event::Persisted(Position::new(t1, LogIndex(4))));
+    s.take_actions();
+    s.step(ms(13), offer(3));
+    let ack = snapshot_ack(&s.take_actions()).expect("an answer to the snapshot");
+    assert!(ack.installed);
+    assert_eq!(ack.last, at_3);
+}

@@ -2,7 +2,7 @@
 //! "Witness floors: degraded sync and async lag").
 
 use super::Engine;
-use crate::message::{FloorAck, RaiseFloor, Request};
+use crate::message::{RaiseFloor, Request};
 use crate::types::{CommitMode, Instant, LogIndex, NodeId};
 
 impl Engine {
@@ -22,28 +22,6 @@ impl Engine {
             rewrite: true,
         };
         self.send(witness, Request::RaiseFloor(req));
-    }
-
-    pub(super) fn on_floor_ack(&mut self, from: NodeId, ack: FloorAck) {
-        let peer_id = self.cfg.data_peer().map(|m| m.id);
-        let floor = ack
-            .floors
-            .iter()
-            .find(|(n, _)| Some(*n) == peer_id)
-            .map(|(_, p)| *p);
-        let held = floor.is_some_and(|p| self.log.holds(p));
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        if Some(from) != ls.witness || !ack.accepted {
-            return;
-        }
-        ls.floor_inflight = None;
-        if let (Some(f), true) = (floor, held) {
-            if f > ls.floor {
-                ls.floor = f;
-            }
-        }
     }
 
     /// The commit rule (docs/protocol.md): an entry of this term commits once the

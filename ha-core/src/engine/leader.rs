@@ -10,9 +10,9 @@ use super::progress::Progress;
 use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
 use crate::error::Error;
-use crate::message::{Fence, Heartbeat, HeartbeatAck, Request};
+use crate::message::{Fence, Heartbeat, Request};
 use crate::types::{
-    Command, CommitMode, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role, WalEntry,
+    Command, CommitMode, Instant, LogIndex, NodeId, Payload, Position, Role, WalEntry,
 };
 
 /// How many heartbeat send times the primary remembers, to match acks.
@@ -302,52 +302,6 @@ impl Engine {
             return;
         }
         ls.pending_reads.push((id, commit));
-    }
-
-    pub(super) fn on_heartbeat_ack(&mut self, from: NodeId, rid: u64, ack: HeartbeatAck) {
-        let now = self.now;
-        let is_witness = self
-            .cfg
-            .member(from)
-            .is_some_and(|m| m.kind == MemberKind::Witness);
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        if !ack.accepted {
-            return;
-        }
-        // Only a voter's ack extends the lease: the lease runs from the send time of
-        // the heartbeat it echoes.
-        if ack.voter {
-            if let Some((_, sent)) = ls.heartbeats.iter().find(|(id, _)| *id == rid) {
-                if ls.lease_start.is_none_or(|s| *sent > s) {
-                    ls.lease_start = Some(*sent);
-                }
-            }
-        }
-        if let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) {
-            p.applied = p.applied.max(ack.applied);
-            if !ack.voter && ack.last.index < p.matched {
-                // It rejoined with a wiped disk (a non-voter holding less than it
-                // once acked): replicate to it from what it holds now.
-                tracing::warn!(standby = %from, matched = %p.matched, last = %ack.last.index, "standby rejoined empty; resending");
-                p.rejoined_empty(ack.last.index, self.next_request_id);
-            }
-        }
-        // Only once this term's no-op is committed does the primary's commit index
-        // cover everything earlier primaries committed; floors written before
-        // that could be too low.
-        let noop_committed = self.commit >= ls.noop_index;
-        if is_witness
-            && noop_committed
-            && !ack.voter
-            && ls
-                .witness_rewrite_sent
-                .is_none_or(|t| now >= t.plus(self.cfg.rpc_timeout))
-        {
-            ls.witness_rewrite_sent = Some(now);
-            self.rewrite_witness(from);
-        }
     }
 
     /// After applying: acknowledge writes and serve reads that became possible, ask

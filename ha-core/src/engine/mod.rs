@@ -31,6 +31,7 @@
 //! with [`Action::ReadEntries`] and sends them when they arrive; if the log no longer
 //! holds them (its retention policy purged them) the peer gets the snapshot.
 
+mod acks;
 mod commit;
 mod election;
 mod events;

@@ -5,7 +5,7 @@
 use super::{Action, Engine};
 use crate::error::StorageError;
 use crate::log_store::CatchUpBatch;
-use crate::message::{AckResult, InstallSnapshot, Request, SnapshotAck, WalAck, WalBatch};
+use crate::message::{InstallSnapshot, Request, WalBatch};
 use crate::types::{NodeId, Position, WalEntry};
 
 impl Engine {
@@ -151,70 +151,5 @@ impl Engine {
             return;
         };
         self.send_batch(peer, prev, Vec::new(), prev);
-    }
-
-    pub(super) fn on_wal_ack(&mut self, from: NodeId, rid: u64, ack: WalAck) {
-        let term = self.hs.current_term;
-        let last = self.log.last().index;
-        let reset_id = self.next_request_id;
-        let holds = |pos: Position| self.log.holds(pos);
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
-            return;
-        };
-        // The standby holds the position it acks; this primary's log holds it too if
-        // its in-memory log does, or if it is the end of the batch acked (sent from
-        // the durable log, below the in-memory log).
-        let held = match ack.result {
-            AckResult::Durable(pos) => holds(pos) || p.in_flight_ending_at(rid, pos),
-            _ => false,
-        };
-        // The primary ignores replies that do not carry its own term.
-        if ack.batch_term != term {
-            return;
-        }
-        p.applied = p.applied.max(ack.applied);
-        match ack.result {
-            AckResult::Durable(pos) => {
-                p.acked(rid, pos, held);
-                let matched = p.matched;
-                while ls.unacked.front().is_some_and(|(i, _)| *i <= matched) {
-                    ls.unacked.pop_front();
-                }
-                if ls.unacked.is_empty() {
-                    ls.degraded = false;
-                }
-                if ls.forced && matched >= ls.noop_index {
-                    // The standby followed the forced primary: from here on it is an
-                    // ordinary primary (lease from acks, commit rule, floors).
-                    tracing::info!(node = %self.id, "standby caught up with the forced primary; ordinary rules resume");
-                    ls.forced = false;
-                    ls.since = self.now;
-                }
-            }
-            AckResult::Mismatch { next, .. } => {
-                let matched = p.matched;
-                if p.refused(rid, next, last, reset_id) && next <= matched {
-                    tracing::warn!(standby = %from, %matched, %next, "standby lost acknowledged entries; resending");
-                }
-            }
-            AckResult::StaleTerm => {}
-        }
-    }
-
-    /// Only the answer to the snapshot in flight counts (a stale or duplicated
-    /// one is ignored); the term rule already dropped answers of other terms.
-    pub(super) fn on_snapshot_ack(&mut self, from: NodeId, rid: u64, ack: SnapshotAck) {
-        let last = self.log.last().index;
-        let reset_id = self.next_request_id;
-        let Some(ls) = self.leader_state.as_mut() else {
-            return;
-        };
-        let Some(p) = ls.peer.as_mut().filter(|p| p.id == from) else {
-            return;
-        };
-        p.snapshot_answered(rid, ack.installed, ack.last, last, reset_id);
     }
 }

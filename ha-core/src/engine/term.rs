@@ -133,11 +133,8 @@ impl Engine {
         }
         match env.body {
             Response::Vote(v) => self.on_vote_response(env.from, env.term, v),
-            Response::WalAck(a) => self.on_wal_ack(env.from, env.request_id, a),
-            Response::HeartbeatAck(a) => self.on_heartbeat_ack(env.from, env.request_id, a),
-            Response::FloorAck(a) => self.on_floor_ack(env.from, a),
-            Response::SnapshotAck(a) => self.on_snapshot_ack(env.from, env.request_id, a),
             Response::FenceAck(_) | Response::PromoteAck(_) | Response::Error(_) => {}
+            leaders_only => self.on_leader_response(env.from, env.request_id, leaders_only),
         }
     }
 }
