@@ -30,6 +30,12 @@ pub struct Metrics {
     /// Reads of this node's durable log that served a lagging standby's catch-up
     /// (entries older than the in-memory log).
     pub catch_up_reads: u64,
+    /// Appends issued to the log store (each made durable as one operation; the
+    /// store may group several into one fsync).
+    pub appends: u64,
+    /// Entries in those appends: `entries_appended / appends` is how well client
+    /// writes (on the primary) and WAL batches (on the standby) are batched.
+    pub entries_appended: u64,
     /// How late the engine's ticks ran: nothing slow may hold up the timers that
     /// detect a dead primary and keep the lease.
     pub tick_lateness: TickLateness,
@@ -76,6 +82,8 @@ pub(super) struct Counters {
     send_failures: AtomicU64,
     snapshots_installed: AtomicU64,
     catch_up_reads: AtomicU64,
+    appends: AtomicU64,
+    entries_appended: AtomicU64,
     tick_buckets: [AtomicU64; 7],
     tick_max_us: AtomicU64,
 }
@@ -118,6 +126,10 @@ impl Counters {
     pub(super) fn bump_catch_up_read(&self) {
         bump(&self.catch_up_reads, 1)
     }
+    pub(super) fn add_append(&self, entries: u64) {
+        bump(&self.appends, 1);
+        bump(&self.entries_appended, entries)
+    }
     pub(super) fn record_tick_lateness(&self, late: std::time::Duration) {
         let us = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
         bump(&self.tick_buckets[TickLateness::bucket(us)], 1);
@@ -138,6 +150,8 @@ impl Counters {
             send_failures: r(&self.send_failures),
             snapshots_installed: r(&self.snapshots_installed),
             catch_up_reads: r(&self.catch_up_reads),
+            appends: r(&self.appends),
+            entries_appended: r(&self.entries_appended),
             tick_lateness: TickLateness {
                 buckets: std::array::from_fn(|k| r(&self.tick_buckets[k])),
                 max_us: r(&self.tick_max_us),

@@ -388,6 +388,7 @@ impl<T: Transport> Host for TokioHost<T> {
                 tracing::info!(%node, position = %pos, "snapshot installed");
                 self.shared.counters.bump_snapshot_installed();
             }
+            Notice::Appended(entries) => self.shared.counters.add_append(entries as u64),
             Notice::CatchUpRead(Ok(())) => self.shared.counters.bump_catch_up_read(),
             Notice::CatchUpRead(Err(e)) => {
                 tracing::debug!(%node, error = %e, "read of the durable log failed")

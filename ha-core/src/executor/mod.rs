@@ -105,6 +105,8 @@ pub enum Notice<'a> {
     SnapshotSaved(Position),
     /// A snapshot received from the primary was installed.
     SnapshotInstalled(Position),
+    /// An append of this many entries was issued to the store.
+    Appended(usize),
     /// A read of the durable log for a lagging peer finished (or failed).
     CatchUpRead(Result<(), &'a StorageError>),
 }
@@ -346,6 +348,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
             Action::PersistHardState(hs) => durable(bg, store.save_hard_state(hs)).await?,
             Action::Append(entries) => {
                 if let Some(last) = entries.last().map(|e| e.position) {
+                    self.host.notice(Notice::Appended(entries.len()));
                     // Issued now (the store orders operations at call time); its
                     // fsync overlaps whatever the engine does next.
                     bg.appends.push(last, Box::pin(store.append(entries)));

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ha_core::message::{Envelope, Request, Response, RpcError};
+use ha_core::transport::BoxFuture;
 use ha_core::types::NodeId;
 use quinn::VarInt;
 
@@ -167,6 +168,16 @@ async fn serve_control(
     }
 }
 
+/// A request handed to the handler, or refused before it.
+pub(super) enum Dispatched {
+    /// Nobody may answer: not listening, or closed.
+    Closed,
+    /// Refused by the transport itself.
+    Refused(Envelope<Response>),
+    /// The handler has it; its answer is on the way.
+    Handling(BoxFuture<Envelope<Response>>),
+}
+
 impl Shared {
     /// The response to a request from `peer`, or `None` if nobody may answer
     /// (not listening, or closed): the stream is then dropped unanswered.
@@ -175,10 +186,19 @@ impl Shared {
         peer: NodeId,
         request: Envelope<Request>,
     ) -> Option<Envelope<Response>> {
+        self.answer(self.dispatch(peer, request)).await
+    }
+
+    /// Hands a request from `peer` to the handler now (the handler queues it
+    /// before this returns, so requests dispatched in order reach the node in
+    /// order), or refuses it; [`Self::answer`] then waits for the response.
+    pub(super) fn dispatch(&self, peer: NodeId, request: Envelope<Request>) -> Dispatched {
         if self.closed.is_set() {
-            return None;
+            return Dispatched::Closed;
         }
-        let handler = self.handler.read().clone()?;
+        let Some(handler) = self.handler.read().clone() else {
+            return Dispatched::Closed;
+        };
         let refusal = |error| Envelope {
             from: self.me,
             to: peer,
@@ -188,17 +208,28 @@ impl Shared {
         };
         if request.from != peer {
             tracing::warn!(%peer, claimed = %request.from, "refusing a request that claims another sender");
-            return Some(refusal(RpcError::NotAMember));
+            return Dispatched::Refused(refusal(RpcError::NotAMember));
         }
         if request.to != self.me {
-            return Some(refusal(RpcError::Malformed(format!(
+            return Dispatched::Refused(refusal(RpcError::Malformed(format!(
                 "request addressed to {} reached {}",
                 request.to, self.me
             ))));
         }
+        Dispatched::Handling(handler.handle(peer, request))
+    }
+
+    /// The response to a dispatched request, or `None` if this transport closed
+    /// first.
+    pub(super) async fn answer(&self, dispatched: Dispatched) -> Option<Envelope<Response>> {
+        let handling = match dispatched {
+            Dispatched::Closed => return None,
+            Dispatched::Refused(response) => return Some(response),
+            Dispatched::Handling(handling) => handling,
+        };
         let closed = self.closed.wait();
         let response = tokio::select! {
-            r = handler.handle(peer, request) => r,
+            r = handling => r,
             () = closed => return None,
         };
         if self.closed.is_set() {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ha_core::message::{Envelope, Request};
 use parking_lot::Mutex;
 use quinn::VarInt;
 use tokio::io::BufReader;
@@ -15,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::link::{Awaiting, Link, WalJob};
 use super::peer::PeerState;
-use super::server::read_request;
+use super::server::{read_request, Dispatched};
 use super::shared::Shared;
 use super::{CODE_SHUTDOWN, STREAM_WAL, WAL_WINDOW};
 use crate::framing::{self, FrameError};
@@ -214,18 +213,24 @@ pub(super) async fn serve_wal(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Envelope<Request>>(WAL_WINDOW);
+    // Each request is handed to the node as it arrives (in order), so batches
+    // that arrive together are appended and made durable together; the answers
+    // leave in the same order, each once it is ready. At most `WAL_WINDOW`
+    // requests wait for their answers.
+    let (tx, mut rx) = mpsc::channel::<Dispatched>(WAL_WINDOW);
     let (rshared, rlink) = (shared.clone(), link.clone());
     let reader = tokio::spawn(async move {
         let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
         while let Some(request) = read_request(&rshared, &rlink, &mut recv).await {
-            if tx.send(request).await.is_err() {
-                break;
-            }
+            let permit = match tx.reserve().await {
+                Ok(permit) => permit,
+                Err(_) => break,
+            };
+            permit.send(rshared.dispatch(rlink.peer, request));
         }
     });
-    while let Some(request) = rx.recv().await {
-        let Some(response) = shared.respond(link.peer, request).await else {
+    while let Some(dispatched) = rx.recv().await {
+        let Some(response) = shared.answer(dispatched).await else {
             let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
             break;
         };

@@ -15,7 +15,7 @@ use crate::config::Member;
 use crate::error::TransportError;
 use crate::message::{Channel, Envelope, Request, Response, RpcError};
 use crate::testkit::conformance::{HarnessNode, TransportHarness};
-use crate::transport::{PeerConnection, RequestHandler, Transport};
+use crate::transport::{BoxFuture, PeerConnection, RequestHandler, Transport};
 use crate::types::{MemberKind, NodeId};
 
 /// The largest request or response frame [`MemNetwork::new`] carries (64 MiB); a
@@ -552,22 +552,30 @@ fn decode_response(
     crate::transport::check_response(peer, request_id, response)
 }
 
-/// Delivers WAL requests of one connection one after the other, in call order.
+/// Delivers WAL requests of one connection in call order: each is handed to the
+/// peer's handler as it arrives (so batches sent together reach the node
+/// together), and each caller gets its own answer once it is ready.
 async fn wal_worker(link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let closed = link.wait_closed();
     tokio::pin!(closed);
     loop {
-        let job = tokio::select! {
+        let Job { frame, reply } = tokio::select! {
             job = rx.recv() => match job {
                 Some(job) => job,
                 None => return,
             },
             () = &mut closed => return,
         };
-        tokio::select! {
-            () = deliver(&link, job) => {}
-            () = &mut closed => return,
-        }
+        let admitted = admit(&link, &frame);
+        let link = link.clone();
+        tokio::spawn(async move {
+            let closed = link.wait_closed();
+            let outcome = tokio::select! {
+                d = complete(&link, admitted) => d,
+                () = closed => Delivery::Failed(TransportError::Closed),
+            };
+            let _ = reply.send(outcome);
+        });
     }
 }
 
@@ -583,37 +591,75 @@ async fn deliver(link: &Link, job: Job) {
     let _ = reply.send(outcome);
 }
 
+/// A request past the receiving side's checks.
+enum Admitted {
+    /// It failed on the way, or the transport refused it.
+    Done(Delivery),
+    /// The transport answers it itself.
+    Refused(Envelope<Response>),
+    /// The handler has it.
+    Handling {
+        handling: BoxFuture<Envelope<Response>>,
+        peer_closed: Latch,
+    },
+}
+
 /// The receiving side: authenticate, decode, handle, encode.
 async fn serve(link: &Link, frame: Vec<u8>) -> Delivery {
+    let admitted = admit(link, &frame);
+    complete(link, admitted).await
+}
+
+/// The receiving side up to the handler: route, decode and check the request,
+/// then hand it over (the handler queues it before this returns).
+fn admit(link: &Link, frame: &[u8]) -> Admitted {
     let (from, to) = (link.from, link.to);
     let listener = match link.net.route(from, to, Some(link.incarnation)) {
         Ok(l) => l,
-        Err(why) => return Delivery::Failed(TransportError::Unreachable(to, why)),
+        Err(why) => return Admitted::Done(Delivery::Failed(TransportError::Unreachable(to, why))),
     };
-    let request: Envelope<Request> = match postcard::take_from_bytes(&frame) {
+    let request: Envelope<Request> = match postcard::take_from_bytes(frame) {
         Ok((r, [])) => r,
         Ok(_) | Err(_) => {
-            return Delivery::Failed(TransportError::Protocol(
+            return Admitted::Done(Delivery::Failed(TransportError::Protocol(
                 to,
                 "the peer could not decode the request".into(),
-            ))
+            )))
         }
     };
-    let response = if request.from != from {
-        refusal(&request, to, from, RpcError::NotAMember)
+    if request.from != from {
+        Admitted::Refused(refusal(&request, to, from, RpcError::NotAMember))
     } else if request.to != to {
-        refusal(
+        Admitted::Refused(refusal(
             &request,
             to,
             from,
             RpcError::Malformed(format!("request addressed to {} reached {to}", request.to)),
-        )
+        ))
     } else {
-        let handled = listener.handler.handle(from, request);
-        let peer_closed = listener.closed.wait();
-        tokio::select! {
-            r = handled => r,
-            () = peer_closed => return Delivery::Failed(TransportError::Unreachable(to, format!("{to} closed"))),
+        Admitted::Handling {
+            handling: listener.handler.handle(from, request),
+            peer_closed: listener.closed.clone(),
+        }
+    }
+}
+
+/// The receiving side after the handler: wait for the answer, encode it, and
+/// lose it if the link back is cut.
+async fn complete(link: &Link, admitted: Admitted) -> Delivery {
+    let (from, to) = (link.from, link.to);
+    let response = match admitted {
+        Admitted::Done(delivery) => return delivery,
+        Admitted::Refused(response) => response,
+        Admitted::Handling {
+            handling,
+            peer_closed,
+        } => {
+            let peer_closed = peer_closed.wait();
+            tokio::select! {
+                r = handling => r,
+                () = peer_closed => return Delivery::Failed(TransportError::Unreachable(to, format!("{to} closed"))),
+            }
         }
     };
     let bytes = match postcard::to_allocvec(&response) {

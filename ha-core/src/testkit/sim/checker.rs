@@ -424,7 +424,7 @@ impl World {
                 self.check_snapshot_prefix(id);
             }
             Notice::CatchUpRead(Ok(())) => self.stats.catch_up_reads += 1,
-            Notice::CatchUpRead(Err(_)) | Notice::SnapshotSaved(_) => {}
+            Notice::CatchUpRead(Err(_)) | Notice::SnapshotSaved(_) | Notice::Appended(_) => {}
         }
     }
 
