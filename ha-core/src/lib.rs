@@ -36,7 +36,7 @@ pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};
 pub use log_store::{LogStore, Snapshot};
 pub use replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
-pub use state_machine::StateMachine;
+pub use state_machine::{StateCapture, StateMachine};
 pub use transport::Transport;
 pub use types::{
     Command, CommitMode, HardState, Instant, LogIndex, MemberKind, NodeId, Payload, Position, Role,

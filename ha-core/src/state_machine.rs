@@ -15,13 +15,23 @@ use crate::types::{Command, LogIndex, Position};
 ///   terms only grow along the log, and a term names the one primary that could
 ///   write in it, so a state machine that guards an external resource can hand the
 ///   term on (or refuse effects carrying a lower one than it has seen).
-/// - `snapshot` captures the state after the last applied entry; `restore` replaces
-///   the whole state with one, and afterwards `applied_index` is the snapshot's.
+/// - `capture` takes a consistent capture of the state after the last applied
+///   entry, and must be cheap whatever the state's size: it runs on the engine
+///   task, where nothing may wait behind it (no tick, heartbeat or ack). A clone of
+///   a persistent (structurally shared) map, a copy-on-write handle or a read
+///   transaction qualifies; copying or serializing the whole state does not. The
+///   capture's [`StateCapture::serialize`] runs off the engine task (on a blocking
+///   thread in the tokio driver) while later entries are applied, and must not see
+///   them. `restore` replaces the whole state with a serialized capture, and
+///   afterwards `applied_index` is the capture's.
 /// - `reset` replaces the whole state with the empty initial state (the state of a
 ///   new state machine); afterwards `applied_index` is 0. The driver uses it when an
 ///   async-mode failover discards entries that no local snapshot predates, and then
 ///   replays the log from the start.
 pub trait StateMachine: Send + 'static {
+    /// A consistent capture of the state, serialized off the engine task.
+    type Capture: StateCapture;
+
     /// Applies one committed command and returns its output for the client.
     ///
     /// `position.index` is the entry's index; `position.term` is the fencing token of
@@ -39,8 +49,8 @@ pub trait StateMachine: Send + 'static {
     /// The index of the last entry applied.
     fn applied_index(&self) -> LogIndex;
 
-    /// Serializes the current state.
-    fn snapshot(&self) -> Result<Vec<u8>, StorageError>;
+    /// Captures the current state for a snapshot; cheap (see the contract above).
+    fn capture(&self) -> Self::Capture;
 
     /// Replaces the whole state with a snapshot taken at `index`.
     fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError>;
@@ -48,4 +58,19 @@ pub trait StateMachine: Send + 'static {
     /// Replaces the whole state with the empty initial state; afterwards
     /// `applied_index` is 0.
     fn reset(&mut self);
+}
+
+/// A consistent capture of a [`StateMachine`]'s state ([`StateMachine::capture`]).
+pub trait StateCapture: Send + 'static {
+    /// Serializes the captured state into what [`StateMachine::restore`] reads.
+    /// May be slow: it never runs on the engine task.
+    fn serialize(self) -> Result<Vec<u8>, StorageError>;
+}
+
+/// An already serialized state: for state machines whose state is small enough to
+/// serialize in [`StateMachine::capture`] itself.
+impl StateCapture for Vec<u8> {
+    fn serialize(self) -> Result<Vec<u8>, StorageError> {
+        Ok(self)
+    }
 }

@@ -51,6 +51,12 @@ pub fn check_response(
 /// by the connection (a certificate, in TLS transports), and the transport has
 /// refused any request whose envelope claims another sender. The handler always
 /// produces a response, [`Response::Error`] if it cannot do better.
+///
+/// A transport hands WAL requests of one connection to `handle` in the order they
+/// were sent, as they arrive, without waiting for the answers to earlier ones
+/// (so batches that arrive together are made durable together); it sends the
+/// answers back in the same order. A handler takes the request in (queues it)
+/// within `handle`, so that order is the order the node sees.
 pub trait RequestHandler: Send + Sync + 'static {
     /// Handles one request.
     fn handle(&self, peer: NodeId, request: Envelope<Request>) -> BoxFuture<Envelope<Response>>;

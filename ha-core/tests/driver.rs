@@ -759,8 +759,15 @@ async fn snapshots_are_taken_and_a_lagging_standby_catches_up_through_one() {
         "the standby to apply",
     )
     .await;
-    assert!(p.metrics().snapshots_taken >= 1, "{:?}", p.metrics());
-    assert!(s.metrics().snapshots_taken >= 1, "{:?}", s.metrics());
+    // Serialized off the engine task, then saved: both nodes get there.
+    for n in [&p, &s] {
+        wait_until(
+            std::slice::from_ref(n),
+            |n| n.metrics().snapshots_taken >= 1,
+            "a snapshot to be saved",
+        )
+        .await;
+    }
     assert!(
         p.store().state().snapshot.is_some(),
         "the primary saved a snapshot"
@@ -1150,6 +1157,8 @@ struct SharedSm {
 }
 
 impl StateMachine for SharedSm {
+    type Capture = <KvStateMachine as StateMachine>::Capture;
+
     fn apply(&mut self, position: Position, command: &Command) -> Vec<u8> {
         self.applied.lock().push((position, false));
         self.kv.lock().apply(position, command)
@@ -1168,8 +1177,8 @@ impl StateMachine for SharedSm {
         self.kv.lock().applied_index()
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StorageError> {
-        self.kv.lock().snapshot()
+    fn capture(&self) -> Self::Capture {
+        self.kv.lock().capture()
     }
 
     fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
@@ -1389,8 +1398,12 @@ async fn a_slow_snapshot_save_stalls_neither_writes_nor_heartbeats() {
         .apply(KvCommand::put("after", "x"), T)
         .await
         .expect("write");
-    assert!(p.metrics().snapshots_taken >= 1, "{:?}", p.metrics());
-    assert!(p.store().saves() >= 2, "the next snapshot follows");
+    wait_until(
+        std::slice::from_ref(&p),
+        |n| n.metrics().snapshots_taken >= 1 && n.store().saves() >= 2,
+        "the snapshot to be saved and the next one to follow",
+    )
+    .await;
     let first = p.store().inner.entries().first().map(|e| e.index());
     assert!(
         first.is_none_or(|i| i > LogIndex(1)),
@@ -1636,6 +1649,13 @@ async fn an_async_rewind_while_a_snapshot_save_is_pending_resets_the_state_machi
         first_x.get_or_insert(ack.position.index);
     }
     let first_x = first_x.expect("writes");
+    // The snapshot is serialized off the engine task, then its save is issued.
+    wait_until(
+        std::slice::from_ref(&p),
+        |n| n.store().saves() >= 1,
+        "the snapshot's save to be issued",
+    )
+    .await;
     assert_eq!(p.store().saves(), 1);
     let pending = p
         .store()
@@ -1757,6 +1777,19 @@ async fn a_node_restored_from_a_snapshot_can_still_reset_its_state_machine() {
         first_x.get_or_insert(ack.position.index);
     }
     let first_x = first_x.expect("writes");
+    // Serialized off the engine task, then saved.
+    wait_until(
+        std::slice::from_ref(&p),
+        |n| {
+            n.metrics().snapshots_taken >= 1
+                && n.store()
+                    .state()
+                    .snapshot
+                    .is_some_and(|s| s.last_included.index >= first_x)
+        },
+        "the snapshot to be saved",
+    )
+    .await;
     let store = p.store().clone();
     p.shutdown().await.expect("shutdown");
     let snap = store.state().snapshot.expect("a snapshot");
@@ -1949,5 +1982,128 @@ async fn the_engine_task_records_how_late_its_ticks_ran() {
     let ticks = p.metrics().tick_lateness;
     assert!(ticks.count() > 0, "ticks are recorded: {ticks:?}");
     assert_eq!(ticks.buckets[0], ticks.count(), "all on time: {ticks:?}");
+    c.shutdown().await;
+}
+
+/// Released by the test; a capture's serialization waits for it.
+#[derive(Default)]
+struct SerializeGate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl SerializeGate {
+    fn release(&self) {
+        if let Ok(mut open) = self.open.lock() {
+            *open = true;
+        }
+        self.opened.notify_all();
+    }
+
+    /// Waits (real time, bounded) until released; false if it never was.
+    fn wait(&self) -> bool {
+        let Ok(open) = self.open.lock() else {
+            return false;
+        };
+        self.opened
+            .wait_timeout_while(open, Duration::from_secs(10), |open| !*open)
+            .is_ok_and(|(open, _)| *open)
+    }
+}
+
+/// A key-value state machine whose snapshot serialization blocks until the test
+/// releases it: a stand-in for a large state that takes long to serialize.
+struct SlowSerializingSm {
+    kv: KvStateMachine,
+    gate: Arc<SerializeGate>,
+}
+
+struct GatedCapture {
+    inner: <KvStateMachine as StateMachine>::Capture,
+    gate: Arc<SerializeGate>,
+}
+
+impl ha_core::StateCapture for GatedCapture {
+    fn serialize(self) -> Result<Vec<u8>, StorageError> {
+        if !self.gate.wait() {
+            return Err(StorageError::Io(
+                "the test never released the serialization".into(),
+            ));
+        }
+        self.inner.serialize()
+    }
+}
+
+impl StateMachine for SlowSerializingSm {
+    type Capture = GatedCapture;
+
+    fn apply(&mut self, position: Position, command: &Command) -> Vec<u8> {
+        self.kv.apply(position, command)
+    }
+    fn apply_noop(&mut self, position: Position) {
+        self.kv.apply_noop(position)
+    }
+    fn query(&self, query: &[u8]) -> Vec<u8> {
+        self.kv.query(query)
+    }
+    fn applied_index(&self) -> LogIndex {
+        self.kv.applied_index()
+    }
+    fn capture(&self) -> GatedCapture {
+        GatedCapture {
+            inner: self.kv.capture(),
+            gate: self.gate.clone(),
+        }
+    }
+    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
+        self.kv.restore(index, data)
+    }
+    fn reset(&mut self) {
+        self.kv.reset()
+    }
+}
+
+/// A snapshot's serialization runs off the engine task: while it is blocked, the
+/// engine goes on committing and acknowledging writes (were it on the engine
+/// task, the first write after the snapshot point would wait for the release, and
+/// the serialization would give up and fail the node). Once it finishes, the
+/// snapshot is saved and the log compacted.
+#[tokio::test(start_paused = true)]
+async fn a_slow_snapshot_serialization_does_not_hold_up_the_engine() {
+    let gate = Arc::new(SerializeGate::default());
+    let sm = |_| SlowSerializingSm {
+        kv: KvStateMachine::new(),
+        gate: gate.clone(),
+    };
+    let every = |cfg: &mut Config| cfg.snapshot_every = 5;
+    let c = Cluster::start_full(|_| MemLogStore::new(), sm, every).await;
+    let (p, s) = c.primary().await;
+    let term = p.term();
+    for i in 0..30 {
+        p.apply(KvCommand::put(format!("k{i}"), "v"), T)
+            .await
+            .expect("writes go on while the snapshot serializes");
+    }
+    assert_eq!(p.term(), term);
+    assert_eq!(p.metrics().snapshots_taken, 0, "still serializing");
+
+    gate.release();
+    let ack = p
+        .apply(KvCommand::put("after", "x"), T)
+        .await
+        .expect("write");
+    wait_until(
+        std::slice::from_ref(&p),
+        |n| n.metrics().snapshots_taken >= 1,
+        "the snapshot to be saved",
+    )
+    .await;
+    wait_until(
+        std::slice::from_ref(&s),
+        |n| n.status().applied_index >= ack.position.index && n.metrics().snapshots_taken >= 1,
+        "the standby to apply and save its snapshot",
+    )
+    .await;
+    assert_eq!(p.term(), term, "no failover");
     c.shutdown().await;
 }

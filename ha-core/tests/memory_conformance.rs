@@ -12,7 +12,7 @@ use ha_core::log_store::LogStore;
 use ha_core::message::{
     Envelope, Heartbeat, HeartbeatAck, InstallSnapshot, Request, Response, RpcError,
 };
-use ha_core::state_machine::StateMachine;
+use ha_core::state_machine::{StateCapture, StateMachine};
 use ha_core::testkit::conformance::{log_store_suite, transport_suite};
 use ha_core::testkit::memory::{
     KvCommand, KvError, KvStateMachine, MemHarness, MemLogStore, MemNetwork, MemTransport,
@@ -191,7 +191,16 @@ fn kv_snapshot_restore_roundtrip() {
         &KvCommand::delete("k3"),
     );
     assert_eq!(sm.fencing_term(), term(2));
-    let snap = sm.snapshot().unwrap();
+    let at_21 = sm.clone();
+    let capture = sm.capture();
+    // Applied after the capture: the capture must not see it (it is serialized
+    // off the engine task while later entries are applied).
+    sm.apply(
+        Position::new(term(2), LogIndex(22)),
+        &KvCommand::put("k1", "after the capture"),
+    );
+    let snap = capture.serialize().unwrap();
+    let sm = at_21;
 
     let mut other = KvStateMachine::new();
     other.apply(at(1), &KvCommand::put("stale", "x"));

@@ -22,12 +22,12 @@ use super::{stopped_health, Input, Shared};
 use crate::config::Config;
 use crate::engine::{ClientId, Engine};
 use crate::error::{Error, StorageError};
-use crate::executor::{self, Executor, Host, Notice};
-use crate::log_store::LogStore;
+use crate::executor::{self, Executor, Host, Notice, SnapshotJob};
+use crate::log_store::{LogStore, Snapshot};
 use crate::message::{Channel, Envelope, Request, Response};
 use crate::replicator::{ReadConsistency, WriteAck};
 use crate::state_machine::StateMachine;
-use crate::transport::Transport;
+use crate::transport::{BoxFuture, Transport};
 use crate::types::{Instant, NodeId};
 
 /// How many ticks between sweeps of callers that gave up waiting.
@@ -394,6 +394,22 @@ impl<T: Transport> Host for TokioHost<T> {
                 tracing::debug!(%node, error = %e, "read of the durable log failed")
             }
         }
+    }
+
+    /// On one of tokio's blocking threads: a snapshot's serialization must not
+    /// hold up the engine task (or any other task of the runtime).
+    fn offload(
+        &mut self,
+        job: SnapshotJob,
+    ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>> {
+        let running = tokio::task::spawn_blocking(job);
+        Box::pin(async move {
+            running.await.unwrap_or_else(|e| {
+                Err(StorageError::Io(format!(
+                    "the snapshot serialization did not finish: {e}"
+                )))
+            })
+        })
     }
 }
 

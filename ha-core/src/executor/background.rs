@@ -11,17 +11,34 @@ use crate::error::StorageError;
 use crate::log_store::{CatchUpBatch, Snapshot};
 use crate::types::Position;
 
-/// A snapshot being saved.
+/// A snapshot being serialized (off the engine task) and then saved.
 pub(super) struct SnapshotSave<'s> {
-    pub(super) snapshot: Snapshot,
     /// Set when the state machine or the log was replaced after the snapshot was
-    /// taken: its completion is then not reported to the engine.
+    /// taken: it is then never saved, and its completion is not reported.
     pub(super) stale: bool,
-    /// The store's future until it resolves.
-    pub(super) running: Option<BoxFut<'s, Result<(), StorageError>>>,
-    /// Its outcome once it resolved.
-    pub(super) outcome: Option<Result<(), StorageError>>,
+    pub(super) phase: SavePhase<'s>,
 }
+
+/// Where a snapshot save is.
+pub(super) enum SavePhase<'s> {
+    /// Its capture is being serialized; resolves with two copies, one for the
+    /// store and one for the engine.
+    Serializing(BoxFut<'static, Result<(Snapshot, Snapshot), StorageError>>),
+    /// Serialized; its save is issued once every earlier save was (saves reach the
+    /// store in the order they were taken).
+    Serialized { store: Snapshot, engine: Snapshot },
+    /// The store is saving it.
+    Saving {
+        engine: Snapshot,
+        running: BoxFut<'s, Result<(), StorageError>>,
+    },
+    /// Finished (or failed, or went stale before its save was issued).
+    Done(Result<Option<Snapshot>, StorageError>),
+}
+
+/// Issues a snapshot save to the store.
+pub(super) type IssueSave<'s> =
+    Box<dyn Fn(Snapshot) -> BoxFut<'s, Result<(), StorageError>> + Send + 's>;
 
 /// A read of the durable log for the engine.
 pub(super) struct PendingRead<'s> {
@@ -33,8 +50,9 @@ pub(super) struct PendingRead<'s> {
 pub(super) enum Finished {
     /// Appends are durable up to this position.
     Persisted(Position),
-    /// A snapshot save finished.
-    SnapshotSaved { snapshot: Snapshot, stale: bool },
+    /// A snapshot save finished (`None`: it went stale and was not saved, or
+    /// its completion means nothing any more).
+    SnapshotSaved(Option<Snapshot>),
     /// A read for the engine finished; its failure is the engine's to handle, not
     /// the node's.
     EntriesRead {
@@ -45,6 +63,7 @@ pub(super) enum Finished {
 
 /// Everything in flight.
 pub(super) struct Background<'s> {
+    issue_save: IssueSave<'s>,
     pub(super) appends: FutureSet<'s, Position, Result<(), StorageError>>,
     /// Saves in the order they were issued (the store orders them the same way).
     pub(super) snapshots: VecDeque<SnapshotSave<'s>>,
@@ -53,8 +72,9 @@ pub(super) struct Background<'s> {
 }
 
 impl<'s> Background<'s> {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(issue_save: IssueSave<'s>) -> Self {
         Background {
+            issue_save,
             appends: FutureSet::new(),
             snapshots: VecDeque::new(),
             reads: Vec::new(),
@@ -69,13 +89,13 @@ impl<'s> Background<'s> {
     /// [`Self::poll_finished`]).
     pub(super) fn poll_progress(&mut self, cx: &mut Context<'_>) {
         self.appends.poll_progress(cx);
+        // Saves are issued in the order they were taken: one whose serialization
+        // finished waits for every earlier one to be issued.
+        let mut earlier_issued = true;
         for save in self.snapshots.iter_mut() {
-            if let Some(fut) = save.running.as_mut() {
-                if let Poll::Ready(outcome) = fut.as_mut().poll(cx) {
-                    save.running = None;
-                    save.outcome = Some(outcome);
-                }
-            }
+            let phase = std::mem::replace(&mut save.phase, SavePhase::Done(Ok(None)));
+            save.phase = advance(phase, save.stale, earlier_issued, &self.issue_save, cx);
+            earlier_issued &= matches!(save.phase, SavePhase::Saving { .. } | SavePhase::Done(_));
         }
     }
 
@@ -96,14 +116,20 @@ impl<'s> Background<'s> {
                 return Poll::Ready(Ok(Finished::EntriesRead { read_id, result }));
             }
         }
-        // Saves are reported in the order they were issued.
-        if self.snapshots.front().is_some_and(|s| s.outcome.is_some()) {
+        // Saves are reported in the order they were taken.
+        if self
+            .snapshots
+            .front()
+            .is_some_and(|s| matches!(s.phase, SavePhase::Done(_)))
+        {
             if let Some(save) = self.snapshots.pop_front() {
-                let outcome = save.outcome.unwrap_or(Ok(()));
-                return Poll::Ready(outcome.map(|()| Finished::SnapshotSaved {
-                    snapshot: save.snapshot,
-                    stale: save.stale,
-                }));
+                let SavePhase::Done(outcome) = save.phase else {
+                    return Poll::Pending;
+                };
+                let stale = save.stale;
+                return Poll::Ready(
+                    outcome.map(|snap| Finished::SnapshotSaved(snap.filter(|_| !stale))),
+                );
             }
         }
         Poll::Pending
@@ -118,6 +144,43 @@ impl<'s> Background<'s> {
             any = true;
         }
         any
+    }
+}
+
+/// Moves one snapshot save on as far as it can go now.
+fn advance<'s>(
+    phase: SavePhase<'s>,
+    stale: bool,
+    earlier_issued: bool,
+    issue_save: &IssueSave<'s>,
+    cx: &mut Context<'_>,
+) -> SavePhase<'s> {
+    let phase = match phase {
+        SavePhase::Serializing(mut fut) => match fut.as_mut().poll(cx) {
+            Poll::Ready(Ok((store, engine))) => SavePhase::Serialized { store, engine },
+            Poll::Ready(Err(e)) => SavePhase::Done(Err(e)),
+            Poll::Pending => return SavePhase::Serializing(fut),
+        },
+        other => other,
+    };
+    let phase = match phase {
+        // Superseded before its save was issued: never saved.
+        SavePhase::Serialized { .. } if stale => return SavePhase::Done(Ok(None)),
+        SavePhase::Serialized { store, engine } if earlier_issued => SavePhase::Saving {
+            engine,
+            running: issue_save(store),
+        },
+        other => other,
+    };
+    match phase {
+        SavePhase::Saving {
+            engine,
+            mut running,
+        } => match running.as_mut().poll(cx) {
+            Poll::Ready(outcome) => SavePhase::Done(outcome.map(|()| Some(engine))),
+            Poll::Pending => SavePhase::Saving { engine, running },
+        },
+        other => other,
     }
 }
 

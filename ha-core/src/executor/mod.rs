@@ -51,14 +51,15 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use self::background::{durable, Background, Finished, PendingRead, SnapshotSave};
+use self::background::{durable, Background, Finished, PendingRead, SavePhase, SnapshotSave};
 use self::futures::BoxFut;
 use crate::engine::{Action, Admin, ClientId, Engine, Event};
 use crate::error::{Error, StorageError};
 use crate::log_store::{LogStore, Snapshot};
 use crate::message::{Envelope, Request, Response};
 use crate::replicator::{ReadConsistency, WriteAck};
-use crate::state_machine::StateMachine;
+use crate::state_machine::{StateCapture, StateMachine};
+use crate::transport::BoxFuture;
 use crate::types::{
     Command, Instant, LogIndex, MemberKind, Payload, Position, Role, Term, WalEntry,
 };
@@ -157,7 +158,19 @@ pub trait Host {
 
     /// Something to count or log.
     fn notice(&mut self, notice: Notice<'_>);
+
+    /// Runs `job` away from the executor's task (it may be slow: a snapshot's
+    /// serialization) and resolves with its result. The tokio driver runs it on a
+    /// blocking thread; the simulator runs it at once.
+    fn offload(
+        &mut self,
+        job: SnapshotJob,
+    ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>>;
 }
+
+/// A snapshot's serialization, handed to [`Host::offload`]: it resolves with two
+/// copies of the snapshot (one for the store, one the engine keeps).
+pub type SnapshotJob = Box<dyn FnOnce() -> Result<(Snapshot, Snapshot), StorageError> + Send>;
 
 /// Runs one engine's actions over a log store, a state machine and a host. See
 /// the module docs.
@@ -231,7 +244,10 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
     pub async fn run(&mut self) -> Result<(), StorageError> {
         let store = Arc::clone(&self.store);
         let store: &L = &store;
-        let mut bg = Background::new();
+        let mut bg = Background::new(Box::new(move |snap| {
+            let save: BoxFut<'_, _> = Box::pin(store.save_snapshot(snap));
+            save
+        }));
         loop {
             let next = poll_fn(|cx| {
                 if !bg.is_idle() {
@@ -258,12 +274,12 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
     ) -> Result<(), StorageError> {
         match done {
             Finished::Persisted(pos) => self.step(store, bg, Event::Persisted(pos)).await,
-            Finished::SnapshotSaved { snapshot, stale } => {
-                if stale {
-                    // Whatever replaced the state machine voided it; the engine
-                    // already knows (it emitted the replacement).
-                    return Ok(());
-                }
+            Finished::SnapshotSaved(None) => {
+                // Whatever replaced the state machine voided it; the engine
+                // already knows (it emitted the replacement).
+                Ok(())
+            }
+            Finished::SnapshotSaved(Some(snapshot)) => {
                 self.host
                     .notice(Notice::SnapshotSaved(snapshot.last_included));
                 self.step(store, bg, Event::SnapshotTaken(snapshot)).await
@@ -376,7 +392,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                     // (and refuse to truncate below it).
                     let empty = Snapshot {
                         last_included: Position::ZERO,
-                        data: self.sm.snapshot()?,
+                        data: self.sm.capture().serialize()?,
                     };
                     durable(bg, store.save_snapshot(empty)).await?;
                 }
@@ -400,7 +416,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 // its snapshot is the empty state.
                 let empty = Snapshot {
                     last_included: Position::ZERO,
-                    data: self.sm.snapshot()?,
+                    data: self.sm.capture().serialize()?,
                 };
                 durable(bg, store.install_snapshot(empty)).await?;
                 durable(bg, store.truncate_suffix(LogIndex(1))).await?;
@@ -414,7 +430,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                     durable(bg, store.purge_prefix(to)).await?;
                 }
             }
-            Action::TakeSnapshot(at) => self.take_snapshot(store, bg, at)?,
+            Action::TakeSnapshot(at) => self.take_snapshot(bg, at)?,
             Action::ReadEntries {
                 read_id,
                 next,
@@ -455,7 +471,6 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
     /// saving it; the save is reported once durable.
     fn take_snapshot<'s>(
         &mut self,
-        store: &'s L,
         bg: &mut Background<'s>,
         at: Position,
     ) -> Result<(), StorageError> {
@@ -465,17 +480,21 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 "the engine asked for a snapshot at {at} but the state machine applied up to {applied}"
             )));
         }
-        let snapshot = Snapshot {
-            last_included: at,
-            data: self.sm.snapshot()?,
-        };
-        // Issued now: the store orders it before every later operation.
-        let running: BoxFut<'s, _> = Box::pin(store.save_snapshot(snapshot.clone()));
+        // The capture is cheap (the state machine's contract); serializing it and
+        // the copy the engine keeps happen off this task, so no tick, heartbeat
+        // or ack waits behind a snapshot.
+        let capture = self.sm.capture();
+        let serializing = self.host.offload(Box::new(move || {
+            let data = capture.serialize()?;
+            let snapshot = Snapshot {
+                last_included: at,
+                data,
+            };
+            Ok((snapshot.clone(), snapshot))
+        }));
         bg.snapshots.push_back(SnapshotSave {
-            snapshot,
             stale: false,
-            running: Some(running),
-            outcome: None,
+            phase: SavePhase::Serializing(serializing),
         });
         Ok(())
     }

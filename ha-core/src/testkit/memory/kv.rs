@@ -1,11 +1,9 @@
 //! [`KvStateMachine`]: a key-value [`StateMachine`] with postcard-encoded commands.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::StorageError;
-use crate::state_machine::StateMachine;
+use crate::state_machine::{StateCapture, StateMachine};
 use crate::types::{Command, LogIndex, Position, Term};
 
 /// The first byte of an error output of [`KvStateMachine::apply`].
@@ -119,11 +117,27 @@ fn error_output(reason: &str) -> Vec<u8> {
 }
 
 /// The serialized form of a [`KvStateMachine`].
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct KvSnapshot {
     applied: u64,
     fencing_term: Term,
-    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    data: KvMap,
+}
+
+/// The map of a [`KvStateMachine`]: a persistent map, so a clone is O(1) and
+/// shares structure with the original until either changes.
+pub type KvMap = imbl::OrdMap<Vec<u8>, Vec<u8>>;
+
+/// A [`KvStateMachine`]'s state captured for a snapshot (an O(1) clone of its
+/// map); [`StateCapture::serialize`] encodes it.
+#[derive(Clone, Debug)]
+pub struct KvCapture(KvSnapshot);
+
+impl StateCapture for KvCapture {
+    fn serialize(self) -> Result<Vec<u8>, StorageError> {
+        postcard::to_allocvec(&self.0)
+            .map_err(|e| StorageError::Io(format!("encode kv snapshot: {e}")))
+    }
 }
 
 /// An in-memory key-value [`StateMachine`].
@@ -141,7 +155,7 @@ struct KvSnapshot {
 ///   state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvStateMachine {
-    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    data: KvMap,
     applied: LogIndex,
     fencing_term: Term,
 }
@@ -164,7 +178,7 @@ impl KvStateMachine {
     }
 
     /// The whole map.
-    pub fn data(&self) -> &BTreeMap<Vec<u8>, Vec<u8>> {
+    pub fn data(&self) -> &KvMap {
         &self.data
     }
 
@@ -180,6 +194,8 @@ impl KvStateMachine {
 }
 
 impl StateMachine for KvStateMachine {
+    type Capture = KvCapture;
+
     fn apply(&mut self, position: Position, command: &Command) -> Vec<u8> {
         self.applied = position.index;
         self.fencing_term = position.term;
@@ -203,14 +219,12 @@ impl StateMachine for KvStateMachine {
         self.applied
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StorageError> {
-        let snap = KvSnapshot {
+    fn capture(&self) -> KvCapture {
+        KvCapture(KvSnapshot {
             applied: self.applied.0,
             fencing_term: self.fencing_term,
             data: self.data.clone(),
-        };
-        postcard::to_allocvec(&snap)
-            .map_err(|e| StorageError::Io(format!("encode kv snapshot: {e}")))
+        })
     }
 
     fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {

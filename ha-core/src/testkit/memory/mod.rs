@@ -13,7 +13,7 @@ mod kv;
 mod log_store;
 mod network;
 
-pub use kv::{KvCommand, KvError, KvStateMachine, KV_ERROR_TAG};
+pub use kv::{KvCapture, KvCommand, KvError, KvMap, KvStateMachine, KV_ERROR_TAG};
 pub(crate) use log_store::retention_point;
 pub use log_store::{MemLogStore, DEFAULT_RETAIN_MAX};
 pub use network::{MemConnection, MemHarness, MemNetwork, MemTransport, MAX_FRAME_BYTES};

@@ -17,12 +17,13 @@ use super::network::Msg;
 use super::world::{idx, Ev, World};
 use crate::engine::{ClientId, Engine};
 use crate::error::{Error, StorageError};
-use crate::executor::{Host, Input, Notice};
+use crate::executor::{Host, Input, Notice, SnapshotJob};
 use crate::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
 use crate::message::{Envelope, Request, Response};
 use crate::replicator::WriteAck;
 use crate::state_machine::StateMachine;
 use crate::testkit::memory::retention_point;
+use crate::transport::BoxFuture;
 use crate::types::{Command, HardState, Instant, LogIndex, NodeId, Payload, Position, WalEntry};
 
 /// The world, shared by the simulator's loop and every node's executor (which
@@ -100,6 +101,14 @@ impl Host for SimHost {
 
     fn admin_done(&mut self, id: ClientId, result: Result<(), Error>) {
         self.0.with(|w| w.admin_done(id, result));
+    }
+
+    /// At once: the simulated state machine's capture is already its encoding.
+    fn offload(
+        &mut self,
+        job: SnapshotJob,
+    ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>> {
+        Box::pin(std::future::ready(job()))
     }
 
     fn notice(&mut self, notice: Notice<'_>) {
@@ -303,6 +312,8 @@ impl SimSm {
 }
 
 impl StateMachine for SimSm {
+    type Capture = Vec<u8>;
+
     fn apply(&mut self, position: Position, command: &Command) -> Vec<u8> {
         self.apply_entry(position, &Payload::Command(command.clone()));
         Vec::new()
@@ -331,11 +342,10 @@ impl StateMachine for SimSm {
             .unwrap_or(LogIndex::ZERO)
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StorageError> {
-        Ok(self
-            .0
+    fn capture(&self) -> Vec<u8> {
+        self.0
             .with(|w| w.node(self.0.id).sm.encode())
-            .unwrap_or_default())
+            .unwrap_or_default()
     }
 
     fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), StorageError> {

@@ -341,18 +341,16 @@ pub async fn check_control_not_blocked_by_wal<H: TransportHarness>(harness: &H) 
     close_all(C, &nodes).await;
 }
 
-/// Records the request ids of WAL requests as their handler futures start.
+/// Records the request ids of WAL requests as they are handed to the handler
+/// (when `handle` is called: a handler queues a request there, so that is the
+/// order the node sees).
 fn recording(me: NodeId, seen: Arc<Mutex<Vec<u64>>>) -> Arc<dyn RequestHandler> {
     handler(move |_, req| {
-        let seen = seen.clone();
         let response = answer(me, &req);
-        let is_wal = matches!(req.body, Request::WalBatch(_));
-        Box::pin(async move {
-            if is_wal {
-                seen.lock().push(req.request_id);
-            }
-            response
-        })
+        if matches!(req.body, Request::WalBatch(_)) {
+            seen.lock().push(req.request_id);
+        }
+        Box::pin(async move { response })
     })
 }
 
