@@ -29,6 +29,13 @@ pub enum ConfiguredRole {
     Witness,
 }
 
+/// The entries an async-mode failover may lose when
+/// [`Config::max_lag_on_failover`] is unset: two full default batches, about
+/// 100 KiB of 100-byte writes or 1 MiB of 1 KiB ones (Patroni's default allowance
+/// is 1 MiB). Enough that the primary rarely waits for the witness to record a
+/// standby floor, small enough that a failover loses at most a moment of writes.
+pub const DEFAULT_ASYNC_LAG: u64 = 1024;
+
 /// Everything a node needs to take part in replication.
 ///
 /// Build one with [`Config::new`] (LAN defaults) and check it with
@@ -69,8 +76,13 @@ pub struct Config {
     /// In sync modes: never commit without the standby (no degraded sync through the
     /// witness); writes wait and time out while the standby is away.
     pub strict_sync: bool,
-    /// In async mode: at most this many acknowledged entries may be lost on failover.
-    pub max_lag_on_failover: u64,
+    /// In async mode: at most this many acknowledged entries may be lost on
+    /// failover; `None` means [`DEFAULT_ASYNC_LAG`]. The primary acknowledges a
+    /// write once it is durable on the primary and the witness has recorded a
+    /// standby floor at most this far behind it, so with a lag of a few batches it
+    /// rarely waits for the witness (a lag of 0 waits on every commit, and is no
+    /// faster than sync). Must be `None` in the sync modes, which lose nothing.
+    pub max_lag_on_failover: Option<u64>,
     /// How long the primary waits for a standby ack before it falls back to recording
     /// a floor at the witness (degraded sync).
     pub degrade_timeout: Duration,
@@ -148,7 +160,7 @@ impl Config {
             unsafe_auto_failover_without_witness: false,
             commit_mode: CommitMode::Sync,
             strict_sync: false,
-            max_lag_on_failover: 0,
+            max_lag_on_failover: None,
             degrade_timeout: Duration::from_millis(100),
             wal_batch_size: 512,
             wal_batch_bytes: 1 << 20,
@@ -204,10 +216,11 @@ impl Config {
         Duration::from_secs_f64(scaled).saturating_sub(self.tick_interval)
     }
 
-    /// Entries a failover may lose: `max_lag_on_failover` in async mode, else 0.
+    /// Entries a failover may lose: `max_lag_on_failover` (or
+    /// [`DEFAULT_ASYNC_LAG`]) in async mode, else 0.
     pub fn allowed_lag(&self) -> u64 {
         match self.commit_mode {
-            CommitMode::Async => self.max_lag_on_failover,
+            CommitMode::Async => self.max_lag_on_failover.unwrap_or(DEFAULT_ASYNC_LAG),
             CommitMode::Sync | CommitMode::SyncApply => 0,
         }
     }
@@ -327,10 +340,10 @@ impl Config {
         if self.snapshot_every == 0 {
             return Err(bad("snapshot_every", "must be at least 1"));
         }
-        if self.commit_mode != CommitMode::Async && self.max_lag_on_failover != 0 {
+        if self.commit_mode != CommitMode::Async && self.max_lag_on_failover.is_some() {
             return Err(bad(
                 "max_lag_on_failover",
-                "only applies in async commit mode; set it to 0",
+                "only applies in async commit mode; leave it unset",
             ));
         }
         Ok(())
@@ -389,7 +402,7 @@ mod tests {
         assert_eq!(c.validate().map_err(|e| e.field), Err("role"));
 
         let mut c = data_config();
-        c.max_lag_on_failover = 5;
+        c.max_lag_on_failover = Some(5);
         assert_eq!(
             c.validate().map_err(|e| e.field),
             Err("max_lag_on_failover")

@@ -30,7 +30,7 @@ pub mod types;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use config::{Config, ConfigError, ConfiguredRole, Member};
+pub use config::{Config, ConfigError, ConfiguredRole, Member, DEFAULT_ASYNC_LAG};
 pub use driver::{Bootstrap, Node, NodeBuilder};
 pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};

@@ -1606,7 +1606,7 @@ async fn a_state_machine_ahead_of_its_log_is_refused_at_start() {
 
 fn async_mode(cfg: &mut Config) {
     cfg.commit_mode = CommitMode::Async;
-    cfg.max_lag_on_failover = 100;
+    cfg.max_lag_on_failover = Some(100);
     cfg.snapshot_every = 5;
 }
 

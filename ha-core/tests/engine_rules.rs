@@ -1315,7 +1315,7 @@ fn async_standby_with_snapshot_at_50() -> Engine {
     let t1 = term(1, N1);
     let mut cfg = config(N2);
     cfg.commit_mode = ha_core::CommitMode::Async;
-    cfg.max_lag_on_failover = 8;
+    cfg.max_lag_on_failover = Some(8);
     Engine::new(
         cfg,
         InitialState {

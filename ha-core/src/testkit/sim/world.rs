@@ -195,7 +195,8 @@ impl World {
             let mut c = Config::new(id, kind, format!("sim-{}", id.0), peers);
             c.commit_mode = cfg.commit_mode;
             c.strict_sync = cfg.strict_sync;
-            c.max_lag_on_failover = cfg.max_lag_on_failover;
+            c.max_lag_on_failover = (cfg.commit_mode == crate::types::CommitMode::Async)
+                .then_some(cfg.max_lag_on_failover);
             c.clock_drift_ppm = cfg.faults.clock_drift_ppm;
             c.snapshot_every = cfg.snapshot_every;
             c.wal_batch_size = 64;
