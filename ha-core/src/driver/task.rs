@@ -7,7 +7,8 @@
 //! executor runs the engine's actions in order (see [`crate::executor`]); this
 //! host carries out what leaves the node: sends go to per-peer senders, replies
 //! complete the callers' oneshots, and the health snapshot is published after
-//! every engine step. No lock is held across an `.await`.
+//! a step that changed its headline (role, term, primary, writability) and
+//! otherwise once per tick. No lock is held across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,6 +98,39 @@ pub(super) struct TokioHost<T: Transport> {
     admins: HashMap<ClientId, Option<AdminReply>>,
     responders: HashMap<(NodeId, u64), oneshot::Sender<Envelope<Response>>>,
     ticks: u64,
+    /// What the last published status said of role, term, primary and
+    /// writability; `None` before the first.
+    headline: Option<Headline>,
+    /// Set by every tick: the next step publishes the whole status (positions,
+    /// peers' contact) even if the headline did not change.
+    status_due: bool,
+}
+
+/// The part of a node's status that callers wait on (a new primary, a lost
+/// lease): published after the step that changed it. The rest (indices, peer
+/// contact) changes with nearly every step and is published once per tick, so a
+/// step under load does not rebuild the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Headline {
+    role: crate::types::Role,
+    term: crate::types::Term,
+    leader: Option<NodeId>,
+    writable: bool,
+    degraded: bool,
+    failover_paused: bool,
+}
+
+impl Headline {
+    fn of(engine: &Engine, now: Instant) -> Self {
+        Headline {
+            role: engine.role(),
+            term: engine.term(),
+            leader: engine.leader(),
+            writable: engine.writable(now),
+            degraded: engine.degraded(),
+            failover_paused: engine.failover_paused(),
+        }
+    }
 }
 
 /// What [`TokioHost::new`] needs.
@@ -162,6 +196,8 @@ impl<T: Transport> TokioHost<T> {
             admins: HashMap::new(),
             responders: HashMap::new(),
             ticks: 0,
+            headline: None,
+            status_due: true,
         }
     }
 
@@ -225,6 +261,7 @@ impl<T: Transport> TokioHost<T> {
 
     fn on_tick(&mut self) {
         self.ticks += 1;
+        self.status_due = true;
         // Reap the control-request tasks that finished.
         while let Some(done) = self.tasks.try_join_next() {
             if let Err(e) = done {
@@ -242,9 +279,16 @@ impl<T: Transport> TokioHost<T> {
         }
     }
 
-    /// Publishes the health snapshot and the known primary.
-    fn publish(&self, engine: &Engine) {
-        let health = engine.health(self.now());
+    /// Publishes the health snapshot if its headline changed or a tick passed.
+    fn publish(&mut self, engine: &Engine) {
+        let now = self.now();
+        let headline = Headline::of(engine, now);
+        if !self.status_due && self.headline == Some(headline) {
+            return;
+        }
+        self.status_due = false;
+        self.headline = Some(headline);
+        let health = engine.health(now);
         self.shared.status.send_if_modified(|s| {
             let changed = *s != health;
             if changed {

@@ -317,6 +317,16 @@ impl Engine {
         self.failover_paused || !self.cfg.auto_failover_enabled()
     }
 
+    /// True if this node is the primary, holds a lease at `now` and accepts
+    /// writes (no switchover under way).
+    pub fn writable(&self, now: Instant) -> bool {
+        self.has_lease(now)
+            && self
+                .leader_state
+                .as_ref()
+                .is_some_and(|l| l.accepting_writes())
+    }
+
     /// The node's replication state as seen at `now`.
     pub fn health(&self, now: Instant) -> HealthStatus {
         let ls = self.leader_state.as_ref();
@@ -351,7 +361,7 @@ impl Engine {
             role: self.role,
             term: self.hs.current_term,
             leader: self.leader,
-            writable: self.has_lease(now) && ls.is_some_and(|l| l.accepting_writes()),
+            writable: self.writable(now),
             commit_mode: self.cfg.commit_mode,
             last_position: self.log.last(),
             commit_index: self.commit,
