@@ -90,13 +90,17 @@ pub struct Config {
     pub wal_batch_size: usize,
     /// Maximum bytes per WAL batch.
     pub wal_batch_bytes: usize,
-    /// How long the primary may hold entries to fill a batch. Not read by this
-    /// version: a batch is cut at every engine step (client writes queued together
-    /// are already one step); batching that waits belongs with the throughput work
-    /// on the primary's batching.
+    /// How long the primary may hold entries back to fill a batch while an
+    /// earlier batch is in flight. With nothing in flight a batch leaves at once
+    /// (a lone client pays no added delay); with batches in flight, new entries
+    /// wait until a batch is full, an ack frees the window, or the oldest of them
+    /// has waited this long (checked at every engine step, ticks included).
     pub wal_batch_timeout: Duration,
     /// Batches in flight to one peer before the primary waits for acks.
     pub max_inflight_batches: usize,
+    /// Bytes in flight to one peer before the primary waits for acks (one batch
+    /// may always be in flight, whatever its size).
+    pub max_inflight_bytes: usize,
     /// Deadline of every RPC.
     pub rpc_timeout: Duration,
     /// First reconnect delay after a lost connection.
@@ -166,6 +170,7 @@ impl Config {
             wal_batch_bytes: 1 << 20,
             wal_batch_timeout: Duration::from_micros(200),
             max_inflight_batches: 8,
+            max_inflight_bytes: 8 << 20,
             rpc_timeout: Duration::from_millis(500),
             reconnect_interval: Duration::from_millis(20),
             max_reconnect_backoff: Duration::from_secs(1),
@@ -321,6 +326,9 @@ impl Config {
         }
         if self.max_inflight_batches == 0 {
             return Err(bad("max_inflight_batches", "must be at least 1"));
+        }
+        if self.max_inflight_bytes == 0 {
+            return Err(bad("max_inflight_bytes", "must be at least 1"));
         }
         if self.rpc_timeout.is_zero() {
             return Err(bad("rpc_timeout", "must be greater than zero"));

@@ -787,16 +787,17 @@ async fn snapshots_are_taken_and_a_lagging_standby_catches_up_through_one() {
             .index;
     }
     let stale = store.last().index;
-    let compacted = p
-        .store()
-        .entries()
-        .first()
-        .map(|e| e.index())
-        .unwrap_or(last.next());
-    assert!(
-        compacted > stale.next(),
-        "the primary compacted past the standby's log ({compacted} > {stale})"
-    );
+    // Snapshots are serialized off the engine task; the compaction follows the
+    // save.
+    wait_until(
+        std::slice::from_ref(&p),
+        |n| {
+            let first = n.store().entries().first().map(|e| e.index());
+            first.unwrap_or(last.next()) > stale.next()
+        },
+        "the primary to compact past the standby's log",
+    )
+    .await;
 
     let back = node(&c.net, sid, store.clone(), Bootstrap::NewCluster, &every);
     back.start().await.expect("restart");
@@ -1451,10 +1452,15 @@ async fn a_lagging_standby_catches_up_from_the_primarys_durable_log_within_reten
         let held = p.store().entries().first().map(|e| e.index());
         let stale = store.last().index;
         if expect_snapshot {
-            assert!(
-                held > Some(stale.next()),
-                "purged past the standby: {held:?}"
-            );
+            // Snapshots are serialized off the engine task; the purge follows
+            // the save.
+            let first = |n: &MemNode| n.store().entries().first().map(|e| e.index());
+            wait_until(
+                std::slice::from_ref(&p),
+                |n| first(n) > Some(stale.next()),
+                "the primary to purge past the standby",
+            )
+            .await;
         } else {
             assert!(held <= Some(stale.next()), "kept for the standby: {held:?}");
         }

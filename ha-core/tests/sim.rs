@@ -252,6 +252,8 @@ fn mutation_no_startup_window_is_caught() {
 /// at least the candidate's tick (its timer is only read on ticks: 1–10 ms of
 /// 60–300 ms timeouts here, so about 2 %). A lease of exactly
 /// `failover_timeout` at ρ = 1 % overshoots by 2.02 % and is caught; 1 % is not.
+/// It is rare at this size: since the primary holds back partial batches while
+/// one is in flight, the first catch is at seed 5,369 (edge seed ~1,340).
 const SMALLEST_CAUGHT_OVERSHOOT_PPM: u32 = 20_000;
 
 #[test]
@@ -264,7 +266,7 @@ fn a_lease_overshooting_its_bound_is_caught() {
         edge_only: true,
         ..Mutant::engine(m)
     };
-    assert_caught("lease_overshoot", mutant, 400);
+    assert_caught("lease_overshoot", mutant, 1500);
 }
 
 // ----- witness floors and switchover -------------------------------------------

@@ -4,7 +4,10 @@
 //!   20,000 simulator seeds).
 //! - `cargo xtask sim --seeds N` / `--seed S`: the deterministic simulator.
 //! - `cargo xtask demo`: a readable simulated failover.
+//! - `cargo xtask bench [flags]`: the end-to-end library benchmark (`ha-bench`, in
+//!   release mode); `--soak` for the ten-minute soak.
 
+mod bench;
 mod demo;
 mod sim;
 
@@ -30,6 +33,9 @@ enum Cmd {
     Sim(sim::SimArgs),
     /// Show a simulated failover, step by step.
     Demo,
+    /// Run the end-to-end library benchmark (ha-bench; flags pass through, `--soak`
+    /// = `--soak-secs 600`; `cargo xtask bench --help` shows ha-bench's flags).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +44,7 @@ fn main() -> ExitCode {
         Cmd::Ci => ci(),
         Cmd::Sim(args) => sim::run(args),
         Cmd::Demo => demo::run_demo(),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

@@ -96,6 +96,20 @@ impl LeaderState {
         Some(lease_end.plus(cfg.failover_timeout))
     }
 
+    /// True if the entry at `index` (not yet acked by the standby) was appended
+    /// at least `wait` before `now`, or its append time is unknown.
+    pub(super) fn waited_since(
+        &self,
+        index: LogIndex,
+        now: Instant,
+        wait: std::time::Duration,
+    ) -> bool {
+        self.unacked
+            .iter()
+            .find(|(last, _)| *last >= index)
+            .is_none_or(|(_, at)| now.since(*at) >= wait)
+    }
+
     pub(super) fn transfer_target(&self) -> Option<NodeId> {
         self.transfer.as_ref().map(|t| t.target)
     }

@@ -60,6 +60,8 @@ pub(super) struct InFlight {
     pub(super) rid: u64,
     pub(super) last: Position,
     pub(super) sent: Instant,
+    /// The batch's entries' size ([`crate::types::WalEntry::approx_size`]).
+    pub(super) bytes: usize,
 }
 
 /// Replication progress of the data peer.
@@ -97,12 +99,26 @@ impl Progress {
         self.flow
     }
 
-    /// True if another batch may be sent now.
-    pub(super) fn may_send(&self, window: usize) -> bool {
+    /// True if another batch may be sent now: fewer than `window` batches and
+    /// fewer than `max_bytes` bytes are in flight (one batch may always go).
+    pub(super) fn may_send(&self, window: usize, max_bytes: usize) -> bool {
         match self.flow {
-            Flow::Probe | Flow::Replicate => self.inflight.len() < window.max(1),
+            Flow::Probe | Flow::Replicate => {
+                self.inflight.is_empty()
+                    || (self.inflight.len() < window.max(1) && self.inflight_bytes() < max_bytes)
+            }
             Flow::Reading { .. } | Flow::Snapshot { .. } => false,
         }
+    }
+
+    /// Bytes of the batches in flight.
+    pub(super) fn inflight_bytes(&self) -> usize {
+        self.inflight.iter().map(|b| b.bytes).sum()
+    }
+
+    /// True if at least one batch is in flight.
+    pub(super) fn batches_in_flight(&self) -> bool {
+        !self.inflight.is_empty()
     }
 
     /// True if nothing is in flight (no batch, read or snapshot).
@@ -110,12 +126,13 @@ impl Progress {
         self.inflight.is_empty() && matches!(self.flow, Flow::Probe | Flow::Replicate)
     }
 
-    /// A batch ending at `last` was sent under `rid`.
-    pub(super) fn sent_batch(&mut self, rid: u64, last: Position, now: Instant) {
+    /// A batch of `bytes` ending at `last` was sent under `rid`.
+    pub(super) fn sent_batch(&mut self, rid: u64, last: Position, bytes: usize, now: Instant) {
         self.inflight.push_back(InFlight {
             rid,
             last,
             sent: now,
+            bytes,
         });
         self.next = last.index.next();
     }
@@ -293,25 +310,25 @@ mod tests {
     fn a_new_peer_is_probed_until_a_durable_ack_confirms_the_match() {
         let mut p = peer();
         assert_eq!(p.flow(), Flow::Probe);
-        assert!(p.may_send(8));
-        p.sent_batch(1, pos(12), ms(0));
+        assert!(p.may_send(8, 1 << 20));
+        p.sent_batch(1, pos(12), 100, ms(0));
         assert_eq!(p.flow(), Flow::Probe, "sent, not yet confirmed");
         assert_eq!(p.next, LogIndex(13));
         p.acked(1, pos(12), true);
         assert_eq!(p.flow(), Flow::Replicate);
         assert_eq!(p.matched, LogIndex(12));
         for rid in 2..10 {
-            assert!(p.may_send(8));
-            p.sent_batch(rid, pos(12 + rid), ms(1));
+            assert!(p.may_send(8, 1 << 20));
+            p.sent_batch(rid, pos(12 + rid), 100, ms(1));
         }
-        assert!(!p.may_send(8), "replicate: the window is full");
+        assert!(!p.may_send(8, 1 << 20), "replicate: the window is full");
         assert_eq!(p.inflight_len(), 8);
     }
 
     #[test]
     fn an_ack_of_a_position_this_log_does_not_hold_does_not_raise_the_match() {
         let mut p = peer();
-        p.sent_batch(1, pos(12), ms(0));
+        p.sent_batch(1, pos(12), 100, ms(0));
         p.acked(1, pos(12), false);
         assert_eq!(p.matched, LogIndex::ZERO);
         assert_eq!(p.flow(), Flow::Probe);
@@ -320,17 +337,17 @@ mod tests {
     #[test]
     fn a_mismatch_resets_to_probe_and_a_stale_one_is_ignored() {
         let mut p = peer();
-        p.sent_batch(1, pos(12), ms(0));
+        p.sent_batch(1, pos(12), 100, ms(0));
         p.acked(1, pos(12), true);
-        p.sent_batch(2, pos(13), ms(1));
-        p.sent_batch(3, pos(14), ms(1));
+        p.sent_batch(2, pos(13), 100, ms(1));
+        p.sent_batch(3, pos(14), 100, ms(1));
         // The answer to batch 2 arrives after batch 3's ack: batch 2 is no longer
         // in flight, so its mismatch is stale.
         p.acked(3, pos(14), true);
         assert!(!p.refused(2, LogIndex(13), LogIndex(20), 100));
         assert_eq!(p.matched, LogIndex(14));
         // A real mismatch: back to probing from the hint.
-        p.sent_batch(4, pos(15), ms(2));
+        p.sent_batch(4, pos(15), 100, ms(2));
         assert!(p.refused(4, LogIndex(15), LogIndex(20), 100));
         assert_eq!(p.flow(), Flow::Probe);
         assert_eq!(p.next, LogIndex(15));
@@ -341,9 +358,9 @@ mod tests {
     #[test]
     fn a_refusal_below_the_match_means_the_peer_lost_its_disk() {
         let mut p = peer();
-        p.sent_batch(1, pos(12), ms(0));
+        p.sent_batch(1, pos(12), 100, ms(0));
         p.acked(1, pos(12), true);
-        p.sent_batch(2, pos(13), ms(1));
+        p.sent_batch(2, pos(13), 100, ms(1));
         assert!(p.refused(2, LogIndex(1), LogIndex(20), 50));
         assert_eq!(p.matched, LogIndex::ZERO);
         assert_eq!(p.next, LogIndex(1));
@@ -352,10 +369,10 @@ mod tests {
     #[test]
     fn a_read_pauses_sending_and_resumes_the_flow_it_interrupted() {
         let mut p = peer();
-        p.sent_batch(1, pos(12), ms(0));
+        p.sent_batch(1, pos(12), 100, ms(0));
         p.acked(1, pos(12), true);
         p.start_read(7, ms(1));
-        assert!(!p.may_send(8));
+        assert!(!p.may_send(8, 1 << 20));
         assert_eq!(p.finish_read(8), None, "another read's answer");
         assert_eq!(p.finish_read(7), Some(LogIndex(13)));
         assert_eq!(p.flow(), Flow::Replicate);
@@ -371,7 +388,7 @@ mod tests {
     fn only_the_answer_to_the_snapshot_in_flight_moves_the_peer() {
         let mut p = peer();
         p.sent_snapshot(5, ms(0));
-        assert!(!p.may_send(8));
+        assert!(!p.may_send(8, 1 << 20));
         // An answer to an older snapshot request is stale.
         assert!(!p.snapshot_answered(4, true, pos(50), LogIndex(60), 10));
         assert_eq!(p.matched, LogIndex::ZERO);
@@ -389,21 +406,21 @@ mod tests {
     #[test]
     fn a_timeout_resends_from_the_match() {
         let mut p = peer();
-        p.sent_batch(1, pos(12), ms(0));
+        p.sent_batch(1, pos(12), 100, ms(0));
         p.acked(1, pos(12), true);
-        p.sent_batch(2, pos(20), ms(1));
+        p.sent_batch(2, pos(20), 100, ms(1));
         assert!(p.oldest_sent_before(ms(1)));
         assert!(!p.oldest_sent_before(ms(0)));
         p.timed_out(9);
         assert_eq!(p.next, LogIndex(13));
         assert_eq!(p.flow(), Flow::Probe);
-        assert!(p.may_send(8));
+        assert!(p.may_send(8, 1 << 20));
     }
 
     #[test]
     fn a_peer_that_rejoined_empty_is_resent_from_what_it_holds() {
         let mut p = peer();
-        p.sent_batch(1, pos(12), ms(0));
+        p.sent_batch(1, pos(12), 100, ms(0));
         p.acked(1, pos(12), true);
         p.rejoined_empty(LogIndex(3), 9);
         assert_eq!((p.matched, p.next), (LogIndex(3), LogIndex(4)));

@@ -14,15 +14,20 @@ impl Engine {
     /// with [`Action::ReadEntries`], sent in [`Self::on_entries_read`]).
     pub(super) fn replicate(&mut self) {
         let now = self.now;
-        let max_inflight = self.cfg.max_inflight_batches;
+        let (max_inflight, max_bytes) =
+            (self.cfg.max_inflight_batches, self.cfg.max_inflight_bytes);
         let (batch_size, batch_bytes) = (self.cfg.wal_batch_size, self.cfg.wal_batch_bytes);
         loop {
-            let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
+            let Some(ls) = self.leader_state.as_ref() else {
                 return;
             };
-            if !p.may_send(max_inflight) {
+            let Some(p) = ls.peer.as_ref() else {
+                return;
+            };
+            if !p.may_send(max_inflight, max_bytes) {
                 return;
             }
+            let holding_back = p.batches_in_flight();
             let (peer, next) = (p.id, p.next);
             if next <= self.log.snapshot().index {
                 let read_id = self.next_request_id();
@@ -41,6 +46,13 @@ impl Engine {
             let Some(last) = entries.last().map(|e| e.position) else {
                 return;
             };
+            // Batching: while a batch is in flight, a batch that is not full
+            // waits (its entries join the next one) until the window frees up
+            // or its oldest entry has waited `wal_batch_timeout`.
+            let full = entries.len() >= batch_size || last.index < self.log.last().index;
+            if holding_back && !full && !ls.waited_since(next, now, self.cfg.wal_batch_timeout) {
+                return;
+            }
             let Some(prev) = self.log.position_at(next.prev()) else {
                 return;
             };
@@ -116,6 +128,7 @@ impl Engine {
         last: Position,
     ) {
         let (commit, now) = (self.commit, self.now);
+        let bytes = entries.iter().map(WalEntry::approx_size).sum();
         let rid = self.send(
             peer,
             Request::WalBatch(WalBatch {
@@ -127,7 +140,7 @@ impl Engine {
         if let Some(ls) = self.leader_state.as_mut() {
             ls.commit_notified = ls.commit_notified.max(commit);
             if let Some(p) = ls.peer.as_mut() {
-                p.sent_batch(rid, last, now);
+                p.sent_batch(rid, last, bytes, now);
             }
         }
     }
