@@ -693,8 +693,7 @@ fn primary_acks_a_write_only_after_the_standby_is_durable_and_under_a_lease() {
     let wal = sent(&acts)
         .into_iter()
         .chain(sent(&later))
-        .filter(|s| s.to == N2 && matches!(&s.body, Request::WalBatch(b) if b.entries.iter().any(|e| e.index() == LogIndex(2))))
-        .last();
+        .rfind(|s| s.to == N2 && matches!(&s.body, Request::WalBatch(b) if b.entries.iter().any(|e| e.index() == LogIndex(2))));
     let rid = wal.expect("batch sent to the standby").request_id;
     p.step(
         ms(403),

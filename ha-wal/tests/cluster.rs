@@ -215,11 +215,11 @@ async fn a_restarted_standby_catches_up_from_the_primarys_wal_within_retention()
                 .await
                 .expect("write acknowledged while the standby is down");
         }
-        assert!(
-            primary.metrics().snapshots_taken >= 3,
-            "{:?}",
-            primary.metrics()
-        );
+        // Snapshots are serialized off the engine task, then saved.
+        let snapshots = primary
+            .wait_status(|_| primary.metrics().snapshots_taken >= 3, T)
+            .await;
+        assert!(snapshots.is_ok(), "{:?}", primary.metrics());
 
         let back = node_with(&net, sid, dir.path(), wal_cfg.clone());
         back.start().await.expect("restart from disk");
