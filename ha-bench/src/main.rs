@@ -113,6 +113,10 @@ struct Cli {
     /// Measured window of each run, seconds.
     #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
     secs: f64,
+    /// Distinct keys the clients write (they overwrite them in turn, so the
+    /// state machine holds at most this many).
+    #[arg(long, default_value_t = 200_000)]
+    keys: u64,
     /// `Config::snapshot_every` (default: the `Config` default).
     #[arg(long, value_name = "N")]
     snapshot_every: Option<u64>,
@@ -206,6 +210,7 @@ fn matrix(
                             warmup,
                             window,
                             interval: window,
+                            keys: cli.keys,
                         },
                     };
                     let result = run_case(rt, cli, tmp, case);
@@ -240,6 +245,7 @@ fn soak(
             warmup,
             window,
             interval: Duration::from_secs(30).min(window),
+            keys: cli.keys,
         },
     };
     let result = run_case(rt, cli, tmp, case);

@@ -36,6 +36,10 @@ pub struct Plan {
     /// The window is reported in intervals of this length (the last may be
     /// shorter); equal to `window` for one row.
     pub interval: Duration,
+    /// Distinct keys written, spread over the clients: each client overwrites
+    /// its share of them in turn, so the state (and every snapshot) stays this
+    /// size however long the run.
+    pub keys: u64,
 }
 
 impl Plan {
@@ -233,6 +237,7 @@ struct Window {
     t1: Instant,
     interval: Duration,
     intervals: usize,
+    keys_per_client: u64,
 }
 
 async fn client<T: Transport, L: BenchStore>(
@@ -253,7 +258,7 @@ async fn client<T: Transport, L: BenchStore>(
         if started >= window.t1 {
             break;
         }
-        let command = put_command(key_for(id, counter), &value);
+        let command = put_command(key_for(id, counter % window.keys_per_client), &value);
         counter += 1;
         match data[current].apply(command, WRITE_TIMEOUT).await {
             Ok(_) => {
@@ -308,6 +313,7 @@ async fn measure<T: Transport, L: BenchStore>(
         t1: t0 + plan.window,
         interval: plan.interval,
         intervals,
+        keys_per_client: (plan.keys / plan.clients.max(1) as u64).max(1),
     });
     let tasks: Vec<_> = (0..plan.clients)
         .map(|c| {

@@ -340,6 +340,14 @@ pub(crate) struct SnapshotRecord {
     pub(crate) data: Vec<u8>,
 }
 
+/// [`SnapshotRecord`] borrowing its data, for writing (the same encoding: postcard
+/// writes a byte slice and a byte vector alike).
+#[derive(Serialize)]
+pub(crate) struct SnapshotRecordRef<'a> {
+    pub(crate) last_included: Position,
+    pub(crate) data: &'a [u8],
+}
+
 impl SnapshotRecord {
     pub(crate) fn into_snapshot(self) -> Snapshot {
         Snapshot {

@@ -21,8 +21,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::WalConfig;
 use crate::format::{
-    segment_file_name, set_group_start, LogMeta, SegmentHeader, SnapshotRecord, HARD_STATE_MAGIC,
-    META_MAGIC, SEGMENT_HEADER_LEN, SNAPSHOT_MAGIC,
+    segment_file_name, set_group_start, LogMeta, SegmentHeader, SnapshotRecordRef,
+    HARD_STATE_MAGIC, META_MAGIC, SEGMENT_HEADER_LEN, SNAPSHOT_MAGIC,
 };
 use crate::fsutil::{encode_payload, io_err, remove_file, sync_dir, write_small_file, TMP_SUFFIX};
 use crate::metrics::Counters;
@@ -136,6 +136,9 @@ pub(crate) struct Writer {
     taken: u64,
     /// Appends in the previous group.
     last_group: usize,
+    /// A snapshot save running on its own thread (it may write many megabytes:
+    /// appends must not wait behind it), with the outcome it reports.
+    saving: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
 }
 
 fn invalid(msg: String) -> StorageError {
@@ -180,6 +183,7 @@ impl Writer {
             failed: None,
             taken: 0,
             last_group: 0,
+            saving: None,
         }
     }
 
@@ -201,6 +205,9 @@ impl Writer {
             self.flush_or_fail();
             self.publish();
         }
+        // The last handle is gone: a save in progress still finishes (its
+        // caller may be waiting for it).
+        let _ = self.finish_saving();
     }
 
     /// Takes every queued operation (up to the group byte limit), and waits briefly
@@ -296,12 +303,25 @@ impl Writer {
             op.reply(Err(e));
             return;
         }
+        // Whatever reads or writes the snapshot waits for a save in progress.
+        if matches!(
+            op,
+            Op::Purge(..) | Op::SaveSnapshot(..) | Op::InstallSnapshot(..)
+        ) {
+            if let Err(e) = self.finish_saving() {
+                op.reply(Err(e));
+                return;
+            }
+        }
+        if let Op::SaveSnapshot(snapshot, reply) = op {
+            self.start_save(snapshot, reply);
+            return;
+        }
         let result = match &op {
-            Op::Append(..) => Ok(()),
+            Op::Append(..) | Op::SaveSnapshot(..) => Ok(()),
             Op::Truncate(from, _) => self.truncate_suffix(*from),
             Op::Purge(upto, _) => self.purge_prefix(*upto),
             Op::HardState(hs, _) => self.save_hard_state(hs),
-            Op::SaveSnapshot(s, _) => self.save_snapshot(s),
             Op::InstallSnapshot(s, _) => self.install_snapshot(s),
         };
         if let Err(e) = &result {
@@ -670,31 +690,57 @@ impl Writer {
     }
 
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let record = SnapshotRecord {
-            last_included: snapshot.last_included,
-            data: snapshot.data.clone(),
-        };
-        let payload = encode_payload("snapshot", &record)?;
-        write_small_file(
-            &self.dir,
-            SNAPSHOT_FILE,
-            SNAPSHOT_MAGIC,
-            &payload,
-            self.cfg.sync,
-        )?;
+        write_snapshot_file(&self.dir, self.cfg.sync, snapshot)?;
         self.state.write().snapshot = Some(snapshot.clone());
         Ok(())
     }
 
-    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+    /// Saves a snapshot on a thread of its own: the file may be large, and the
+    /// appends that follow must not wait for it. Its reply is sent when the file
+    /// is durable; operations that touch the snapshot wait for it first
+    /// ([`Self::finish_saving`]).
+    fn start_save(&mut self, snapshot: Snapshot, reply: Reply) {
         let base = self.state.read().base;
         if snapshot.last_included.index < base.index {
-            return Err(invalid(format!(
+            let _ = reply.send(Err(invalid(format!(
                 "snapshot at {} is behind the compacted prefix {base}",
                 snapshot.last_included
-            )));
+            ))));
+            return;
         }
-        self.write_snapshot(snapshot)
+        let (dir, sync, state) = (self.dir.clone(), self.cfg.sync, Arc::clone(&self.state));
+        let spawned = std::thread::Builder::new()
+            .name("ha-wal-snapshot".into())
+            .spawn(move || {
+                let result = write_snapshot_file(&dir, sync, &snapshot);
+                if result.is_ok() {
+                    state.write().snapshot = Some(snapshot);
+                }
+                let _ = reply.send(result.clone());
+                result
+            });
+        match spawned {
+            Ok(handle) => self.saving = Some(handle),
+            Err(e) => {
+                let e = StorageError::Io(format!("cannot start the snapshot writer: {e}"));
+                self.fail(e);
+            }
+        }
+    }
+
+    /// Waits for the snapshot save in progress, if any; its failure fails the log
+    /// (as a failure of any other durable write does).
+    pub(crate) fn finish_saving(&mut self) -> Result<(), StorageError> {
+        let Some(handle) = self.saving.take() else {
+            return Ok(());
+        };
+        let result = handle
+            .join()
+            .unwrap_or_else(|_| Err(StorageError::Io("the snapshot writer panicked".into())));
+        if let Err(e) = &result {
+            self.fail(e.clone());
+        }
+        result
     }
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
@@ -736,4 +782,18 @@ impl Writer {
         };
         self.write_meta(&meta)
     }
+}
+
+/// Writes the snapshot file atomically (a temporary file, fsynced, renamed).
+fn write_snapshot_file(
+    dir: &std::path::Path,
+    sync: bool,
+    snapshot: &Snapshot,
+) -> Result<(), StorageError> {
+    let record = SnapshotRecordRef {
+        last_included: snapshot.last_included,
+        data: &snapshot.data,
+    };
+    let payload = encode_payload("snapshot", &record)?;
+    write_small_file(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, &payload, sync)
 }

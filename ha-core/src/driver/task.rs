@@ -440,13 +440,15 @@ impl<T: Transport> Host for TokioHost<T> {
         }
     }
 
-    /// On one of tokio's blocking threads: a snapshot's serialization must not
-    /// hold up the engine task (or any other task of the runtime).
+    /// On a thread of its own, at a lower CPU priority, waited for from one of
+    /// tokio's blocking threads: a snapshot's serialization must hold up neither
+    /// the engine task nor (on a machine with few cores) its timers' share of
+    /// the CPU.
     fn offload(
         &mut self,
         job: SnapshotJob,
     ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>> {
-        let running = tokio::task::spawn_blocking(job);
+        let running = tokio::task::spawn_blocking(move || serialize_at_low_priority(job));
         Box::pin(async move {
             running.await.unwrap_or_else(|e| {
                 Err(StorageError::Io(format!(
@@ -553,6 +555,30 @@ pub(super) async fn run_engine<T: Transport, L: LogStore, S: StateMachine>(
         }
     };
     stop(&mut core, err).await;
+}
+
+/// How much lower than the engine's the serializing thread's priority is (a
+/// `nice` increment: at 10 it gets about a tenth of a contended core).
+const SNAPSHOT_NICENESS: i32 = 10;
+
+/// Runs a snapshot's serialization on a new thread with a lower priority and
+/// waits for it.
+fn serialize_at_low_priority(job: SnapshotJob) -> Result<(Snapshot, Snapshot), StorageError> {
+    let thread = std::thread::Builder::new()
+        .name("ha-snapshot".into())
+        .spawn(move || {
+            // On Linux the nice value is per thread. Best effort: at the default
+            // priority the serialization still runs, only with a larger share.
+            #[cfg(unix)]
+            let _ = rustix::process::nice(SNAPSHOT_NICENESS);
+            job()
+        })
+        .map_err(|e| StorageError::Io(format!("cannot start the snapshot thread: {e}")))?;
+    thread.join().unwrap_or_else(|_| {
+        Err(StorageError::Io(
+            "the snapshot serialization panicked".into(),
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -7,11 +7,17 @@ use std::collections::VecDeque;
 
 use crate::types::{LogIndex, Position, Term, WalEntry};
 
+/// Compacted entries freed per engine step: freeing a whole snapshot's worth
+/// (100,000 entries by default) at once would hold up the step for milliseconds.
+const FREE_PER_STEP: usize = 2048;
+
 /// Entries after `snapshot`, contiguous.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Log {
     snapshot: Position,
     entries: VecDeque<WalEntry>,
+    /// Entries compacted away and not yet freed ([`Log::free_some`]).
+    garbage: Vec<VecDeque<WalEntry>>,
 }
 
 impl Log {
@@ -19,6 +25,7 @@ impl Log {
         let mut log = Log {
             snapshot,
             entries: VecDeque::new(),
+            garbage: Vec::new(),
         };
         for e in entries {
             if e.index() == log.last().index.next() {
@@ -111,8 +118,28 @@ impl Log {
             return;
         }
         let drop = (upto.0 - self.snapshot.index.0) as usize;
-        self.entries.drain(..drop.min(self.entries.len()));
+        // The kept suffix moves to a new buffer (it is short: entries after the
+        // snapshot); the compacted prefix is freed a little per step.
+        let kept = self.entries.split_off(drop.min(self.entries.len()));
+        let compacted = std::mem::replace(&mut self.entries, kept);
+        self.garbage.push(compacted);
         self.snapshot = pos;
+    }
+
+    /// Frees up to [`FREE_PER_STEP`] compacted entries; called once per step.
+    pub(crate) fn free_some(&mut self) {
+        let mut budget = FREE_PER_STEP;
+        while budget > 0 {
+            let Some(chunk) = self.garbage.last_mut() else {
+                return;
+            };
+            let n = budget.min(chunk.len());
+            chunk.truncate(chunk.len() - n);
+            budget -= n;
+            if chunk.is_empty() {
+                self.garbage.pop();
+            }
+        }
     }
 
     /// Replaces the log by an empty one at `snapshot`, keeping the suffix after it if
@@ -143,5 +170,40 @@ impl Log {
             }
         }
         i
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{NodeId, Payload};
+
+    fn entries(n: u64) -> Vec<WalEntry> {
+        let t = Term {
+            number: 1,
+            node: NodeId(1),
+        };
+        (1..=n)
+            .map(|i| WalEntry::new(Position::new(t, LogIndex(i)), Payload::Noop))
+            .collect()
+    }
+
+    #[test]
+    fn compaction_frees_the_prefix_a_little_per_step() {
+        let total = (FREE_PER_STEP * 3 + 10) as u64;
+        let mut log = Log::new(Position::ZERO, entries(total + 5));
+        log.compact(LogIndex(total));
+        assert_eq!(log.snapshot().index, LogIndex(total));
+        assert_eq!(log.slice(LogIndex(total + 1), 100, usize::MAX).len(), 5);
+        assert!(!log.holds(Position::new(log.snapshot().term, LogIndex(3))));
+        let pending = |log: &Log| log.garbage.iter().map(VecDeque::len).sum::<usize>();
+        assert_eq!(pending(&log), total as usize);
+        log.free_some();
+        assert_eq!(pending(&log), total as usize - FREE_PER_STEP);
+        for _ in 0..3 {
+            log.free_some();
+        }
+        assert_eq!(pending(&log), 0);
+        assert!(log.garbage.is_empty());
     }
 }

@@ -628,6 +628,7 @@ impl Engine {
 
     /// Runs after every event: commit, apply, then emit what became possible.
     fn after_step(&mut self) {
+        self.log.free_some();
         if self.kind != MemberKind::Data {
             return;
         }
