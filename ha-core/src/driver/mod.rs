@@ -486,10 +486,13 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         // Alive before the task exists, so a shutdown never misses it.
         inner.shared.engine_alive.send_replace(true);
         let alive = AliveGuard(Arc::clone(&inner.shared));
-        let task = tokio::spawn(async move {
+        // Unconstrained by tokio's cooperative budget: while inputs keep coming
+        // the engine goes on (and sees its ticks on time) instead of being sent
+        // to the back of the run queue behind the tasks that feed it.
+        let task = tokio::spawn(tokio::task::unconstrained(async move {
             let _alive = alive;
             run_engine(core, stop_rx).await;
-        });
+        }));
         let mut lifecycle = inner.lifecycle.lock();
         if matches!(*lifecycle, Lifecycle::Closed) {
             // Shut down while starting: the task stops and closes the transport.
