@@ -69,6 +69,11 @@ pub(super) struct Background<'s> {
     pub(super) snapshots: VecDeque<SnapshotSave<'s>>,
     /// Reads for the engine; a handful at most (one per peer).
     pub(super) reads: Vec<PendingRead<'s>>,
+    /// Purges of the log's compacted prefix: nothing waits for them (the store
+    /// orders later operations after them), but their failure fails the node.
+    pub(super) purges: Vec<BoxFut<'s, Result<(), StorageError>>>,
+    /// The first failure of a purge, reported by [`Self::poll_finished`].
+    failed: Option<StorageError>,
 }
 
 impl<'s> Background<'s> {
@@ -78,17 +83,32 @@ impl<'s> Background<'s> {
             appends: FutureSet::new(),
             snapshots: VecDeque::new(),
             reads: Vec::new(),
+            purges: Vec::new(),
+            failed: None,
         }
     }
 
     pub(super) fn is_idle(&self) -> bool {
-        self.appends.is_empty() && self.snapshots.is_empty() && self.reads.is_empty()
+        self.appends.is_empty()
+            && self.snapshots.is_empty()
+            && self.reads.is_empty()
+            && self.purges.is_empty()
+            && self.failed.is_none()
     }
 
     /// Polls everything once, recording what finished (reported by
     /// [`Self::poll_finished`]).
     pub(super) fn poll_progress(&mut self, cx: &mut Context<'_>) {
         self.appends.poll_progress(cx);
+        let failed = &mut self.failed;
+        self.purges.retain_mut(|purge| match purge.as_mut().poll(cx) {
+            Poll::Ready(Ok(())) => false,
+            Poll::Ready(Err(e)) => {
+                failed.get_or_insert(e);
+                false
+            }
+            Poll::Pending => true,
+        });
         // Saves are issued in the order they were taken: one whose serialization
         // finished waits for every earlier one to be issued.
         let mut earlier_issued = true;
@@ -104,12 +124,18 @@ impl<'s> Background<'s> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Finished, StorageError>> {
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
         if !self.appends.is_empty() {
             if let Poll::Ready(done) = self.appends.poll_prefix(cx) {
                 return Poll::Ready(done.map(Finished::Persisted));
             }
         }
         self.poll_progress(cx);
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
         for k in 0..self.reads.len() {
             if let Poll::Ready(result) = self.reads[k].running.as_mut().poll(cx) {
                 let read_id = self.reads.swap_remove(k).read_id;

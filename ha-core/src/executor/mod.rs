@@ -12,12 +12,14 @@
 //! # The rules it enforces
 //! - **Order.** Actions run in the order the engine emitted them.
 //! - **Durable before what depends on it.** [`Action::PersistHardState`],
-//!   [`Action::Truncate`], [`Action::InstallSnapshot`], [`Action::ResetLog`],
-//!   [`Action::Compact`] are awaited (durable) before the next action runs, so every
-//!   message that depends on durable state leaves after it is durable. Appends are
-//!   issued at once (the store orders operations at call time) and awaited in the
-//!   background, then reported as [`Event::Persisted`], so the primary's own fsync
-//!   overlaps sending to the standby.
+//!   [`Action::Truncate`], [`Action::InstallSnapshot`], [`Action::ResetLog`] are
+//!   awaited (durable) before the next action runs, so every message that depends
+//!   on durable state leaves after it is durable. Appends are issued at once (the
+//!   store orders operations at call time) and awaited in the background, then
+//!   reported as [`Event::Persisted`], so the primary's own fsync overlaps sending
+//!   to the standby. [`Action::Compact`] is issued at once too and awaited in the
+//!   background: nothing depends on a purge having finished, and a purge (deleting
+//!   files) must not stall the engine.
 //! - **The lease where an answer leaves.** A write acknowledgement or a read
 //!   answer is sent only if the engine still holds its lease at that moment: a pause
 //!   (or a slow durable action before it) can fall between the engine deciding and
@@ -427,7 +429,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 // never past the snapshot.
                 let to = store.purge_point(upto, keep_from).min(upto);
                 if to > LogIndex::ZERO {
-                    durable(bg, store.purge_prefix(to)).await?;
+                    bg.purges.push(Box::pin(store.purge_prefix(to)));
                 }
             }
             Action::TakeSnapshot(at) => self.take_snapshot(bg, at)?,
