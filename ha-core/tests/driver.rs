@@ -1361,6 +1361,19 @@ impl LogStore for GatedStore {
     }
 }
 
+/// Writes keys `k0..k{n}` through `p`, each acknowledged (else panics with `why`).
+async fn write_keys<Tr: Transport, L: LogStore, S: StateMachine>(
+    p: &Node<Tr, L, S>,
+    n: usize,
+    why: &str,
+) {
+    for i in 0..n {
+        p.apply(KvCommand::put(format!("k{i}"), "v"), T)
+            .await
+            .expect(why);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_snapshot_save_stalls_neither_writes_nor_heartbeats() {
     let every = |cfg: &mut Config| cfg.snapshot_every = 5;
@@ -1369,11 +1382,7 @@ async fn a_slow_snapshot_save_stalls_neither_writes_nor_heartbeats() {
     let term = p.term();
     // Sync mode: every write needs the standby's ack too, so neither engine stalls
     // while its snapshot save waits.
-    for i in 0..30 {
-        p.apply(KvCommand::put(format!("k{i}"), "v"), T)
-            .await
-            .expect("writes go on while the snapshot save waits");
-    }
+    write_keys(&p, 30, "writes go on while the snapshot save waits").await;
     // Many failover timeouts later, nobody failed over.
     let changed = s
         .wait_status(
@@ -2085,11 +2094,7 @@ async fn a_slow_snapshot_serialization_does_not_hold_up_the_engine() {
     let c = Cluster::start_full(|_| MemLogStore::new(), sm, every).await;
     let (p, s) = c.primary().await;
     let term = p.term();
-    for i in 0..30 {
-        p.apply(KvCommand::put(format!("k{i}"), "v"), T)
-            .await
-            .expect("writes go on while the snapshot serializes");
-    }
+    write_keys(&p, 30, "writes go on while the snapshot serializes").await;
     assert_eq!(p.term(), term);
     assert_eq!(p.metrics().snapshots_taken, 0, "still serializing");
 

@@ -839,6 +839,13 @@ fn timeout_now_only_from_the_current_primary_and_only_when_caught_up() {
 #[test]
 fn switchover_hands_over_and_the_old_primary_stops_serving() {
     let mut p = elected_n1();
+    let acts = p.take_actions();
+    // The standby holds the no-op durably, so the Promote leaves at once.
+    p.step(
+        ms(400),
+        Event::Persisted(Position::new(term(1, N1), LogIndex(1))),
+    );
+    ack_batches(&mut p, &acts, 0, ms(400));
     p.take_actions();
     p.step(ms(401), Event::Admin(5, Admin::Switchover));
     assert!(
@@ -857,6 +864,12 @@ fn switchover_hands_over_and_the_old_primary_stops_serving() {
             })
         )
     )));
+    assert!(
+        sent(&acts)
+            .iter()
+            .any(|s| s.to == N2 && matches!(s.body, Request::Promote(_))),
+        "{acts:?}"
+    );
     // The target's vote request is granted at once by the handing-over primary.
     p.step(
         ms(402),
@@ -1522,4 +1535,44 @@ fn a_snapshot_ack_claims_only_what_is_durable() {
     let ack = snapshot_ack(&s.take_actions()).expect("an answer to the snapshot");
     assert!(ack.installed);
     assert_eq!(ack.last, at_3);
+}
+
+fn transfer_vote(last: Position) -> Event {
+    req(
+        N2,
+        N1,
+        term(2, N2),
+        1,
+        Request::Vote(VoteRequest {
+            pre_vote: false,
+            campaign_term: term(2, N2),
+            last,
+            transfer: true,
+        }),
+    )
+}
+
+/// A primary handing over votes at once only for the campaign it asked for (after
+/// its Promote) and only for a log holding all of its own: a campaign of the
+/// target's own while it still catches up (`cargo xtask sim --seed 7208 --mode
+/// sync`: an old pre-vote round let a paused, empty standby win on the handing-over
+/// primary's vote and lose 12 acknowledged writes) is refused like any other.
+#[test]
+fn a_handing_over_primary_votes_only_for_the_campaign_it_asked_for() {
+    let mut p = elected_n1();
+    p.take_actions();
+    // The standby has not acked the no-op: no Promote yet.
+    p.step(ms(401), Event::Admin(5, Admin::Switchover));
+    assert!(!sent(&p.take_actions())
+        .iter()
+        .any(|s| matches!(s.body, Request::Promote(_))));
+    p.step(
+        ms(402),
+        transfer_vote(Position::new(term(1, N1), LogIndex(1))),
+    );
+    assert_eq!(granted(&p.take_actions()), Some(false));
+    assert_eq!(p.role(), Role::Primary, "the primary goes on handing over");
+    // A shorter log is refused too.
+    p.step(ms(403), transfer_vote(Position::ZERO));
+    assert_eq!(granted(&p.take_actions()), Some(false));
 }

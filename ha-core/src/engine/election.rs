@@ -188,7 +188,11 @@ impl Engine {
         if self.hs.voted_for.is_some_and(|n| n != from) {
             return false;
         }
-        if !transfer_target && !self.candidate_up_to_date(from, v) {
+        // Even the handover target must hold this node's whole log: a caught-up
+        // target does (the primary stopped taking writes), and one that is not
+        // must not win on this vote (`cargo xtask sim --seed 7208 --mode sync`).
+        let skip_log_check = transfer_target && self.mutations.transfer_without_catch_up;
+        if !skip_log_check && !self.candidate_up_to_date(from, v) {
             return false;
         }
         if self.hs.voted_for != Some(from) {

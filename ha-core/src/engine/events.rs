@@ -172,7 +172,8 @@ pub struct Mutations {
     /// stops heartbeating (so its standby never takes over).
     pub never_step_down: bool,
     /// A switchover sends TimeoutNow without waiting for the target to catch up,
-    /// and the target campaigns without checking it holds the primary's last entry.
+    /// the target campaigns without checking it holds the primary's last entry,
+    /// and the handing-over primary votes for it without checking its log.
     pub transfer_without_catch_up: bool,
 }
 

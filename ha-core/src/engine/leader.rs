@@ -110,8 +110,13 @@ impl LeaderState {
             .is_none_or(|(_, at)| now.since(*at) >= wait)
     }
 
-    pub(super) fn transfer_target(&self) -> Option<NodeId> {
-        self.transfer.as_ref().map(|t| t.target)
+    /// The node this primary told to campaign (a switchover past its Promote):
+    /// only that campaign is the handover the term rule lets through.
+    pub(super) fn promoted_target(&self) -> Option<NodeId> {
+        self.transfer
+            .as_ref()
+            .filter(|t| t.promote_sent)
+            .map(|t| t.target)
     }
 
     pub(super) fn accepting_writes(&self) -> bool {

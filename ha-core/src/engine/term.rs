@@ -49,11 +49,13 @@ impl Engine {
         }
     }
 
-    /// True if this node is the primary handing over to `candidate`.
+    /// True if this node is the primary handing over to `candidate` and has told
+    /// it to campaign. A campaign of the target's own (before the Promote, or from
+    /// an older election round) is not a handover.
     fn is_handover_target(&self, candidate: NodeId) -> bool {
         self.leader_state
             .as_ref()
-            .and_then(|ls| ls.transfer_target())
+            .and_then(|ls| ls.promoted_target())
             == Some(candidate)
     }
 

@@ -101,14 +101,15 @@ impl<'s> Background<'s> {
     pub(super) fn poll_progress(&mut self, cx: &mut Context<'_>) {
         self.appends.poll_progress(cx);
         let failed = &mut self.failed;
-        self.purges.retain_mut(|purge| match purge.as_mut().poll(cx) {
-            Poll::Ready(Ok(())) => false,
-            Poll::Ready(Err(e)) => {
-                failed.get_or_insert(e);
-                false
-            }
-            Poll::Pending => true,
-        });
+        self.purges
+            .retain_mut(|purge| match purge.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(e)) => {
+                    failed.get_or_insert(e);
+                    false
+                }
+                Poll::Pending => true,
+            });
         // Saves are issued in the order they were taken: one whose serialization
         // finished waits for every earlier one to be issued.
         let mut earlier_issued = true;
