@@ -873,18 +873,7 @@ fn switchover_hands_over_and_the_old_primary_stops_serving() {
     // The target's vote request is granted at once by the handing-over primary.
     p.step(
         ms(402),
-        req(
-            N2,
-            N1,
-            term(2, N2),
-            1,
-            Request::Vote(VoteRequest {
-                pre_vote: false,
-                campaign_term: term(2, N2),
-                last: Position::new(term(1, N1), LogIndex(1)),
-                transfer: true,
-            }),
-        ),
+        transfer_vote(Position::new(term(1, N1), LogIndex(1))),
     );
     let acts = p.take_actions();
     assert_eq!(granted(&acts), Some(true));
@@ -1537,6 +1526,8 @@ fn a_snapshot_ack_claims_only_what_is_durable() {
     assert_eq!(ack.last, at_3);
 }
 
+/// n2's vote request in its switchover campaign (term 2.n2), its log ending at
+/// `last`.
 fn transfer_vote(last: Position) -> Event {
     req(
         N2,
