@@ -9,7 +9,7 @@ use ha_core::{
     Bootstrap, CommitMode, Config, LogStore, Member, MemberKind, Node, NodeBuilder, NodeId,
     Transport,
 };
-use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicOptions, QuicTransport};
 use ha_wal::{Wal, WalConfig, WalMetrics};
 

@@ -5,6 +5,8 @@
 //!
 //! - [`types`], [`config`], [`message`], [`health`], [`error`]: the public vocabulary.
 //! - [`transport`], [`log_store`], [`state_machine`]: the traits other crates implement.
+//! - [`wire`] (the frame codec) and [`backoff`] (reconnect pacing): what every
+//!   transport shares.
 //! - [`engine`]: the protocol as a deterministic state machine (events in, actions out).
 //! - [`executor`]: carries out the engine's actions in order over a log store, a
 //!   state machine and a host; the driver and the simulator share it.
@@ -13,6 +15,7 @@
 //! - `testkit` (feature `testkit`): in-memory implementations, conformance suites and
 //!   the deterministic simulator.
 
+pub mod backoff;
 pub mod config;
 pub mod driver;
 pub mod engine;
@@ -26,6 +29,7 @@ pub mod replicator;
 pub mod state_machine;
 pub mod transport;
 pub mod types;
+pub mod wire;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -15,7 +15,7 @@ use ha_core::message::{
 };
 use ha_core::transport::{BoxFuture, PeerConnection, RequestHandler, Transport};
 use ha_core::types::{Command, LogIndex, MemberKind, NodeId, Payload, Position, Term, WalEntry};
-use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicConnection, QuicOptions, QuicTransport};
 
 const WINDOW: usize = 16;

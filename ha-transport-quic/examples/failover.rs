@@ -17,7 +17,7 @@ use ha_core::{
     Command, Config, LogIndex, Member, MemberKind, NodeId, Position, ReadConsistency, Replicator,
     StateMachine, StorageError,
 };
-use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicOptions, QuicTransport};
 use ha_wal::{Wal, WalConfig};
 

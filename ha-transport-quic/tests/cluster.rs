@@ -14,7 +14,8 @@ use std::time::Duration;
 use ha_core::driver::{Bootstrap, Node, NodeBuilder};
 use ha_core::testkit::memory::{KvCommand, KvStateMachine};
 use ha_core::{Config, Member, MemberKind, NodeId, ReadConsistency, Replicator, Role};
-use ha_transport_quic::testkit::{loopback, TestCluster};
+use ha_tls::testkit::TestCluster;
+use ha_transport_quic::testkit::loopback;
 use ha_transport_quic::{QuicOptions, QuicTransport};
 use ha_wal::{Wal, WalConfig};
 

@@ -18,7 +18,8 @@ async fn transport_suite_current_thread() {
 async fn testkit_cluster_from_files() {
     use ha_core::transport::{PeerConnection, Transport};
     use ha_core::types::NodeId;
-    use ha_transport_quic::testkit::{harness_node, TestCluster};
+    use ha_tls::testkit::TestCluster;
+    use ha_transport_quic::testkit::{harness_node, options};
 
     let dir = tempfile::tempdir().unwrap();
     let cluster = TestCluster::new(2).unwrap();
@@ -27,8 +28,8 @@ async fn testkit_cluster_from_files() {
         ids.iter().map(|i| i.node).collect::<Vec<_>>(),
         cluster.members()
     );
-    let one = harness_node(&ids[0], cluster.options()).unwrap();
-    let two = harness_node(&ids[1], cluster.options()).unwrap();
+    let one = harness_node(&ids[0], options(&cluster)).unwrap();
+    let two = harness_node(&ids[1], options(&cluster)).unwrap();
     two.transport.listen(common::echo(NodeId(2))).await.unwrap();
     let conn = one.transport.connect(&two.member).await.unwrap();
     let reply = conn

@@ -18,7 +18,7 @@ use ha_core::message::{Envelope, Request, Response};
 use ha_core::testkit::conformance::HarnessNode;
 use ha_core::transport::{BoxFuture, PeerConnection, RequestHandler, Transport};
 use ha_core::types::NodeId;
-use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicConnection, QuicOptions, QuicTransport};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, Semaphore};

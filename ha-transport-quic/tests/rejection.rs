@@ -12,10 +12,11 @@ use ha_core::message::{Envelope, Request, Response, RpcError};
 use ha_core::testkit::conformance::HarnessNode;
 use ha_core::transport::{BoxFuture, PeerConnection, RequestHandler, Transport};
 use ha_core::types::NodeId;
-use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
-use ha_transport_quic::framing::{self, MAX_FRAME_BYTES};
+use ha_core::wire::{self as framing, MAX_FRAME_BYTES};
+use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::config as tls;
 use ha_transport_quic::transport::{CODE_SUPERSEDED, STREAM_CONTROL, STREAM_RETIRE, STREAM_WAL};
-use ha_transport_quic::{tls, QuicOptions, QuicTransport};
+use ha_transport_quic::{QuicOptions, QuicTransport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -114,11 +115,12 @@ async fn raw_heartbeat(
             .map_err(|e| e.to_string())?;
         send.write_all(&frame).await.map_err(|e| e.to_string())?;
         let _ = send.finish();
-        let body = framing::read_frame(&mut recv, MAX_FRAME_BYTES, LIMIT)
+        let budget = framing::ReadBudget::new(MAX_FRAME_BYTES, MAX_FRAME_BYTES);
+        let frame = framing::read_frame(&mut recv, MAX_FRAME_BYTES, LIMIT, &budget)
             .await
             .map_err(|e| e.to_string())?
             .ok_or("no response")?;
-        framing::decode(&body).map_err(|e| e.to_string())
+        framing::decode(&frame.body).map_err(|e| e.to_string())
     };
     let r = tokio::time::timeout(LIMIT, attempt)
         .await

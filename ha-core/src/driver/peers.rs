@@ -16,64 +16,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant as TokioInstant;
 
 use super::{Input, Shared};
+use crate::backoff::Backoff;
 use crate::config::{Config, Member};
 use crate::error::TransportError;
 use crate::executor::futures::FutureSet;
 use crate::message::{Envelope, Request, Response};
 use crate::transport::{PeerConnection, Transport};
-
-/// Reconnect pacing for one peer.
-#[derive(Debug)]
-struct Backoff {
-    /// The current backoff step; zero while the last attempt succeeded.
-    step: Duration,
-    /// No new attempt before this instant.
-    retry_at: Option<TokioInstant>,
-    /// xorshift state for the jitter.
-    rng: u64,
-}
-
-impl Backoff {
-    fn new(seed: u64) -> Self {
-        Backoff {
-            step: Duration::ZERO,
-            retry_at: None,
-            rng: seed | 1,
-        }
-    }
-
-    fn random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
-    }
-
-    /// Records a failed attempt: the step doubles from `base` up to `max`, and the
-    /// next attempt waits a random time in `[step / 2, step]` (never below `base`).
-    fn failed(&mut self, now: TokioInstant, base: Duration, max: Duration) -> Duration {
-        self.step = if self.step.is_zero() {
-            base
-        } else {
-            self.step.saturating_mul(2).min(max)
-        };
-        let half = self.step / 2;
-        let span = u64::try_from(half.as_nanos())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let jitter = Duration::from_nanos(self.random() % span);
-        let wait = (half + jitter).clamp(base, max);
-        self.retry_at = Some(now + wait);
-        wait
-    }
-
-    fn succeeded(&mut self) {
-        self.step = Duration::ZERO;
-        self.retry_at = None;
-    }
-}
 
 /// Everything the driver knows about reaching one peer.
 pub(super) struct PeerLink<T: Transport> {
@@ -81,8 +29,6 @@ pub(super) struct PeerLink<T: Transport> {
     transport: Arc<T>,
     shared: Arc<Shared>,
     rpc_timeout: Duration,
-    reconnect_interval: Duration,
-    max_backoff: Duration,
     conn: Mutex<Option<Arc<T::Conn>>>,
     backoff: Mutex<Backoff>,
     /// Serialises connection attempts so concurrent senders do not stampede.
@@ -97,16 +43,18 @@ impl<T: Transport> PeerLink<T> {
         cfg: &Config,
         seed: u64,
     ) -> Self {
-        let jitter_seed = seed ^ member.id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cfg.node_id.0;
+        let jitter_seed = Backoff::seed_for(cfg.node_id, member.id, seed);
         PeerLink {
             member,
             transport,
             shared,
             rpc_timeout: cfg.rpc_timeout,
-            reconnect_interval: cfg.reconnect_interval,
-            max_backoff: cfg.max_reconnect_backoff,
             conn: Mutex::new(None),
-            backoff: Mutex::new(Backoff::new(jitter_seed)),
+            backoff: Mutex::new(Backoff::new(
+                cfg.reconnect_interval,
+                cfg.max_reconnect_backoff,
+                jitter_seed,
+            )),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -131,7 +79,7 @@ impl<T: Transport> PeerLink<T> {
         }
         let peer = self.member.id;
         let now = TokioInstant::now();
-        if self.backoff.lock().retry_at.is_some_and(|at| now < at) {
+        if self.backoff.lock().wait_left(now).is_some() {
             return Err(TransportError::Unreachable(
                 peer,
                 "backing off after a failed connection attempt".into(),
@@ -157,11 +105,7 @@ impl<T: Transport> PeerLink<T> {
                 Ok(conn)
             }
             Err(e) => {
-                let wait = self.backoff.lock().failed(
-                    TokioInstant::now(),
-                    self.reconnect_interval,
-                    self.max_backoff,
-                );
+                let wait = self.backoff.lock().failed(TokioInstant::now());
                 tracing::debug!(node = %self.shared.cfg.node_id, %peer, error = %e, ?wait, "connection attempt failed");
                 Err(e)
             }

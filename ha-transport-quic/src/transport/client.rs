@@ -13,16 +13,16 @@ use ha_core::config::Member;
 use ha_core::error::TransportError;
 use ha_core::latch::Latch;
 use ha_core::message::{Channel, Envelope, Request, Response};
-use ha_core::transport::PeerConnection;
-use ha_core::types::NodeId;
+use ha_core::transport::{bounded_call, PeerConnection};
 use tokio::sync::oneshot;
 
 use super::link::{Count, Link, Outstanding, WalJob};
 use super::peer::{close_links, PeerState};
 use super::shared::Shared;
-use super::window::{Slot, Ticket};
 use super::{CODE_CLOSED, STREAM_CONTROL};
-use crate::framing::{self, FrameError};
+use ha_core::transport::inbound::decode_response;
+use ha_core::transport::window::{Slot, Ticket};
+use ha_core::wire::{self, FrameError};
 
 /// Sends one control request on its own stream and reads the response body.
 async fn control_call(
@@ -41,8 +41,14 @@ async fn control_call(
         .await
         .map_err(|e| lost(e.to_string()))?;
     let _ = send.finish();
-    match framing::read_frame(&mut recv, shared.opts.max_frame, shared.opts.frame_timeout).await {
-        Ok(Some(body)) => Ok(body),
+    let read = wire::read_frame(
+        &mut recv,
+        shared.opts.max_frame,
+        shared.opts.frame_timeout,
+        &link.budget,
+    );
+    match read.await {
+        Ok(Some(frame)) => Ok(frame.body),
         Ok(None) => Err(lost("the peer closed the stream without answering".into())),
         Err(FrameError::Io(e)) => Err(lost(e)),
         Err(e) => {
@@ -50,17 +56,6 @@ async fn control_call(
             Err(TransportError::Protocol(peer, e.to_string()))
         }
     }
-}
-
-/// Decodes a response body and checks it answers `request_id` from `peer`.
-fn check_response(
-    peer: NodeId,
-    request_id: u64,
-    body: &[u8],
-) -> Result<Envelope<Response>, TransportError> {
-    let response: Envelope<Response> = framing::decode(body)
-        .map_err(|e| TransportError::Protocol(peer, format!("undecodable response: {e}")))?;
-    ha_core::transport::check_response(peer, request_id, response)
 }
 
 pub(super) struct ConnInner {
@@ -193,7 +188,7 @@ impl ConnInner {
             return Err(TransportError::Closed);
         }
         let peer = self.peer.id;
-        let frame = framing::encode(request, self.shared.opts.max_frame).map_err(|e| match e {
+        let frame = wire::encode(request, self.shared.opts.max_frame).map_err(|e| match e {
             FrameError::TooLarge { .. } => TransportError::Protocol(peer, e.to_string()),
             other => TransportError::Local(other.to_string()),
         })?;
@@ -295,24 +290,17 @@ impl PeerConnection for QuicConnection {
             let peer = inner.peer.id;
             let conn_closed = inner.closed.wait();
             let transport_closed = inner.shared.closed.wait();
+            let closed = async {
+                tokio::select! {
+                    () = conn_closed => {}
+                    () = transport_closed => {}
+                }
+            };
             let outcome = async {
                 let body = inner.run(prepared).await?;
-                check_response(peer, request_id, &body)
+                decode_response(peer, request_id, &body)
             };
-            let guarded = async {
-                tokio::select! {
-                    r = outcome => r,
-                    () = conn_closed => Err(TransportError::Closed),
-                    () = transport_closed => Err(TransportError::Closed),
-                }
-            };
-            match tokio::time::timeout(deadline, guarded).await {
-                Ok(Err(TransportError::Unreachable(..))) if inner.is_closed() => {
-                    Err(TransportError::Closed)
-                }
-                Ok(r) => r,
-                Err(_) => Err(TransportError::Timeout(peer)),
-            }
+            bounded_call(peer, deadline, outcome, closed, || inner.is_closed()).await
         }
     }
 

@@ -12,7 +12,7 @@ use super::link::Link;
 use super::peer::{peer_id, PeerState};
 use super::shared::Shared;
 use super::{CODE_PROTOCOL, CODE_SHUTDOWN};
-use crate::certs::node_dns_name;
+use ha_tls::certs::node_dns_name;
 
 /// How many dials one caller makes for a connection before giving up (a dial
 /// that succeeds normally leaves a kept connection at once).
@@ -75,7 +75,7 @@ impl Shared {
                         ));
                     }
                     if respect_backoff {
-                        if let Some(left) = links.backoff.wait_left() {
+                        if let Some(left) = links.backoff.wait_left(tokio::time::Instant::now()) {
                             return Err(TransportError::Unreachable(
                                 peer.id,
                                 format!("connection lost; next reconnect attempt in {left:?}"),
@@ -102,7 +102,9 @@ impl Shared {
                 let mut links = peer.links.lock();
                 match &result {
                     Ok(()) => links.backoff.succeeded(),
-                    Err(_) => links.backoff.failed(),
+                    Err(_) => {
+                        links.backoff.failed(tokio::time::Instant::now());
+                    }
                 }
             }
             drop(gate);
@@ -174,8 +176,8 @@ mod tests {
     use ha_core::types::NodeId;
 
     use super::*;
-    use crate::certs::Identity;
     use crate::transport::{QuicOptions, QuicTransport};
+    use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 
     struct Refuse;
 
@@ -195,10 +197,8 @@ mod tests {
         }
     }
 
-    fn transport(ca: &crate::certs::CertificateAuthority, id: u64) -> QuicTransport {
-        let cert = ca
-            .issue(&crate::certs::NodeCertSpec::new(NodeId(id), 1))
-            .unwrap();
+    fn transport(ca: &CertificateAuthority, id: u64) -> QuicTransport {
+        let cert = ca.issue(&NodeCertSpec::new(NodeId(id), 1)).unwrap();
         let identity = Identity::from_pem(&ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
         let bind = SocketAddr::from(([127, 0, 0, 1], 0));
         QuicTransport::new(
@@ -213,7 +213,7 @@ mod tests {
     /// dials itself once the other dial ended without a connection.
     #[tokio::test(flavor = "current_thread")]
     async fn ensure_link_is_not_used_up_by_unrelated_wakeups() {
-        let ca = crate::certs::CertificateAuthority::generate("ensure", 1).unwrap();
+        let ca = CertificateAuthority::generate("ensure", 1).unwrap();
         let one = transport(&ca, 1);
         let two = transport(&ca, 2);
         two.listen(Arc::new(Refuse)).await.unwrap();

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ha_core::types::NodeId;
+use ha_core::wire::ReadBudget;
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -12,8 +13,8 @@ use super::peer::PeerState;
 use super::server::serve_conn;
 use super::shared::Shared;
 use super::wal_stream::wal_writer;
-use super::window::Slot;
 use super::CODE_PROTOCOL;
+use ha_core::transport::window::Slot;
 
 /// A WAL request queued on a link.
 pub(super) struct WalJob {
@@ -61,6 +62,8 @@ pub(super) struct Link {
     ///
     /// [`PeerLinks::kept_count`]: super::peer::PeerLinks::kept_count
     pub(super) kept_since: AtomicU64,
+    /// The bytes of frames this connection may hold at once.
+    pub(super) budget: ReadBudget,
 }
 
 impl Link {
@@ -85,6 +88,7 @@ impl Link {
             idle: Notify::new(),
             peer_wal_idle: peer.wal_idle.clone(),
             kept_since: AtomicU64::new(0),
+            budget: ReadBudget::new(shared.opts.read_budget, shared.opts.max_frame),
         });
         tokio::spawn(wal_writer(
             shared.clone(),

@@ -66,7 +66,7 @@
 //! [`Transport::close`]: ha_core::transport::Transport::close
 //! [`PeerConnection`]: ha_core::transport::PeerConnection
 //! [`TransportError::Timeout`]: ha_core::error::TransportError::Timeout
-//! [`framing`]: crate::framing
+//! [`framing`]: ha_core::wire
 
 // This node's calls: `QuicConnection`, control calls, the retry rule.
 mod client;
@@ -88,11 +88,9 @@ mod server;
 mod shared;
 // The WAL stream, both ways.
 mod wal_stream;
-// The per-peer window of WAL requests.
-mod window;
 
 pub use client::QuicConnection;
-pub use options::QuicOptions;
+pub use options::{QuicOptions, MAX_CONTROL_STREAMS};
 pub use shared::QuicTransport;
 
 /// First byte of the WAL stream.

@@ -8,10 +8,11 @@ use ha_core::error::TransportError;
 use ha_core::types::NodeId;
 
 use super::WAL_WINDOW;
-use crate::framing;
+use ha_core::wire;
+use ha_tls::config::{system_clock, Clock};
 
 /// Tuning of a [`QuicTransport`](super::QuicTransport).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QuicOptions {
     /// Local UDP address to bind.
     pub bind: SocketAddr,
@@ -29,7 +30,8 @@ pub struct QuicOptions {
     pub keep_alive: Duration,
     /// Largest frame accepted or sent.
     pub max_frame: usize,
-    /// Once a frame's length arrived, its body must arrive within this.
+    /// Once a frame's first byte arrived, the rest must arrive within this; a
+    /// control stream's whole request (and its kind byte) too.
     pub frame_timeout: Duration,
     /// Bound on waiting for connections to drain at [`Transport::close`].
     ///
@@ -43,7 +45,35 @@ pub struct QuicOptions {
     /// requests on it answered, the peer's retire received); then it is closed
     /// anyway and requests still on it fail.
     pub drain_timeout: Duration,
+    /// Bytes of frames one connection may hold at once (requests read and not
+    /// yet answered, responses being read); at least `max_frame`.
+    pub read_budget: usize,
+    /// Control requests one peer may have in progress at once on a connection
+    /// (each on its own stream); further streams wait for QUIC stream credit.
+    pub max_control_streams: u32,
+    /// Seed of the reconnect jitter (mixed with the node pair); a node's
+    /// configured seed.
+    pub seed: u64,
+    /// The clock certificates are checked against (the system clock; tests
+    /// move a manual one along).
+    pub tls_clock: Clock,
 }
+
+impl std::fmt::Debug for QuicOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicOptions")
+            .field("bind", &self.bind)
+            .field("members", &self.members)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_frame", &self.max_frame)
+            .field("read_budget", &self.read_budget)
+            .field("max_control_streams", &self.max_control_streams)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Control streams a peer may have open at once by default.
+pub const MAX_CONTROL_STREAMS: u32 = 32;
 
 impl QuicOptions {
     /// Options for `bind` and `members` with defaults for a LAN.
@@ -57,11 +87,15 @@ impl QuicOptions {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: idle,
             keep_alive: idle / 3,
-            max_frame: framing::MAX_FRAME_BYTES,
+            max_frame: wire::MAX_FRAME_BYTES,
             frame_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_millis(500),
             wal_window: WAL_WINDOW,
             drain_timeout: Duration::from_secs(10),
+            read_budget: wire::DEFAULT_READ_BUDGET,
+            max_control_streams: MAX_CONTROL_STREAMS,
+            seed: 0,
+            tls_clock: system_clock(),
         }
     }
 
@@ -90,6 +124,7 @@ impl QuicOptions {
             connect_timeout: config.rpc_timeout.max(Duration::from_secs(1)),
             idle_timeout: idle,
             keep_alive: idle / 3,
+            seed: config.node_id.0,
             ..QuicOptions::new(bind, members)
         }
     }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use ha_core::backoff::Backoff;
 use ha_core::config::Member;
 use ha_core::types::NodeId;
 use parking_lot::Mutex;
@@ -11,10 +12,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
 
 use super::link::Link;
-use super::reconnect::Backoff;
 use super::shared::Shared;
-use super::window::WalWindow;
-use crate::tls;
+use ha_core::transport::window::WalWindow;
 
 /// One peer: its links, its WAL window and the wake-ups of those waiting on it.
 pub(super) struct PeerState {
@@ -69,6 +68,7 @@ impl Shared {
                         backoff: Backoff::new(
                             self.opts.reconnect_interval,
                             self.opts.max_reconnect_backoff,
+                            Backoff::seed_for(self.me, id, self.opts.seed),
                         ),
                         kept_count: 0,
                     }),
@@ -116,5 +116,5 @@ pub(super) fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "unexpected peer identity type".to_string())?;
-    tls::peer_node(&chain).map_err(|e| e.to_string())
+    ha_tls::config::peer_node(&chain).map_err(|e| e.to_string())
 }

@@ -5,9 +5,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ha_core::message::{Envelope, Request, Response, RpcError};
-use ha_core::transport::BoxFuture;
-use ha_core::types::NodeId;
+use ha_core::message::{Envelope, Request};
+use ha_core::transport::inbound::encode_response;
+use ha_core::wire::{self, BudgetPermit, FrameError};
 use quinn::VarInt;
 
 use super::link::Link;
@@ -15,7 +15,6 @@ use super::peer::{peer_id, PeerState};
 use super::shared::Shared;
 use super::wal_stream::serve_wal;
 use super::{CODE_PROTOCOL, CODE_SHUTDOWN, STREAM_CONTROL, STREAM_RETIRE, STREAM_WAL};
-use crate::framing::{self, FrameError};
 
 pub(super) async fn accept_loop(shared: Arc<Shared>) {
     loop {
@@ -32,18 +31,18 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
             let conn = match tokio::time::timeout(shared.opts.connect_timeout, incoming).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
-                    tracing::warn!(%remote, "refused a connection: {e}");
+                    shared.refusals.refused(&remote, &e);
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(%remote, "handshake timed out");
+                    shared.refusals.refused(&remote, &"handshake timed out");
                     return;
                 }
             };
             let peer = match peer_id(&conn) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(%remote, "refused a connection: {e}");
+                    shared.refusals.refused(&remote, &e);
                     conn.close(VarInt::from_u32(CODE_PROTOCOL), b"no identity");
                     return;
                 }
@@ -119,14 +118,21 @@ async fn serve_stream(
     }
 }
 
-/// Reads one request frame, closing the connection on garbage.
+/// Reads one request frame (its bytes taken from the connection's budget
+/// until the permit is dropped), closing the connection on garbage.
 pub(super) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     shared: &Shared,
     link: &Link,
     recv: &mut R,
-) -> Option<Envelope<Request>> {
-    match framing::read_frame(recv, shared.opts.max_frame, shared.opts.frame_timeout).await {
-        Ok(Some(body)) => match framing::decode::<Envelope<Request>>(&body) {
+) -> Option<(Envelope<Request>, BudgetPermit)> {
+    let read = wire::read_frame(
+        recv,
+        shared.opts.max_frame,
+        shared.opts.frame_timeout,
+        &link.budget,
+    );
+    match read.await {
+        Ok(Some(frame)) => match frame.decode::<Envelope<Request>>() {
             Ok(r) => Some(r),
             Err(e) => {
                 link.protocol_close(&format!("bad request frame: {e}"));
@@ -151,113 +157,30 @@ async fn serve_control(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let Some(request) = read_request(&shared, &link, &mut recv).await else {
-        return;
+    // A control stream carries one request: all of it (prefix included) must
+    // arrive within the frame timeout, or a peer could hold the stream open.
+    let read = tokio::time::timeout(
+        shared.opts.frame_timeout,
+        read_request(&shared, &link, &mut recv),
+    );
+    let (request, _permit) = match read.await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(_) => {
+            link.protocol_close("a control request did not arrive within the frame timeout");
+            return;
+        }
     };
-    let Some(response) = shared.respond(link.peer, request).await else {
+    let Some(response) = shared.inbound.respond(link.peer, request).await else {
         let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
         return;
     };
-    match shared.encode_response(&response) {
+    match encode_response(&response, shared.opts.max_frame) {
         Ok(frame) => {
-            if framing::write_frame(&mut send, &frame).await.is_ok() {
+            if wire::write_frame(&mut send, &frame).await.is_ok() {
                 let _ = send.finish();
             }
         }
         Err(e) => tracing::warn!(peer = %link.peer, "cannot encode a response: {e}"),
-    }
-}
-
-/// A request handed to the handler, or refused before it.
-pub(super) enum Dispatched {
-    /// Nobody may answer: not listening, or closed.
-    Closed,
-    /// Refused by the transport itself.
-    Refused(Envelope<Response>),
-    /// The handler has it; its answer is on the way.
-    Handling(BoxFuture<Envelope<Response>>),
-}
-
-impl Shared {
-    /// The response to a request from `peer`, or `None` if nobody may answer
-    /// (not listening, or closed): the stream is then dropped unanswered.
-    pub(super) async fn respond(
-        &self,
-        peer: NodeId,
-        request: Envelope<Request>,
-    ) -> Option<Envelope<Response>> {
-        self.answer(self.dispatch(peer, request)).await
-    }
-
-    /// Hands a request from `peer` to the handler now (the handler queues it
-    /// before this returns, so requests dispatched in order reach the node in
-    /// order), or refuses it; [`Self::answer`] then waits for the response.
-    pub(super) fn dispatch(&self, peer: NodeId, request: Envelope<Request>) -> Dispatched {
-        if self.closed.is_set() {
-            return Dispatched::Closed;
-        }
-        let Some(handler) = self.handler.read().clone() else {
-            return Dispatched::Closed;
-        };
-        let refusal = |error| Envelope {
-            from: self.me,
-            to: peer,
-            term: request.term,
-            request_id: request.request_id,
-            body: Response::Error(error),
-        };
-        if request.from != peer {
-            tracing::warn!(%peer, claimed = %request.from, "refusing a request that claims another sender");
-            return Dispatched::Refused(refusal(RpcError::NotAMember));
-        }
-        if request.to != self.me {
-            return Dispatched::Refused(refusal(RpcError::Malformed(format!(
-                "request addressed to {} reached {}",
-                request.to, self.me
-            ))));
-        }
-        Dispatched::Handling(handler.handle(peer, request))
-    }
-
-    /// The response to a dispatched request, or `None` if this transport closed
-    /// first.
-    pub(super) async fn answer(&self, dispatched: Dispatched) -> Option<Envelope<Response>> {
-        let handling = match dispatched {
-            Dispatched::Closed => return None,
-            Dispatched::Refused(response) => return Some(response),
-            Dispatched::Handling(handling) => handling,
-        };
-        let closed = self.closed.wait();
-        let response = tokio::select! {
-            r = handling => r,
-            () = closed => return None,
-        };
-        if self.closed.is_set() {
-            return None;
-        }
-        Some(response)
-    }
-
-    /// Encodes a response, replacing one that is too large by an error response.
-    pub(super) fn encode_response(
-        &self,
-        response: &Envelope<Response>,
-    ) -> Result<Vec<u8>, FrameError> {
-        match framing::encode(response, self.opts.max_frame) {
-            Err(FrameError::TooLarge { len, max }) => {
-                tracing::warn!(len, max, "response too large");
-                let error = Envelope {
-                    from: response.from,
-                    to: response.to,
-                    term: response.term,
-                    request_id: response.request_id,
-                    body: Response::Error(RpcError::Malformed(format!(
-                        "response of {len} bytes exceeds the {max} byte limit"
-                    ))),
-                };
-                framing::encode(&error, self.opts.max_frame)
-            }
-            other => other,
-        }
     }
 }

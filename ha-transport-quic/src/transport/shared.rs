@@ -11,9 +11,11 @@ use std::sync::Arc;
 use ha_core::config::Member;
 use ha_core::error::TransportError;
 use ha_core::latch::Latch;
+use ha_core::transport::inbound::Inbound;
 use ha_core::transport::{RequestHandler, Transport};
 use ha_core::types::NodeId;
-use parking_lot::{Mutex, RwLock};
+use ha_tls::{Identity, Members, RefusalLog};
+use parking_lot::Mutex;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
 use tokio::task::JoinHandle;
@@ -25,8 +27,6 @@ use super::peer::{close_links, PeerState};
 use super::reconnect::{reconnector, Running};
 use super::server::accept_loop;
 use super::CODE_SHUTDOWN;
-use crate::certs::Identity;
-use crate::tls::{self, Members};
 
 /// What a transport's clones, connections and tasks share.
 pub(super) struct Shared {
@@ -35,7 +35,10 @@ pub(super) struct Shared {
     pub(super) client_cfg: quinn::ClientConfig,
     pub(super) server_cfg: quinn::ServerConfig,
     pub(super) opts: QuicOptions,
-    pub(super) handler: RwLock<Option<Arc<dyn RequestHandler>>>,
+    /// Checks requests and hands them to the handler.
+    pub(super) inbound: Inbound,
+    /// Refused handshakes, logged at a bounded rate.
+    pub(super) refusals: RefusalLog,
     pub(super) peers: Mutex<HashMap<NodeId, Arc<PeerState>>>,
     pub(super) closed: Latch,
     pub(super) accepting: AtomicBool,
@@ -98,19 +101,24 @@ impl QuicTransport {
             quinn::IdleTimeout::try_from(opts.idle_timeout).map_err(local)?,
         ));
         tc.keep_alive_interval(Some(opts.keep_alive));
-        tc.max_concurrent_bidi_streams(VarInt::from_u32(1024));
+        // Control streams, the WAL stream and a retire stream.
+        tc.max_concurrent_bidi_streams(VarInt::from_u32(
+            opts.max_control_streams.saturating_add(2),
+        ));
         tc.max_concurrent_uni_streams(VarInt::from_u32(0));
         tc.stream_receive_window(VarInt::from_u32(16 * 1024 * 1024));
         tc.receive_window(VarInt::from_u32(64 * 1024 * 1024));
         tc.send_window(64 * 1024 * 1024);
         let tc = Arc::new(tc);
 
-        let client_tls = tls::client_config(identity, members.clone()).map_err(local)?;
+        let client_tls = ha_tls::client_config(identity, members.clone(), opts.tls_clock.clone())
+            .map_err(local)?;
         let mut client_cfg = quinn::ClientConfig::new(Arc::new(
             QuicClientConfig::try_from(client_tls).map_err(local)?,
         ));
         client_cfg.transport_config(tc.clone());
-        let server_tls = tls::server_config(identity, members).map_err(local)?;
+        let server_tls =
+            ha_tls::server_config(identity, members, opts.tls_clock.clone()).map_err(local)?;
         let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
             QuicServerConfig::try_from(server_tls).map_err(local)?,
         ));
@@ -122,16 +130,18 @@ impl QuicTransport {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Local("no async runtime".into()))?;
         let endpoint = quinn::Endpoint::new(endpoint_cfg, None, socket, runtime).map_err(local)?;
+        let closed = Latch::new();
         Ok(QuicTransport {
             inner: Arc::new(Shared {
                 me: identity.node,
+                inbound: Inbound::new(identity.node, closed.clone()),
+                refusals: RefusalLog::default(),
                 endpoint,
                 client_cfg,
                 server_cfg,
                 opts,
-                handler: RwLock::new(None),
                 peers: Mutex::new(HashMap::new()),
-                closed: Latch::new(),
+                closed,
                 accepting: AtomicBool::new(false),
                 next_seq: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
@@ -297,7 +307,7 @@ impl Transport for QuicTransport {
         let result = if shared.closed.is_set() {
             Err(TransportError::Closed)
         } else {
-            *shared.handler.write() = Some(handler);
+            shared.inbound.set_handler(Some(handler));
             shared
                 .endpoint
                 .set_server_config(Some(shared.server_cfg.clone()));
@@ -313,7 +323,7 @@ impl Transport for QuicTransport {
         let shared = self.inner.clone();
         let first = !shared.closed.is_set();
         shared.closed.set();
-        *shared.handler.write() = None;
+        shared.inbound.set_handler(None);
         shared.endpoint.set_server_config(None);
         shared
             .endpoint

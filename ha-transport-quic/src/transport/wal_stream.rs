@@ -14,10 +14,11 @@ use tokio::sync::mpsc;
 
 use super::link::{Awaiting, Link, WalJob};
 use super::peer::PeerState;
-use super::server::{read_request, Dispatched};
+use super::server::read_request;
 use super::shared::Shared;
 use super::{CODE_SHUTDOWN, STREAM_WAL, WAL_WINDOW};
-use crate::framing::{self, FrameError};
+use ha_core::transport::inbound::{encode_response, Dispatched};
+use ha_core::wire::{self, BudgetPermit, FrameError};
 
 /// How many queued WAL requests (or responses) go out in one stream write.
 const MAX_COALESCE: usize = 64;
@@ -171,14 +172,19 @@ async fn wal_reader(
 ) {
     let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
     loop {
-        match framing::read_frame(&mut recv, shared.opts.max_frame, shared.opts.frame_timeout).await
-        {
-            Ok(Some(body)) => {
+        let read = wire::read_frame(
+            &mut recv,
+            shared.opts.max_frame,
+            shared.opts.frame_timeout,
+            &link.budget,
+        );
+        match read.await {
+            Ok(Some(frame)) => {
                 let waiting = awaiting.lock().pop_front();
                 match waiting {
                     // The caller may have given up; the order is kept regardless.
                     Some(w) => {
-                        let _ = w.reply.send(body);
+                        let _ = w.reply.send(frame.body);
                     }
                     None => {
                         link.protocol_close("unsolicited WAL response");
@@ -217,24 +223,26 @@ pub(super) async fn serve_wal(
     // that arrive together are appended and made durable together; the answers
     // leave in the same order, each once it is ready. At most `WAL_WINDOW`
     // requests wait for their answers.
-    let (tx, mut rx) = mpsc::channel::<Dispatched>(WAL_WINDOW);
+    // Each request keeps its share of the connection's read budget until its
+    // answer is written.
+    let (tx, mut rx) = mpsc::channel::<(Dispatched, BudgetPermit)>(WAL_WINDOW);
     let (rshared, rlink) = (shared.clone(), link.clone());
     let reader = tokio::spawn(async move {
         let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
-        while let Some(request) = read_request(&rshared, &rlink, &mut recv).await {
+        while let Some((request, budget)) = read_request(&rshared, &rlink, &mut recv).await {
             let permit = match tx.reserve().await {
                 Ok(permit) => permit,
                 Err(_) => break,
             };
-            permit.send(rshared.dispatch(rlink.peer, request));
+            permit.send((rshared.inbound.dispatch(rlink.peer, request), budget));
         }
     });
-    while let Some(dispatched) = rx.recv().await {
-        let Some(response) = shared.answer(dispatched).await else {
+    while let Some((dispatched, _budget)) = rx.recv().await {
+        let Some(response) = shared.inbound.answer(dispatched).await else {
             let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
             break;
         };
-        let frame = match shared.encode_response(&response) {
+        let frame = match encode_response(&response, shared.opts.max_frame) {
             Ok(f) => f,
             Err(e) => {
                 link.protocol_close(&format!("cannot encode a response: {e}"));

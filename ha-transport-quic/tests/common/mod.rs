@@ -9,7 +9,7 @@ use ha_core::message::{Envelope, Heartbeat, Request, Response};
 use ha_core::testkit::conformance::HarnessNode;
 use ha_core::transport::{BoxFuture, RequestHandler};
 use ha_core::types::{LogIndex, NodeId, Position, Term};
-use ha_transport_quic::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicOptions, QuicTransport};
 
 #[allow(unused_imports)]

@@ -435,18 +435,14 @@ impl MemConnection {
         link.net
             .route(link.from, link.to, Some(link.incarnation))
             .map_err(|why| TransportError::Unreachable(link.to, why))?;
-        let frame = postcard::to_allocvec(request)
-            .map_err(|e| TransportError::Local(format!("cannot encode request: {e}")))?;
         let max = link.net.inner.max_frame;
-        if frame.len() > max {
-            return Err(TransportError::Protocol(
+        let frame = crate::wire::encode(request, max).map_err(|e| match e {
+            crate::wire::FrameError::TooLarge { len, max } => TransportError::Protocol(
                 link.to,
-                format!(
-                    "request frame of {} bytes exceeds the {max} byte limit",
-                    frame.len()
-                ),
-            ));
-        }
+                format!("request frame of {len} bytes exceeds the {max} byte limit"),
+            ),
+            other => TransportError::Local(format!("cannot encode request: {other}")),
+        })?;
         let (reply, rx) = oneshot::channel();
         let job = Job { frame, reply };
         match request.body.channel() {
@@ -488,19 +484,7 @@ impl PeerConnection for MemConnection {
                 }
             };
             let closed = link.wait_closed();
-            let guarded = async move {
-                tokio::select! {
-                    r = outcome => r,
-                    () = closed => Err(TransportError::Closed),
-                }
-            };
-            match tokio::time::timeout(deadline, guarded).await {
-                Ok(Err(TransportError::Unreachable(..))) if link.is_closed() => {
-                    Err(TransportError::Closed)
-                }
-                Ok(r) => r,
-                Err(_) => Err(TransportError::Timeout(to)),
-            }
+            crate::transport::bounded_call(to, deadline, outcome, closed, || link.is_closed()).await
         }
     }
 
@@ -525,30 +509,19 @@ fn decode_response(
     max: usize,
     frame: &[u8],
 ) -> Result<Envelope<Response>, TransportError> {
-    if frame.len() > max {
-        return Err(TransportError::Protocol(
-            peer,
-            format!(
-                "response frame of {} bytes exceeds the {max} byte limit",
-                frame.len()
-            ),
-        ));
-    }
-    let response: Envelope<Response> = match postcard::take_from_bytes(frame) {
-        Ok((r, [])) => r,
-        Ok((_, rest)) => {
+    let protocol = |e: crate::wire::FrameError| {
+        TransportError::Protocol(peer, format!("undecodable response: {e}"))
+    };
+    let body = match crate::wire::split_frame(frame, max).map_err(protocol)? {
+        Some((body, used)) if used == frame.len() => body,
+        _ => {
             return Err(TransportError::Protocol(
                 peer,
-                format!("{} trailing bytes after the response", rest.len()),
-            ))
-        }
-        Err(e) => {
-            return Err(TransportError::Protocol(
-                peer,
-                format!("undecodable response: {e}"),
+                "malformed response frame".into(),
             ))
         }
     };
+    let response: Envelope<Response> = crate::wire::decode(body).map_err(protocol)?;
     crate::transport::check_response(peer, request_id, response)
 }
 
@@ -618,15 +591,18 @@ fn admit(link: &Link, frame: &[u8]) -> Admitted {
         Ok(l) => l,
         Err(why) => return Admitted::Done(Delivery::Failed(TransportError::Unreachable(to, why))),
     };
-    let request: Envelope<Request> = match postcard::take_from_bytes(frame) {
-        Ok((r, [])) => r,
-        Ok(_) | Err(_) => {
-            return Admitted::Done(Delivery::Failed(TransportError::Protocol(
-                to,
-                "the peer could not decode the request".into(),
-            )))
-        }
+    let max = link.net.inner.max_frame;
+    let decoded = match crate::wire::split_frame(frame, max) {
+        Ok(Some((body, used))) if used == frame.len() => crate::wire::decode(body).ok(),
+        _ => None,
     };
+    let Some(request) = decoded else {
+        return Admitted::Done(Delivery::Failed(TransportError::Protocol(
+            to,
+            "the peer could not decode the request".into(),
+        )));
+    };
+    let request: Envelope<Request> = request;
     if request.from != from {
         Admitted::Refused(refusal(&request, to, from, RpcError::NotAMember))
     } else if request.to != to {
@@ -662,25 +638,16 @@ async fn complete(link: &Link, admitted: Admitted) -> Delivery {
             }
         }
     };
-    let bytes = match postcard::to_allocvec(&response) {
+    let max = link.net.inner.max_frame;
+    let bytes = match crate::wire::encode(&response, max) {
         Ok(b) => b,
         Err(e) => {
             return Delivery::Failed(TransportError::Protocol(
                 to,
-                format!("the peer could not encode: {e}"),
+                format!("the peer could not encode the response: {e}"),
             ))
         }
     };
-    let max = link.net.inner.max_frame;
-    if bytes.len() > max {
-        return Delivery::Failed(TransportError::Protocol(
-            to,
-            format!(
-                "response frame of {} bytes exceeds the {max} byte limit",
-                bytes.len()
-            ),
-        ));
-    }
     if !link.net.link_up(to, from) {
         return Delivery::Lost;
     }

@@ -1,10 +1,19 @@
 //! TLS 1.3 configuration with mutual authentication against the cluster CA.
 //!
 //! Both ends present a node certificate. A certificate is accepted only if it
-//! chains to the cluster CA (checked by rustls' WebPKI verifiers) and names a
+//! is signed directly by the cluster CA (checked by rustls' WebPKI verifiers;
+//! the project issues no intermediates, so a chain that carries one is refused:
+//! WebPKI does not enforce the CA's `pathlen:0`), is valid now, and names a
 //! configured member as `node-<id>` ([`crate::certs::node_dns_name`]). A client
 //! dials a peer under that peer's `node-<id>` name, so the server proves the
 //! expected identity. There is no way to turn TLS off.
+//!
+//! Session resumption is off on both sides (no tickets, no session cache, no
+//! stored sessions): a resumed TLS 1.3 handshake restores the stored peer chain
+//! without running the verifiers, so a certificate that expired (or a node
+//! removed from the members) would keep reconnecting. Every connection runs
+//! the full handshake and the checks above at the current time of the
+//! configuration's [`Clock`].
 //!
 //! The crypto provider is always passed explicitly (rustls' ring provider); the
 //! process-wide default is never used or installed.
@@ -16,11 +25,12 @@ use std::sync::Arc;
 use ha_core::message::WIRE_VERSION;
 use ha_core::types::NodeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::time_provider::{DefaultTimeProvider, TimeProvider};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
     SignatureScheme,
@@ -41,6 +51,15 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 /// The configured cluster members: the node ids a peer certificate may name.
 pub type Members = Arc<BTreeSet<NodeId>>;
 
+/// The clock certificates are checked against (the system clock in service;
+/// tests move a [`crate::testkit::ManualClock`] along).
+pub type Clock = Arc<dyn TimeProvider>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(DefaultTimeProvider)
+}
+
 fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, String> {
     let mut roots = RootCertStore::empty();
     roots
@@ -49,8 +68,27 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, String> {
     Ok(Arc::new(roots))
 }
 
-/// Checks that `chain` (leaf first) chains to `ca` and is valid at `now` for
-/// client authentication; returns the verifier's reason on failure.
+fn other(why: String) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        IdentityError(why),
+    ))))
+}
+
+/// Refuses a chain that carries intermediates: node certificates are signed
+/// directly by the cluster CA.
+fn no_intermediates(intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
+    if intermediates.is_empty() {
+        Ok(())
+    } else {
+        Err(other(format!(
+            "the chain carries {} intermediate certificate(s); node certificates are signed directly by the cluster CA",
+            intermediates.len()
+        )))
+    }
+}
+
+/// Checks that `chain` (leaf first) is one leaf signed by `ca` and valid at
+/// `now` for client authentication; returns the verifier's reason on failure.
 pub fn verify_chain(
     ca: &CertificateDer<'static>,
     chain: &[CertificateDer<'static>],
@@ -59,6 +97,7 @@ pub fn verify_chain(
     let Some((leaf, rest)) = chain.split_first() else {
         return Err("empty certificate chain".into());
     };
+    no_intermediates(rest).map_err(|e| e.to_string())?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, crypto_provider())
         .build()
         .map_err(|e| e.to_string())?;
@@ -70,18 +109,9 @@ pub fn verify_chain(
 
 /// The member a verified certificate names, or a rustls error refusing it.
 fn member_of(cert: &CertificateDer<'_>, members: &Members) -> Result<NodeId, Error> {
-    let node = node_id_of(cert).map_err(|e| {
-        Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-            IdentityError(e.to_string()),
-        ))))
-    })?;
+    let node = node_id_of(cert).map_err(|e| other(e.to_string()))?;
     if !members.contains(&node) {
-        tracing::warn!(%node, "refusing a certificate of a node that is not a member");
-        return Err(Error::InvalidCertificate(CertificateError::Other(
-            rustls::OtherError(Arc::new(IdentityError(format!(
-                "{node} is not a cluster member"
-            )))),
-        )));
+        return Err(other(format!("{node} is not a cluster member")));
     }
     Ok(node)
 }
@@ -98,7 +128,8 @@ impl fmt::Display for IdentityError {
 
 impl std::error::Error for IdentityError {}
 
-/// Accepts client certificates that chain to the cluster CA and name a member.
+/// Accepts client certificates signed directly by the cluster CA that name a
+/// member.
 #[derive(Debug)]
 pub struct MemberClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -129,6 +160,7 @@ impl ClientCertVerifier for MemberClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        no_intermediates(intermediates)?;
         let ok = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
@@ -167,8 +199,8 @@ impl ClientCertVerifier for MemberClientVerifier {
     }
 }
 
-/// Accepts server certificates that chain to the cluster CA, carry the dialed
-/// `node-<id>` name, and name a member.
+/// Accepts server certificates signed directly by the cluster CA that carry
+/// the dialed `node-<id>` name and name a member.
 #[derive(Debug)]
 pub struct MemberServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
@@ -197,6 +229,7 @@ impl ServerCertVerifier for MemberServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        no_intermediates(intermediates)?;
         let ok = self.inner.verify_server_cert(
             end_entity,
             intermediates,
@@ -232,30 +265,36 @@ impl ServerCertVerifier for MemberServerVerifier {
 }
 
 /// A TLS 1.3 server configuration requiring member client certificates, with the
-/// ALPN [`alpn`].
+/// ALPN [`alpn`], no session resumption, checking certificates at `clock`'s time.
 pub fn server_config(
     identity: &Identity,
     members: Members,
+    clock: Clock,
 ) -> Result<rustls::ServerConfig, CertError> {
     let verifier = Arc::new(MemberClientVerifier::new(&identity.ca, members)?);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
+    let mut cfg = rustls::ServerConfig::builder_with_details(crypto_provider(), clock)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CertError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| CertError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![alpn()];
+    // No resumption: every handshake verifies the client's certificate anew.
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
 /// A TLS 1.3 client configuration presenting the node certificate and requiring
-/// member server certificates, with the ALPN [`alpn`].
+/// member server certificates, with the ALPN [`alpn`], no session resumption,
+/// checking certificates at `clock`'s time.
 pub fn client_config(
     identity: &Identity,
     members: Members,
+    clock: Clock,
 ) -> Result<rustls::ClientConfig, CertError> {
     let verifier = Arc::new(MemberServerVerifier::new(&identity.ca, members)?);
-    let mut cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    let mut cfg = rustls::ClientConfig::builder_with_details(crypto_provider(), clock)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CertError::Tls(e.to_string()))?
         .dangerous()
@@ -263,6 +302,8 @@ pub fn client_config(
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| CertError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![alpn()];
+    // No resumption: every handshake verifies the server's certificate anew.
+    cfg.resumption = Resumption::disabled();
     Ok(cfg)
 }
 
@@ -279,4 +320,28 @@ pub fn peer_node(chain: &[CertificateDer<'_>]) -> Result<NodeId, CertError> {
         reason: "no certificate presented".into(),
     })?;
     node_id_of(leaf)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumption_is_off_on_both_sides() {
+        let ca = crate::certs::CertificateAuthority::generate("t", 1).unwrap();
+        let cert = ca
+            .issue(&crate::certs::NodeCertSpec::new(NodeId(1), 1))
+            .unwrap();
+        let id = Identity::from_pem(&ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+        let members: Members = Arc::new([NodeId(1)].into_iter().collect());
+        let server = server_config(&id, members.clone(), system_clock()).unwrap();
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert!(!server.session_storage.can_cache());
+        let client = client_config(&id, members, system_clock()).unwrap();
+        assert_eq!(
+            format!("{:?}", client.resumption),
+            format!("{:?}", Resumption::disabled())
+        );
+    }
 }

@@ -1,4 +1,11 @@
-//! The contract between the replication driver and a network transport.
+//! The contract between the replication driver and a network transport, and
+//! the pieces every network transport shares: [`bounded_call`] (a call's
+//! deadline and close rules), [`inbound::Inbound`] (checking and handing
+//! requests to the handler) and [`window::WalWindow`] (the bounded, ordered
+//! WAL window).
+
+pub mod inbound;
+pub mod window;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,6 +50,36 @@ pub fn check_response(
         ));
     }
     Ok(response)
+}
+
+/// Runs one call's `outcome` under the rules of [`PeerConnection::call`] that
+/// every transport shares: it ends with [`TransportError::Closed`] as soon as
+/// `closed` resolves (the connection or its transport was closed), with
+/// [`TransportError::Timeout`] once `deadline` has passed, and a connection
+/// lost because it was being closed (`is_closed()` holds afterwards) is
+/// reported as closed rather than unreachable.
+pub async fn bounded_call<F, C>(
+    peer: NodeId,
+    deadline: Duration,
+    outcome: F,
+    closed: C,
+    is_closed: impl Fn() -> bool,
+) -> Result<Envelope<Response>, TransportError>
+where
+    F: Future<Output = Result<Envelope<Response>, TransportError>>,
+    C: Future<Output = ()>,
+{
+    let guarded = async {
+        tokio::select! {
+            r = outcome => r,
+            () = closed => Err(TransportError::Closed),
+        }
+    };
+    match tokio::time::timeout(deadline, guarded).await {
+        Ok(Err(TransportError::Unreachable(..))) if is_closed() => Err(TransportError::Closed),
+        Ok(r) => r,
+        Err(_) => Err(TransportError::Timeout(peer)),
+    }
 }
 
 /// Answers requests that arrive from peers.

@@ -1,4 +1,6 @@
-//! The WAL window: a per-peer bound on WAL requests, admitted in call order.
+//! [`WalWindow`]: a per-peer bound on WAL requests, admitted in call order
+//! (every transport bounds the WAL requests queued or awaiting an answer with
+//! it, so nothing is buffered without limit and waiting never reorders).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use tokio::sync::Notify;
 /// Bounds the WAL requests of one peer that are queued or awaiting an answer.
 /// A call takes a [`Ticket`] when it is invoked; tickets are admitted strictly in
 /// order, each when a [`Slot`] is free, so WAL order survives waiting.
-pub(super) struct WalWindow {
+pub struct WalWindow {
     cap: usize,
     state: Mutex<WindowState>,
     changed: Notify,
@@ -27,7 +29,8 @@ struct WindowState {
 }
 
 impl WalWindow {
-    pub(super) fn new(cap: usize) -> Arc<Self> {
+    /// A window of `cap` requests (at least 1).
+    pub fn new(cap: usize) -> Arc<Self> {
         Arc::new(WalWindow {
             cap: cap.max(1),
             state: Mutex::new(WindowState {
@@ -41,7 +44,7 @@ impl WalWindow {
     }
 
     /// A place in line, taken when a WAL call is invoked.
-    pub(super) fn ticket(self: &Arc<Self>) -> Ticket {
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
         let mut s = self.state.lock();
         let n = s.next;
         s.next += 1;
@@ -51,26 +54,27 @@ impl WalWindow {
         }
     }
 
-    pub(super) fn used(&self) -> usize {
+    /// Slots taken: requests queued or awaiting an answer.
+    pub fn used(&self) -> usize {
         self.state.lock().used
     }
 
-    #[cfg(feature = "testkit")]
-    pub(super) fn waiting(&self) -> usize {
+    /// Tickets in line (waiting for a slot, or admitted and not yet queued).
+    pub fn waiting(&self) -> usize {
         let s = self.state.lock();
         usize::try_from(s.next - s.head).unwrap_or(usize::MAX) - s.gone.len()
     }
 }
 
 /// A WAL call's place in line; leaving the line (drop) lets the next one in.
-pub(super) struct Ticket {
+pub struct Ticket {
     window: Arc<WalWindow>,
     n: u64,
 }
 
 impl Ticket {
     /// A slot, if this ticket is first in line and one is free.
-    pub(super) fn try_admit(&self) -> Option<Slot> {
+    pub fn try_admit(&self) -> Option<Slot> {
         let mut s = self.window.state.lock();
         if s.head == self.n && s.used < self.window.cap {
             s.used += 1;
@@ -84,7 +88,7 @@ impl Ticket {
 
     /// Waits until [`try_admit`](Self::try_admit) succeeds (bounded by the
     /// caller's deadline).
-    pub(super) async fn admit(&self) -> Slot {
+    pub async fn admit(&self) -> Slot {
         loop {
             let changed = self.window.changed.notified();
             tokio::pin!(changed);
@@ -119,7 +123,7 @@ impl Drop for Ticket {
 }
 
 /// One WAL request's place in the window, held until it is answered or dropped.
-pub(super) struct Slot {
+pub struct Slot {
     window: Arc<WalWindow>,
 }
 

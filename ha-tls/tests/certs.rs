@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use ha_core::types::NodeId;
-use ha_transport_quic::certs::{
+use ha_tls::certs::{
     node_dns_name, CertError, CertificateAuthority, Identity, NodeCertSpec, CA_CERT_FILE,
     CA_KEY_FILE,
 };

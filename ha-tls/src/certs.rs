@@ -6,6 +6,9 @@
 //! certificates allow both TLS server and TLS client authentication, so one
 //! certificate serves both ends of a connection. Used by the QUIC and TCP
 //! transports, by `ha-node certs` and by tests.
+//!
+//! The CA is issued with `pathlen:0` and signs node certificates directly; a
+//! node certificate file holds exactly one certificate.
 
 use std::fs;
 use std::io::Write;
@@ -413,6 +416,19 @@ pub fn check_validity(
     Ok(())
 }
 
+/// Parses the `<id>` of a `node-<id>` name in its one canonical form: decimal
+/// digits without sign or leading zeros (`0` itself is allowed), so no two
+/// spellings name the same node.
+pub fn parse_node_id(digits: &str) -> Option<NodeId> {
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    digits.parse().ok().map(NodeId)
+}
+
 /// The node id a certificate proves: its single `node-<id>` DNS name.
 pub fn node_id_of(der: &CertificateDer<'_>) -> Result<NodeId, CertError> {
     let what = "peer certificate";
@@ -429,10 +445,9 @@ pub fn node_id_of(der: &CertificateDer<'_>) -> Result<NodeId, CertError> {
     for name in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
             if let Some(id) = dns.strip_prefix(NODE_DNS_PREFIX) {
-                let id: u64 = id
-                    .parse()
-                    .map_err(|_| no_id(format!("{dns} is not node-<number>")))?;
-                if found.replace(NodeId(id)).is_some() {
+                let id = parse_node_id(id)
+                    .ok_or_else(|| no_id(format!("{dns} is not node-<number>")))?;
+                if found.replace(id).is_some() {
                     return Err(no_id("more than one node-<id> name".into()));
                 }
             }
@@ -522,7 +537,7 @@ impl Identity {
             },
             other => other,
         })?;
-        crate::tls::verify_chain(&ca, &chain, now).map_err(|reason| CertError::WrongCa {
+        crate::config::verify_chain(&ca, &chain, now).map_err(|reason| CertError::WrongCa {
             what: cert_what.into(),
             reason,
         })?;
@@ -544,5 +559,31 @@ impl Identity {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_parse_only_in_canonical_form() {
+        assert_eq!(parse_node_id("1"), Some(NodeId(1)));
+        assert_eq!(parse_node_id("0"), Some(NodeId(0)));
+        assert_eq!(parse_node_id("1234567"), Some(NodeId(1_234_567)));
+        for bad in [
+            "01",
+            "+1",
+            "-1",
+            "",
+            " 1",
+            "1 ",
+            "1a",
+            "00",
+            "0x1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_node_id(bad), None, "{bad:?}");
+        }
     }
 }
