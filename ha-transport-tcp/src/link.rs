@@ -1,0 +1,275 @@
+//! [`Link`]: one connection this node dialed to a peer (control or WAL), its
+//! writer and reader tasks, and the requests on it awaiting their answers.
+//!
+//! The writer writes queued frames in queue order (whatever is queued together
+//! in one flush) and a ping when the connection was idle for the keep-alive
+//! interval; the reader hands each response to the request it answers (by
+//! request id) and declares the connection dead when nothing arrived for the
+//! idle timeout. Either failing kills the link: every request on it fails at
+//! once with "connection lost", and it is never used again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ha_core::config::Member;
+use ha_core::error::TransportError;
+use ha_core::latch::Latch;
+use ha_core::message::{Envelope, Response};
+use ha_core::types::NodeId;
+use ha_core::wire::{self, FrameError, ReadBudget};
+use parking_lot::Mutex;
+use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+
+use crate::socket;
+use crate::transport::Shared;
+
+/// An empty frame: a ping (dialer to acceptor) or a pong (the answer).
+pub(crate) const PING: [u8; wire::HEADER_BYTES] = [0; wire::HEADER_BYTES];
+
+/// Frames written per flush at most.
+const MAX_COALESCE: usize = 64;
+/// Write buffer of a connection.
+const WRITE_BUFFER: usize = 256 * 1024;
+
+type Stream = TlsStream<TcpStream>;
+
+/// One dialed connection.
+pub(crate) struct Link {
+    pub(crate) peer: NodeId,
+    /// [`crate::KIND_CONTROL`] or [`crate::KIND_WAL`].
+    pub(crate) kind: u8,
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Requests written or queued, by request id.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Envelope<Response>>>>,
+    dead: Latch,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Why a request could not be queued on a link.
+pub(crate) enum Refused {
+    /// The link is dead (or its queue is full): the frame comes back.
+    Dead(Vec<u8>),
+    /// A request with this id is already awaiting its answer here.
+    Duplicate(u64),
+}
+
+impl Link {
+    /// Dials `member`, runs the TLS handshake under its `node-<id>` name, checks
+    /// the certificate proves that member, and sends the kind byte.
+    pub(crate) async fn open(
+        shared: &Arc<Shared>,
+        member: &Member,
+        kind: u8,
+    ) -> Result<Arc<Link>, TransportError> {
+        let to = member.id;
+        let unreachable = |why: String| TransportError::Unreachable(to, why);
+        let opts = &shared.opts;
+        let attempt = async {
+            let stream = TcpStream::connect(member.addr.as_str())
+                .await
+                .map_err(|e| unreachable(format!("cannot connect to {}: {e}", member.addr)))?;
+            socket::tune(&stream, opts.keep_alive, opts.idle_timeout)
+                .map_err(|e| TransportError::Local(format!("socket options: {e}")))?;
+            let name = ha_tls::config::server_name(to)
+                .map_err(|e| TransportError::Local(e.to_string()))?;
+            let mut tls = shared
+                .connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| unreachable(format!("TLS handshake: {e}")))?;
+            let proven = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .ok_or_else(|| TransportError::Unauthorised("no server certificate".into()))
+                .and_then(|chain| {
+                    ha_tls::config::peer_node(chain)
+                        .map_err(|e| TransportError::Unauthorised(e.to_string()))
+                })?;
+            if proven != to {
+                return Err(TransportError::Unauthorised(format!(
+                    "dialed {to}, certificate names {proven}"
+                )));
+            }
+            tls.write_all(&[kind])
+                .await
+                .map_err(|e| unreachable(format!("cannot start the connection: {e}")))?;
+            Ok(tls)
+        };
+        let tls = match tokio::time::timeout(opts.connect_timeout, attempt).await {
+            Ok(r) => r?,
+            Err(_) => return Err(unreachable("connect or handshake timed out".into())),
+        };
+        let capacity = match kind {
+            crate::KIND_WAL => opts.wal_window.max(1),
+            _ => opts.max_control_inflight.max(1) * 4,
+        };
+        let (tx, rx) = mpsc::channel(capacity);
+        let link = Arc::new(Link {
+            peer: to,
+            kind,
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            dead: Latch::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let (read, write) = tokio::io::split(tls);
+        let writer = tokio::spawn(write_loop(shared.clone(), link.clone(), write, rx));
+        let reader = tokio::spawn(read_loop(shared.clone(), link.clone(), read));
+        link.tasks.lock().extend([writer, reader]);
+        Ok(link)
+    }
+
+    /// Neither side closed it and neither task failed.
+    pub(crate) fn is_live(&self) -> bool {
+        !self.dead.is_set()
+    }
+
+    /// Resolves once the link is dead.
+    pub(crate) async fn dead(&self) {
+        self.dead.wait().await;
+    }
+
+    /// Kills the link: every request on it fails, and it is never used again.
+    pub(crate) fn kill(&self, why: &str) {
+        if !self.dead.is_set() {
+            tracing::debug!(peer = %self.peer, kind = self.kind, "closing connection: {why}");
+        }
+        self.dead.set();
+        self.pending.lock().clear();
+    }
+
+    /// Kills the link for a protocol violation by the peer (logged).
+    fn violation(&self, why: &str) {
+        tracing::warn!(peer = %self.peer, "closing connection: {why}");
+        self.kill(why);
+    }
+
+    /// Queues an encoded request (its id `request_id`) now, so requests queued
+    /// in order are written in order; the answer arrives on the receiver.
+    pub(crate) fn submit(
+        &self,
+        request_id: u64,
+        frame: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Envelope<Response>>, Refused> {
+        let mut pending = self.pending.lock();
+        if self.dead.is_set() {
+            return Err(Refused::Dead(frame));
+        }
+        if pending.contains_key(&request_id) {
+            return Err(Refused::Duplicate(request_id));
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(frame) {
+            Ok(()) => {
+                pending.insert(request_id, reply);
+                Ok(rx)
+            }
+            Err(e) => Err(Refused::Dead(e.into_inner())),
+        }
+    }
+
+    /// Stops waiting for the answer to `request_id` (its caller gave up).
+    pub(crate) fn forget(&self, request_id: u64) {
+        self.pending.lock().remove(&request_id);
+    }
+
+    /// Kills the link and waits (bounded by the caller) for its tasks.
+    pub(crate) async fn shut_down(&self) {
+        self.kill("closed");
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn write_loop(
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    write: WriteHalf<Stream>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, write);
+    let keep_alive = shared.opts.keep_alive;
+    let result: Result<(), String> = async {
+        loop {
+            let first = tokio::select! {
+                f = rx.recv() => f,
+                () = tokio::time::sleep(keep_alive) => Some(PING.to_vec()),
+                () = link.dead.wait() => None,
+            };
+            let Some(first) = first else {
+                return Ok(());
+            };
+            w.write_all(&first).await.map_err(|e| e.to_string())?;
+            let mut n = 1;
+            while n < MAX_COALESCE {
+                let Ok(frame) = rx.try_recv() else { break };
+                w.write_all(&frame).await.map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            w.flush().await.map_err(|e| e.to_string())?;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        link.kill(&format!("write failed: {e}"));
+    }
+    // A bounded close_notify, so the peer sees an orderly end.
+    let _ = tokio::time::timeout(shared.opts.close_timeout, w.shutdown()).await;
+}
+
+async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, mut read: ReadHalf<Stream>) {
+    let opts = &shared.opts;
+    let budget = ReadBudget::new(opts.read_budget, opts.max_frame);
+    loop {
+        let next = tokio::select! {
+            r = wire::read_frame_or_idle(&mut read, opts.max_frame, Some(opts.idle_timeout), opts.frame_timeout, &budget) => r,
+            () = link.dead.wait() => return,
+        };
+        match next {
+            // A pong.
+            Ok(Some(frame)) if frame.body.is_empty() => {}
+            Ok(Some(frame)) => {
+                let response = match wire::decode::<Envelope<Response>>(&frame.body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        link.violation(&format!("undecodable response: {e}"));
+                        return;
+                    }
+                };
+                let waiting = link.pending.lock().remove(&response.request_id);
+                match waiting {
+                    Some(reply) => {
+                        let _ = reply.send(response);
+                    }
+                    // Its caller gave up (and forgot it).
+                    None => {
+                        tracing::debug!(peer = %link.peer, id = response.request_id, "dropping a response nobody waits for")
+                    }
+                }
+            }
+            Ok(None) => {
+                link.kill("the peer closed the connection");
+                return;
+            }
+            Err(FrameError::Io(e)) => {
+                link.kill(&format!("read failed: {e}"));
+                return;
+            }
+            Err(FrameError::Idle(d)) => {
+                link.kill(&format!("nothing received for {d:?}"));
+                return;
+            }
+            Err(e) => {
+                link.violation(&format!("bad response frame: {e}"));
+                return;
+            }
+        }
+    }
+}

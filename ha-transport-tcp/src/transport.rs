@@ -1,0 +1,256 @@
+//! [`TcpTransport`]: the listener, the TLS configurations, the peers and the
+//! [`Transport`] impl; [`Shared`] is what its clones, connections and tasks
+//! share.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ha_core::config::Member;
+use ha_core::error::TransportError;
+use ha_core::latch::Latch;
+use ha_core::transport::inbound::Inbound;
+use ha_core::transport::{RequestHandler, Transport};
+use ha_core::types::NodeId;
+use ha_tls::{Identity, Members, RefusalLog};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::client::{ConnInner, PeerState, TcpConnection};
+use crate::options::TcpOptions;
+use crate::server::{accept_loop, InboundConns};
+
+/// What a transport's clones, connections and tasks share.
+pub(crate) struct Shared {
+    pub(crate) me: NodeId,
+    pub(crate) opts: TcpOptions,
+    pub(crate) connector: TlsConnector,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) inbound: Inbound,
+    pub(crate) refusals: RefusalLog,
+    pub(crate) closed: Latch,
+    pub(crate) peers: Mutex<HashMap<NodeId, Arc<PeerState>>>,
+    /// Connections peers dialed to this node, by peer and kind.
+    pub(crate) accepted: InboundConns,
+    /// The listener until [`Transport::listen`] takes it.
+    listener: Mutex<Option<TcpListener>>,
+    local_addr: SocketAddr,
+    /// The accept loop and reconnect tasks, awaited at close.
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// The state of `peer`, created on first use.
+    pub(crate) fn peer(self: &Arc<Self>, id: NodeId) -> Arc<PeerState> {
+        self.peers
+            .lock()
+            .entry(id)
+            .or_insert_with(|| Arc::new(PeerState::new(self, id)))
+            .clone()
+    }
+
+    /// Tracks a task to await at close; if the transport is already closed,
+    /// aborts it instead.
+    pub(crate) fn track(&self, task: JoinHandle<()>) {
+        let mut tasks = self.tasks.lock();
+        if self.closed.is_set() {
+            task.abort();
+            return;
+        }
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+}
+
+/// One node's TCP + TLS endpoint; implements [`Transport`].
+///
+/// Clones share it. The listening socket is bound at construction (with
+/// `SO_REUSEADDR`, so a restarted node gets its address back at once), so
+/// [`local_addr`](Self::local_addr) is known before [`Transport::listen`];
+/// connections are served only once it listens.
+#[derive(Clone)]
+pub struct TcpTransport {
+    pub(crate) inner: Arc<Shared>,
+}
+
+impl fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("node", &self.inner.me)
+            .field("addr", &self.inner.local_addr)
+            .field("closed", &self.inner.closed.is_set())
+            .finish()
+    }
+}
+
+fn local(e: impl fmt::Display) -> TransportError {
+    TransportError::Local(e.to_string())
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+impl TcpTransport {
+    /// A transport speaking for `identity.node`, listening socket bound to
+    /// `opts.bind`. Must be called within a tokio runtime.
+    pub fn new(identity: &Identity, opts: TcpOptions) -> Result<Self, TransportError> {
+        let members: Members = Arc::new(opts.members.iter().copied().collect());
+        if !members.contains(&identity.node) {
+            return Err(TransportError::Local(format!(
+                "{} is not among the configured members",
+                identity.node
+            )));
+        }
+        let client = ha_tls::client_config(identity, members.clone(), opts.tls_clock.clone())
+            .map_err(local)?;
+        let server =
+            ha_tls::server_config(identity, members, opts.tls_clock.clone()).map_err(local)?;
+        let listener = bind(opts.bind)
+            .map_err(|e| TransportError::Local(format!("cannot listen on {}: {e}", opts.bind)))?;
+        let local_addr = listener.local_addr().map_err(local)?;
+        let closed = Latch::new();
+        Ok(TcpTransport {
+            inner: Arc::new(Shared {
+                me: identity.node,
+                connector: TlsConnector::from(Arc::new(client)),
+                acceptor: TlsAcceptor::from(Arc::new(server)),
+                inbound: Inbound::new(identity.node, closed.clone()),
+                refusals: RefusalLog::default(),
+                closed,
+                peers: Mutex::new(HashMap::new()),
+                accepted: InboundConns::default(),
+                listener: Mutex::new(Some(listener)),
+                local_addr,
+                tasks: Mutex::new(Vec::new()),
+                opts,
+            }),
+        })
+    }
+
+    /// The bound TCP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The node this transport speaks for.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.me
+    }
+
+    /// WAL requests to `peer` queued or awaiting an answer (at most
+    /// [`TcpOptions::wal_window`]).
+    pub fn wal_in_flight(&self, peer: NodeId) -> usize {
+        self.inner
+            .peers
+            .lock()
+            .get(&peer)
+            .map_or(0, |p| p.window.used())
+    }
+
+    /// Connections `peer` dialed to this node that are open, of both kinds
+    /// (once reconnects settled, at most one of each).
+    pub fn accepted_connections(&self, peer: NodeId) -> usize {
+        self.inner.accepted.count(peer)
+    }
+
+    /// Connections this node dialed to `peer` that are live (control and WAL).
+    pub fn dialed_connections(&self, peer: NodeId) -> usize {
+        self.inner
+            .peers
+            .lock()
+            .get(&peer)
+            .map_or(0, |p| p.live_links())
+    }
+
+    /// Handshakes refused so far (bad or missing certificates, non-members,
+    /// timeouts, over the handshake limit).
+    pub fn refused_handshakes(&self) -> u64 {
+        self.inner.refusals.total()
+    }
+}
+
+impl Transport for TcpTransport {
+    type Conn = TcpConnection;
+
+    fn local_id(&self) -> NodeId {
+        self.inner.me
+    }
+
+    fn connect(
+        &self,
+        peer: &Member,
+    ) -> impl Future<Output = Result<TcpConnection, TransportError>> + Send {
+        let shared = self.inner.clone();
+        let member = peer.clone();
+        async move {
+            if shared.closed.is_set() {
+                return Err(TransportError::Closed);
+            }
+            let peer = shared.peer(member.id);
+            peer.set_member(&member);
+            peer.ensure(&shared, crate::KIND_CONTROL, false).await?;
+            let inner = ConnInner::new(shared.clone(), peer.clone());
+            peer.start_reconnecting(&shared);
+            Ok(TcpConnection {
+                inner: Arc::new(inner),
+            })
+        }
+    }
+
+    fn listen(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let shared = self.inner.clone();
+        let result = if shared.closed.is_set() {
+            Err(TransportError::Closed)
+        } else {
+            shared.inbound.set_handler(Some(handler));
+            if let Some(listener) = shared.listener.lock().take() {
+                let task = tokio::spawn(accept_loop(shared.clone(), listener));
+                shared.track(task);
+            }
+            Ok(())
+        };
+        std::future::ready(result)
+    }
+
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        let shared = self.inner.clone();
+        shared.closed.set();
+        shared.inbound.set_handler(None);
+        // Dropping an unused listener frees the port at once.
+        drop(shared.listener.lock().take());
+        let peers: Vec<Arc<PeerState>> = shared.peers.lock().values().cloned().collect();
+        let tasks = std::mem::take(&mut *shared.tasks.lock());
+        async move {
+            let deadline = Instant::now() + shared.opts.close_timeout;
+            let links = async {
+                for peer in &peers {
+                    peer.shut_down().await;
+                }
+                shared.accepted.shut_down().await;
+            };
+            let _ = tokio::time::timeout_at(deadline, links).await;
+            for mut task in tasks {
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+        }
+    }
+}
