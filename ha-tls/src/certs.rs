@@ -278,6 +278,63 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues a certificate carrying exactly the DNS names `names` (no
+    /// `node-<id>` added), for tests of identity parsing (`testkit` only).
+    #[cfg(feature = "testkit")]
+    pub fn issue_named(&self, names: &[&str], days: i64) -> Result<(String, String), CertError> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(days);
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues an intermediate CA signed by this CA (which its `pathlen:0`
+    /// forbids) and a certificate for `node` signed by that intermediate;
+    /// returns the chain (leaf, then intermediate) and the leaf's key, PEM, for
+    /// tests that such a chain is refused (`testkit` only).
+    #[cfg(feature = "testkit")]
+    pub fn issue_via_intermediate(&self, node: NodeId) -> Result<(String, String), CertError> {
+        let mid_key = KeyPair::generate()?;
+        let mut mid = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "rogue intermediate");
+        mid.distinguished_name = dn;
+        mid.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        mid.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        mid.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        mid.not_before = now - time::Duration::days(1);
+        mid.not_after = now + time::Duration::days(1);
+        let mid_cert = mid.signed_by(&mid_key, &self.cert, &self.key)?;
+        let leaf_key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::new(vec![node_dns_name(node)])?;
+        leaf.is_ca = IsCa::ExplicitNoCa;
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        leaf.not_before = now - time::Duration::days(1);
+        leaf.not_after = now + time::Duration::days(1);
+        leaf.use_authority_key_identifier_extension = true;
+        let leaf_cert = leaf.signed_by(&leaf_key, &mid_cert, &mid_key)?;
+        Ok((
+            format!("{}{}", leaf_cert.pem(), mid_cert.pem()),
+            leaf_key.serialize_pem(),
+        ))
+    }
+
     /// Writes `ca.pem` and `ca-key.pem` (mode 0600) into `dir`, creating it.
     pub fn write(&self, dir: &Path) -> Result<(), CertError> {
         create_dir(dir)?;

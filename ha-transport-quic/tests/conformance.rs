@@ -3,14 +3,16 @@
 
 mod common;
 
+use ha_transport_testkit::StackHarness;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transport_suite_multi_thread() {
-    ha_core::testkit::conformance::transport_suite(&common::QuicHarness).await;
+    ha_core::testkit::conformance::transport_suite(&StackHarness::<common::Quic>::new()).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn transport_suite_current_thread() {
-    ha_core::testkit::conformance::transport_suite(&common::QuicHarness).await;
+    ha_core::testkit::conformance::transport_suite(&StackHarness::<common::Quic>::new()).await;
 }
 
 /// The testkit's cluster written to files loads back into working transports.
@@ -19,7 +21,6 @@ async fn testkit_cluster_from_files() {
     use ha_core::transport::{PeerConnection, Transport};
     use ha_core::types::NodeId;
     use ha_tls::testkit::TestCluster;
-    use ha_transport_quic::testkit::{harness_node, options};
 
     let dir = tempfile::tempdir().unwrap();
     let cluster = TestCluster::new(2).unwrap();
@@ -28,8 +29,8 @@ async fn testkit_cluster_from_files() {
         ids.iter().map(|i| i.node).collect::<Vec<_>>(),
         cluster.members()
     );
-    let one = harness_node(&ids[0], options(&cluster)).unwrap();
-    let two = harness_node(&ids[1], options(&cluster)).unwrap();
+    let one = common::node(&ids[0], cluster.members());
+    let two = common::node(&ids[1], cluster.members());
     two.transport.listen(common::echo(NodeId(2))).await.unwrap();
     let conn = one.transport.connect(&two.member).await.unwrap();
     let reply = conn

@@ -51,16 +51,15 @@
 //! connection is closed). At most [`TcpOptions::max_handshakes`] handshakes run
 //! at once. A garbage, truncated or oversized frame closes only its connection.
 //!
-//! With the `testkit` feature, [`testkit`] builds test transports and runs
-//! ha-core's transport conformance harness over TCP.
+//! Its tests run the scaffold both transports share (`ha-transport-testkit`):
+//! ha-core's conformance suite, the rejection suite and the end-to-end
+//! failover cluster.
 
 mod client;
 mod link;
 mod options;
 mod server;
 mod socket;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 mod transport;
 
 pub use client::TcpConnection;

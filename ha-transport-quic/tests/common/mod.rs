@@ -1,19 +1,138 @@
-//! Helpers for the tests, on top of `ha_transport_quic::testkit` (whose
-//! `QuicHarness` runs ha-core's conformance suite over loopback QUIC).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! Helpers for the QUIC tests, and the QUIC transport as the shared test
+//! scaffold (`ha-transport-testkit`) drives it.
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use ha_core::message::{Envelope, Heartbeat, Request, Response};
+use ha_core::config::Config;
+use ha_core::error::TransportError;
+use ha_core::message::Envelope;
+use ha_core::message::Request;
 use ha_core::testkit::conformance::HarnessNode;
-use ha_core::transport::{BoxFuture, RequestHandler};
 use ha_core::types::{LogIndex, NodeId, Position, Term};
+use ha_core::wire;
 use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
+use ha_tls::Clock;
+use ha_transport_quic::transport::{STREAM_CONTROL, STREAM_WAL};
 use ha_transport_quic::{QuicOptions, QuicTransport};
+use ha_transport_testkit::{RawConn, RawKind, TlsStack};
 
-#[allow(unused_imports)]
-pub use ha_transport_quic::testkit::{loopback, QuicHarness};
+pub use ha_transport_testkit::{echo, heartbeat, loopback, Echo};
+
+/// The QUIC stack.
+pub struct Quic;
+
+/// A raw QUIC connection with one stream of the chosen kind.
+pub struct RawQuic {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Drop for RawQuic {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"");
+    }
+}
+
+impl RawConn for RawQuic {
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.send.write_all(bytes).await.map_err(|e| e.to_string())
+    }
+
+    async fn recv(&mut self) -> Result<Vec<u8>, String> {
+        let budget = wire::ReadBudget::new(wire::MAX_FRAME_BYTES, wire::MAX_FRAME_BYTES);
+        wire::read_frame(
+            &mut self.recv,
+            wire::MAX_FRAME_BYTES,
+            Duration::from_secs(10),
+            &budget,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|f| f.body)
+        .ok_or_else(|| "the server ended the stream".to_string())
+    }
+
+    async fn closed(&mut self) {
+        self.conn.closed().await;
+    }
+}
+
+impl TlsStack for Quic {
+    type Transport = QuicTransport;
+    type Options = QuicOptions;
+    type Raw = RawQuic;
+
+    fn options(members: &[NodeId]) -> QuicOptions {
+        QuicOptions::new(loopback(), members.to_vec())
+    }
+
+    fn from_config(config: &Config, bind: SocketAddr) -> QuicOptions {
+        QuicOptions::from_config(config, bind)
+    }
+
+    fn set_clock(opts: &mut QuicOptions, clock: Clock) {
+        opts.tls_clock = clock;
+    }
+
+    fn set_timeouts(opts: &mut QuicOptions, idle: Duration, frame: Duration) {
+        opts.idle_timeout = idle;
+        opts.keep_alive = idle / 3;
+        opts.frame_timeout = frame;
+    }
+
+    fn build(
+        identity: &Identity,
+        opts: QuicOptions,
+    ) -> Result<(QuicTransport, SocketAddr), TransportError> {
+        let t = QuicTransport::new(identity, opts)?;
+        let addr = t.local_addr()?;
+        Ok((t, addr))
+    }
+
+    fn free_addresses(n: usize) -> Vec<SocketAddr> {
+        let held: Vec<std::net::UdpSocket> = (0..n)
+            .map(|_| std::net::UdpSocket::bind(loopback()).expect("bind"))
+            .collect();
+        held.iter()
+            .map(|s| s.local_addr().expect("address"))
+            .collect()
+    }
+
+    async fn raw(
+        addr: SocketAddr,
+        server: NodeId,
+        tls: rustls::ClientConfig,
+        kind: RawKind,
+    ) -> Result<RawQuic, String> {
+        let endpoint = quinn::Endpoint::client(loopback()).map_err(|e| e.to_string())?;
+        let cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?,
+        ));
+        let conn = endpoint
+            .connect_with(cfg, addr, &ha_tls::certs::node_dns_name(server))
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let byte = match kind {
+            RawKind::Control => STREAM_CONTROL,
+            RawKind::Wal => STREAM_WAL,
+        };
+        send.write_all(&[byte]).await.map_err(|e| e.to_string())?;
+        Ok(RawQuic {
+            endpoint,
+            conn,
+            send,
+            recv,
+        })
+    }
+}
 
 pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
     let c = ca.issue(spec).unwrap();
@@ -25,58 +144,7 @@ pub fn node(identity: &Identity, members: &[NodeId]) -> HarnessNode<QuicTranspor
 }
 
 pub fn node_with(identity: &Identity, opts: QuicOptions) -> HarnessNode<QuicTransport> {
-    ha_transport_quic::testkit::harness_node(identity, opts).unwrap()
-}
-
-pub struct Echo(pub NodeId);
-
-impl RequestHandler for Echo {
-    fn handle(&self, _peer: NodeId, req: Envelope<Request>) -> BoxFuture<Envelope<Response>> {
-        let body = match &req.body {
-            Request::Heartbeat(h) => Response::HeartbeatAck(ha_core::message::HeartbeatAck {
-                accepted: true,
-                last: h.last,
-                applied: h.commit,
-                voter: true,
-            }),
-            Request::WalBatch(b) => Response::WalAck(ha_core::message::WalAck {
-                batch_term: req.term,
-                result: ha_core::message::AckResult::Durable(
-                    b.entries.last().map(|e| e.position).unwrap_or(b.prev),
-                ),
-                applied: b.commit,
-            }),
-            _ => Response::Error(ha_core::message::RpcError::Malformed("echo".into())),
-        };
-        Box::pin(std::future::ready(Envelope {
-            from: self.0,
-            to: req.from,
-            term: req.term,
-            request_id: req.request_id,
-            body,
-        }))
-    }
-}
-
-pub fn echo(id: NodeId) -> Arc<dyn RequestHandler> {
-    Arc::new(Echo(id))
-}
-
-pub fn heartbeat(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
-    let term = Term {
-        number: 1,
-        node: from,
-    };
-    Envelope {
-        from,
-        to,
-        term,
-        request_id: id,
-        body: Request::Heartbeat(Heartbeat {
-            commit: LogIndex(1),
-            last: Position::new(term, LogIndex(1)),
-        }),
-    }
+    ha_transport_testkit::harness_node::<Quic>(identity, opts).unwrap()
 }
 
 pub fn wal_batch(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {

@@ -1,0 +1,210 @@
+//! `ha-transport-testkit`: the scaffold the QUIC and TCP transports' tests
+//! share, so each check is written once and runs over both.
+//!
+//! - [`TlsStack`]: what a TLS transport tells the scaffold (how to build it on
+//!   loopback, from a node config, and how to open a raw connection to it as an
+//!   attacker would).
+//! - [`StackHarness`]: ha-core's conformance harness over any stack.
+//! - [`cluster`]: the three-node end-to-end failover test (driver, real `Wal`
+//!   on disk, the stack's transport).
+//! - [`probe`]: the rejection suite (certificates, identities, frames, silent
+//!   connections, expiry across reconnects); [`rejection_tests!`] expands it
+//!   into one `#[tokio::test]` per check.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ha_core::config::{Config, Member};
+use ha_core::error::TransportError;
+use ha_core::message::{Envelope, Heartbeat, Request, Response};
+use ha_core::testkit::conformance::{HarnessNode, TransportHarness};
+use ha_core::transport::{BoxFuture, RequestHandler, Transport};
+use ha_core::types::{LogIndex, MemberKind, NodeId, Position, Term};
+use ha_tls::testkit::TestCluster;
+use ha_tls::{Clock, Identity};
+
+pub mod cluster;
+pub mod probe;
+
+/// `127.0.0.1:0`: a free loopback port.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Which kind of raw connection (or stream) to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawKind {
+    /// One control request's path (QUIC: a control stream; TCP: a control
+    /// connection).
+    Control,
+    /// The WAL path.
+    Wal,
+}
+
+/// A raw connection to a transport, after the TLS handshake and the kind
+/// marker: bytes in, frames out, as an attacker (or a broken peer) has it.
+pub trait RawConn: Send {
+    /// Writes raw bytes.
+    fn send(&mut self, bytes: &[u8]) -> impl Future<Output = Result<(), String>> + Send;
+    /// Reads one frame body the server sent.
+    fn recv(&mut self) -> impl Future<Output = Result<Vec<u8>, String>> + Send;
+    /// Resolves once the server has closed the connection.
+    fn closed(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// A TLS network transport as the scaffold drives it.
+pub trait TlsStack: Send + Sync + 'static {
+    /// The transport.
+    type Transport: Transport + Clone;
+    /// Its options.
+    type Options: Clone + Send + Sync + 'static;
+    /// A raw connection to it.
+    type Raw: RawConn;
+
+    /// Default options on a loopback port for `members`.
+    fn options(members: &[NodeId]) -> Self::Options;
+    /// Options from a node's config, bound to `bind`.
+    fn from_config(config: &Config, bind: SocketAddr) -> Self::Options;
+    /// Checks certificates against `clock`.
+    fn set_clock(opts: &mut Self::Options, clock: Clock);
+    /// Tightens the bounds on silent peers: `idle` (nothing received on a
+    /// connection) and `frame` (a started frame, or a control request).
+    fn set_timeouts(opts: &mut Self::Options, idle: Duration, frame: Duration);
+    /// A transport for `identity` and its bound address.
+    fn build(
+        identity: &Identity,
+        opts: Self::Options,
+    ) -> Result<(Self::Transport, SocketAddr), TransportError>;
+    /// `n` distinct free loopback addresses of the kind the transport binds
+    /// (UDP or TCP), found by binding them all at once and releasing them.
+    fn free_addresses(n: usize) -> Vec<SocketAddr>;
+    /// Opens a raw connection to `addr` with `tls` under the name of `server`,
+    /// and starts a path of `kind` on it.
+    fn raw(
+        addr: SocketAddr,
+        server: NodeId,
+        tls: rustls::ClientConfig,
+        kind: RawKind,
+    ) -> impl Future<Output = Result<Self::Raw, String>> + Send;
+}
+
+/// A transport of stack `S` for `identity` with `opts`, and the member record
+/// peers dial.
+pub fn harness_node<S: TlsStack>(
+    identity: &Identity,
+    opts: S::Options,
+) -> Result<HarnessNode<S::Transport>, TransportError> {
+    let (transport, addr) = S::build(identity, opts)?;
+    Ok(HarnessNode {
+        member: Member {
+            id: identity.node,
+            addr: addr.to_string(),
+            kind: MemberKind::Data,
+        },
+        transport,
+    })
+}
+
+/// A transport of stack `S` for member `node` of `cluster` with `opts`.
+pub fn node_with<S: TlsStack>(
+    cluster: &TestCluster,
+    node: NodeId,
+    opts: S::Options,
+) -> Result<HarnessNode<S::Transport>, TransportError> {
+    let identity = cluster
+        .identity(node)
+        .map_err(|e| TransportError::Local(e.to_string()))?;
+    harness_node::<S>(&identity, opts)
+}
+
+/// ha-core's [`TransportHarness`] over stack `S` on loopback: nodes `1..=n`,
+/// all members, certificates from a fresh CA per call.
+///
+/// # Panics
+/// If certificates cannot be generated or a loopback socket cannot be bound
+/// (the harness has no way to report an error).
+#[derive(Debug, Default)]
+pub struct StackHarness<S>(std::marker::PhantomData<S>);
+
+impl<S> StackHarness<S> {
+    /// The harness.
+    pub fn new() -> Self {
+        StackHarness(std::marker::PhantomData)
+    }
+}
+
+impl<S: TlsStack> TransportHarness for StackHarness<S> {
+    type Transport = S::Transport;
+
+    #[allow(clippy::expect_used)]
+    fn nodes(&self, n: usize) -> impl Future<Output = Vec<HarnessNode<S::Transport>>> + Send {
+        let cluster = TestCluster::new(n as u64).expect("generate test certificates");
+        let members = cluster.members().to_vec();
+        let nodes = members
+            .iter()
+            .map(|&id| {
+                node_with::<S>(&cluster, id, S::options(&members))
+                    .expect("bind a loopback transport")
+            })
+            .collect();
+        std::future::ready(nodes)
+    }
+}
+
+/// Answers heartbeats and WAL batches (acknowledging them), anything else with
+/// an error.
+#[derive(Debug)]
+pub struct Echo(pub NodeId);
+
+impl RequestHandler for Echo {
+    fn handle(&self, _peer: NodeId, req: Envelope<Request>) -> BoxFuture<Envelope<Response>> {
+        let body = match &req.body {
+            Request::Heartbeat(h) => Response::HeartbeatAck(ha_core::message::HeartbeatAck {
+                accepted: true,
+                last: h.last,
+                applied: h.commit,
+                voter: true,
+            }),
+            Request::WalBatch(b) => Response::WalAck(ha_core::message::WalAck {
+                batch_term: req.term,
+                result: ha_core::message::AckResult::Durable(
+                    b.entries.last().map(|e| e.position).unwrap_or(b.prev),
+                ),
+                applied: b.commit,
+            }),
+            _ => Response::Error(ha_core::message::RpcError::Malformed("echo".into())),
+        };
+        Box::pin(std::future::ready(Envelope {
+            from: self.0,
+            to: req.from,
+            term: req.term,
+            request_id: req.request_id,
+            body,
+        }))
+    }
+}
+
+/// An [`Echo`] handler for `id`.
+pub fn echo(id: NodeId) -> Arc<dyn RequestHandler> {
+    Arc::new(Echo(id))
+}
+
+/// A heartbeat from `from` to `to` with request id `id`.
+pub fn heartbeat(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
+    let term = Term {
+        number: 1,
+        node: from,
+    };
+    Envelope {
+        from,
+        to,
+        term,
+        request_id: id,
+        body: Request::Heartbeat(Heartbeat {
+            commit: LogIndex(1),
+            last: Position::new(term, LogIndex(1)),
+        }),
+    }
+}
