@@ -28,6 +28,9 @@ use ha_tls::{Clock, Identity};
 pub mod cluster;
 pub mod probe;
 
+/// The counting allocator [`memory_test!`] installs.
+pub use cap;
+
 /// `127.0.0.1:0`: a free loopback port.
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))

@@ -301,8 +301,15 @@ async fn clocked_pair<S: TlsStack>(
     S::set_clock(&mut o1, c1.clock());
     let mut o2 = S::options(&MEMBERS);
     S::set_clock(&mut o2, c2.clock());
-    let one = harness_node::<S>(&cluster.identity(NodeId(1)).unwrap(), o1).unwrap();
-    let two = harness_node::<S>(&cluster.identity(NodeId(2)).unwrap(), o2).unwrap();
+    // Certificates that expire in an hour: well within the lifetime of any
+    // session ticket, so a resumed session would still be offered and taken.
+    let hour = |node| {
+        let mut spec = NodeCertSpec::new(node, 1);
+        spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        cluster.identity_with(&spec).unwrap()
+    };
+    let one = harness_node::<S>(&hour(NodeId(1)), o1).unwrap();
+    let two = harness_node::<S>(&hour(NodeId(2)), o2).unwrap();
     two.transport.listen(crate::echo(NodeId(2))).await.unwrap();
     (one, c1, two, c2)
 }
@@ -336,8 +343,8 @@ pub async fn an_expired_client_certificate_cannot_reconnect<S: TlsStack>() {
         ),
         "{first:?}"
     );
-    // Two days later (the certificates were valid for one more day).
-    c2.advance(Duration::from_secs(2 * 86_400));
+    // Two hours later (the certificates were valid for one more hour).
+    c2.advance(Duration::from_secs(2 * 3600));
     let again = call_once::<S>(&one, &two, 2).await;
     assert!(
         again.is_err(),
@@ -364,7 +371,7 @@ pub async fn an_expired_server_certificate_is_refused_on_reconnect<S: TlsStack>(
         ),
         "{first:?}"
     );
-    c1.advance(Duration::from_secs(2 * 86_400));
+    c1.advance(Duration::from_secs(2 * 3600));
     let again = call_once::<S>(&one, &two, 2).await;
     assert!(
         again.is_err(),
@@ -502,5 +509,81 @@ macro_rules! rejection_tests {
                 $crate::probe::$name::<$stack>().await;
             }
         )*
+    };
+}
+
+/// Watches `live_bytes` (the test binary's counting allocator) while `paths`
+/// raw member connections (control and WAL in turn) each announce a frame of the largest size and send
+/// a kilobyte of it: the server must hold about what arrived, not what was
+/// announced (before the fix it allocated every announced length at once).
+/// Observes for `window`; returns the largest growth seen, in bytes.
+pub async fn announced_frames_pin_no_memory<S: TlsStack>(
+    live_bytes: fn() -> usize,
+    paths: usize,
+    window: Duration,
+) -> usize {
+    let s = Setup::<S>::new(|_| {}).await;
+    let base = live_bytes();
+    let mut held = Vec::new();
+    for i in 0..paths {
+        // Both kinds, so a transport that keeps one connection per kind holds
+        // two at once.
+        let kind = if i % 2 == 0 {
+            RawKind::Control
+        } else {
+            RawKind::Wal
+        };
+        let mut raw = S::raw(s.addr(), NodeId(2), s.member_tls(NodeId(1)), kind)
+            .await
+            .unwrap();
+        let mut bytes = u32::try_from(wire::MAX_FRAME_BYTES)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
+        bytes.extend([7u8; 1024]);
+        raw.send(&bytes).await.unwrap();
+        held.push(raw);
+    }
+    let mut peak = 0;
+    let end = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < end {
+        peak = peak.max(live_bytes().saturating_sub(base));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(held);
+    s.server.transport.close().await;
+    peak
+}
+
+/// Defines, for the stack type `$stack`, a counting global allocator and the
+/// test that announced frame lengths pin no memory
+/// ([`announced_frames_pin_no_memory`]). Use it alone in a test binary, so no
+/// other test's allocations count.
+#[macro_export]
+macro_rules! memory_test {
+    ($stack:ty) => {
+        #[global_allocator]
+        static ALLOCATOR: $crate::cap::Cap<std::alloc::System> =
+            $crate::cap::Cap::new(std::alloc::System, usize::MAX);
+
+        fn live_bytes() -> usize {
+            ALLOCATOR.allocated()
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn announced_frames_pin_no_memory() {
+            // Three connections announcing 16 MiB each: 48 MiB if the
+            // lengths were allocated up front.
+            let peak = $crate::probe::announced_frames_pin_no_memory::<$stack>(
+                live_bytes,
+                3,
+                std::time::Duration::from_secs(2),
+            )
+            .await;
+            assert!(
+                peak < 24 << 20,
+                "the server held {peak} bytes for 3 KiB received"
+            );
+        }
     };
 }

@@ -1,4 +1,5 @@
-//! Tidy checks run as ordinary tests: the layering rules and the no-stub rule.
+//! Tidy checks run as ordinary tests: the layering rules (which crate may link
+//! which stack) and the no-stub rule.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,15 +11,16 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-#[test]
-fn ha_core_normal_dependencies_have_no_network_or_tls_stack() {
+/// The crates `package` depends on outside its dev-dependencies (`cargo tree -e
+/// normal`), one name per line.
+fn normal_dependencies(package: &str) -> Vec<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(workspace_root())
         .args([
             "tree",
             "-p",
-            "ha-core",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -34,15 +36,51 @@ fn ha_core_normal_dependencies_have_no_network_or_tls_stack() {
     );
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(
-        tree.contains("ha-core"),
+        tree.contains(package),
         "unexpected cargo tree output: {tree}"
     );
-    for banned in ["quinn", "rustls", "rcgen", "axum", "hyper", "tokio-rustls"] {
-        let hit = tree
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(banned));
-        assert!(!hit, "ha-core depends on {banned}:\n{tree}");
+    tree.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_no(package: &str, banned: &[&str]) {
+    let deps = normal_dependencies(package);
+    for b in banned {
+        assert!(
+            !deps.iter().any(|d| d == b),
+            "{package} depends on {b}:\n{}",
+            deps.join("\n")
+        );
     }
+}
+
+#[test]
+fn ha_core_normal_dependencies_have_no_network_or_tls_stack() {
+    assert_no(
+        "ha-core",
+        &[
+            "quinn",
+            "rustls",
+            "rcgen",
+            "axum",
+            "hyper",
+            "tokio-rustls",
+            "ha-tls",
+        ],
+    );
+}
+
+/// A TCP-only build links no QUIC stack.
+#[test]
+fn ha_transport_tcp_links_no_quinn() {
+    assert_no(
+        "ha-transport-tcp",
+        &["quinn", "quinn-proto", "ha-transport-quic"],
+    );
+    // The shared TLS home links no QUIC stack either.
+    assert_no("ha-tls", &["quinn", "quinn-proto"]);
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
