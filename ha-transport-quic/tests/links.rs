@@ -340,6 +340,10 @@ async fn wal_window_bounds_queued_requests() {
         .unwrap();
     let conn = a.transport.connect(&b.member).await.unwrap();
     let peer = NodeId(2);
+    // Connected first (a handle need not be), so the counts below are exact.
+    conn.call(heartbeat(NodeId(1), peer, 100), CALL)
+        .await
+        .unwrap();
 
     // Ten calls, invoked in order: four fit the window, six wait in line.
     let (created_tx, created) = tokio::sync::oneshot::channel();

@@ -201,7 +201,8 @@ impl Transport for TcpTransport {
             }
             let peer = shared.peer(member.id);
             peer.set_member(&member);
-            peer.ensure(&shared, crate::KIND_CONTROL, false).await?;
+            // No dial here: the reconnect task (started below) dials at once,
+            // and a call that finds no connection dials itself.
             let inner = ConnInner::new(shared.clone(), peer.clone());
             peer.start_reconnecting(&shared);
             Ok(TcpConnection {

@@ -1,5 +1,6 @@
-//! Outgoing traffic: one cached connection per peer, reconnects with exponential
-//! backoff and jitter, an ordered sender task per peer for the WAL channel, and
+//! Outgoing traffic: one connection handle per peer (kept: the transport owns
+//! reconnecting; only getting the handle is retried here, with the shared
+//! backoff), an ordered sender task per peer for the WAL channel, and
 //! independent tasks for control requests so they never wait behind WAL data.
 //!
 //! Every task started here lives in the engine task's [`JoinSet`]: the engine task
@@ -60,15 +61,15 @@ impl<T: Transport> PeerLink<T> {
     }
 
     fn cached(&self) -> Option<Arc<T::Conn>> {
-        self.conn
-            .lock()
-            .as_ref()
-            .filter(|c| c.is_connected())
-            .cloned()
+        self.conn.lock().clone()
     }
 
-    /// The cached connection, or a new one. While backing off after a failed
-    /// attempt this fails at once instead of waiting: the engine retries by itself.
+    /// The peer's connection handle, kept for the life of the node: the
+    /// transport owns reconnecting (a handle stays usable across lost
+    /// connections; see [`Transport::connect`]). Only getting the handle can fail
+    /// here (a local error or a closed transport); while backing off after such
+    /// a failure this fails at once instead of waiting: the engine retries by
+    /// itself.
     async fn connection(&self) -> Result<Arc<T::Conn>, TransportError> {
         if let Some(c) = self.cached() {
             return Ok(c);
@@ -97,11 +98,9 @@ impl<T: Transport> PeerLink<T> {
         match result {
             Ok(conn) => {
                 let conn = Arc::new(conn);
-                if let Some(old) = self.conn.lock().replace(Arc::clone(&conn)) {
-                    old.close();
-                }
+                *self.conn.lock() = Some(Arc::clone(&conn));
                 self.backoff.lock().succeeded();
-                tracing::debug!(node = %self.shared.cfg.node_id, %peer, "connected");
+                tracing::debug!(node = %self.shared.cfg.node_id, %peer, "connection handle ready");
                 Ok(conn)
             }
             Err(e) => {
@@ -125,8 +124,8 @@ impl<T: Transport> PeerLink<T> {
         }
     }
 
-    /// Logs a failed call; drops the connection if it is broken. Returns true if the
-    /// connection must be replaced.
+    /// Logs a failed call. Returns true if the connection under it was lost
+    /// (the calls still on it are given up; the transport re-dials by itself).
     fn failed(
         &self,
         conn: Option<&Arc<T::Conn>>,
@@ -136,19 +135,10 @@ impl<T: Transport> PeerLink<T> {
         self.shared.counters.bump_send_failure();
         tracing::debug!(node = %self.shared.cfg.node_id, peer = %self.member.id, kind, %error, "request failed");
         let Some(conn) = conn else { return false };
-        let broken = matches!(
+        matches!(
             error,
             TransportError::Unreachable(..) | TransportError::Closed
-        ) || !conn.is_connected();
-        if broken {
-            let mut slot = self.conn.lock();
-            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-                *slot = None;
-            }
-            drop(slot);
-            conn.close();
-        }
-        broken
+        ) || !conn.is_connected()
     }
 
     /// Closes the cached connection, if any.

@@ -136,7 +136,14 @@ pub trait Transport: Send + Sync + 'static {
     /// start with a transport whose identity is not its configured id.
     fn local_id(&self) -> NodeId;
 
-    /// Opens (or reuses) a connection to `peer`.
+    /// A connection handle to `peer`. The transport owns reconnecting: the
+    /// handle stays usable for as long as it is open, whatever happens to the
+    /// connections under it (a lost one is re-dialed by the transport, in the
+    /// background and on demand, paced by [`crate::backoff::Backoff`]); while
+    /// the peer is unreachable, calls fail with [`TransportError::Unreachable`]
+    /// or [`TransportError::Timeout`]. So a caller keeps one handle per peer.
+    /// `connect` itself fails only for local reasons (the transport is closed,
+    /// the address is unusable); it need not reach the peer.
     fn connect(
         &self,
         peer: &Member,

@@ -253,7 +253,8 @@ impl Transport for QuicTransport {
                 return Err(TransportError::Closed);
             }
             let peer = shared.peer(member.id);
-            shared.ensure_link(&peer, &member, false).await?;
+            // No dial here: the reconnect task (started below) dials at once,
+            // and a call that finds no connection dials itself.
             let spawn = {
                 let mut links = peer.links.lock();
                 links.member = Some(member.clone());

@@ -171,8 +171,8 @@ impl MemNetwork {
     }
 
     /// The listener a request from `from` to `to` reaches, or why none does. With
-    /// `incarnation`, only that registration counts (a connection does not survive
-    /// its peer's restart).
+    /// `incarnation`, only that registration counts (a session does not survive
+    /// its peer's restart; its handle makes a new one).
     fn route(
         &self,
         from: NodeId,
@@ -270,23 +270,20 @@ impl Transport for MemTransport {
             if this.is_closed() {
                 return Err(TransportError::Closed);
             }
-            let listener = this
-                .net
-                .route(this.node, to, None)
-                .map_err(|why| TransportError::Unreachable(to, why))?;
-            let link = Arc::new(Link {
-                from: this.node,
-                to,
-                incarnation: listener.incarnation,
-                net: this.net.clone(),
-                closed: Latch::new(),
-                transport_closed: this.shared.closed.clone(),
-            });
-            let (wal_tx, wal_rx) = mpsc::unbounded_channel();
-            tokio::spawn(wal_worker(link.clone(), wal_rx));
-            Ok(MemConnection {
-                inner: Arc::new(ConnShared { link, wal_tx }),
-            })
+            let conn = MemConnection {
+                inner: Arc::new(ConnShared {
+                    from: this.node,
+                    to,
+                    net: this.net.clone(),
+                    closed: Latch::new(),
+                    transport_closed: this.shared.closed.clone(),
+                    session: Mutex::new(None),
+                }),
+            };
+            // Like a real transport, reach the peer now if it is there; if it
+            // is not, the first call tries again.
+            let _ = conn.session();
+            Ok(conn)
         }
     }
 
@@ -378,10 +375,28 @@ impl Link {
     }
 }
 
-struct ConnShared {
+/// One connection to one registration (incarnation) of the peer.
+#[derive(Clone)]
+struct Session {
     link: Arc<Link>,
-    /// Feeds the connection's WAL worker; dropping the last connection handle ends it.
+    /// Feeds the session's WAL worker; dropping the last handle ends it.
     wal_tx: mpsc::UnboundedSender<Job>,
+}
+
+/// A submitted request: where its outcome arrives, the control job still to
+/// deliver (WAL jobs are queued already), and the session's link.
+type Submitted = (oneshot::Receiver<Delivery>, Option<Job>, Arc<Link>);
+
+/// A connection handle: the session to the peer's current registration, made
+/// anew when the peer restarted (the handle outlives connections, as the
+/// [`Transport::connect`] contract asks).
+struct ConnShared {
+    from: NodeId,
+    to: NodeId,
+    net: MemNetwork,
+    closed: Latch,
+    transport_closed: Latch,
+    session: Mutex<Option<Session>>,
 }
 
 /// A connection from one [`MemTransport`] to a peer; implements [`PeerConnection`].
@@ -398,9 +413,9 @@ pub struct MemConnection {
 impl fmt::Debug for MemConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemConnection")
-            .field("from", &self.inner.link.from)
-            .field("to", &self.inner.link.to)
-            .field("closed", &self.inner.link.is_closed())
+            .field("from", &self.inner.from)
+            .field("to", &self.inner.to)
+            .field("closed", &self.is_closed())
             .finish()
     }
 }
@@ -408,33 +423,57 @@ impl fmt::Debug for MemConnection {
 impl MemConnection {
     /// The local node.
     pub fn local_id(&self) -> NodeId {
-        self.inner.link.from
+        self.inner.from
     }
 
     /// The peer this connection reaches.
     pub fn peer_id(&self) -> NodeId {
-        self.inner.link.to
+        self.inner.to
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner.closed.is_set() || self.inner.transport_closed.is_set()
+    }
+
+    /// The session to the peer's current registration: the one in use while
+    /// it holds, else a new one (the peer restarted, or was not there before),
+    /// or why the peer cannot be reached.
+    fn session(&self) -> Result<Session, TransportError> {
+        let c = &self.inner;
+        let mut current = c.session.lock();
+        if let Some(s) = current.as_ref() {
+            if !s.wal_tx.is_closed() && c.net.route(c.from, c.to, Some(s.link.incarnation)).is_ok()
+            {
+                return Ok(s.clone());
+            }
+        }
+        let listener = c
+            .net
+            .route(c.from, c.to, None)
+            .map_err(|why| TransportError::Unreachable(c.to, why))?;
+        let link = Arc::new(Link {
+            from: c.from,
+            to: c.to,
+            incarnation: listener.incarnation,
+            net: c.net.clone(),
+            closed: c.closed.clone(),
+            transport_closed: c.transport_closed.clone(),
+        });
+        let (wal_tx, wal_rx) = mpsc::unbounded_channel();
+        tokio::spawn(wal_worker(link.clone(), wal_rx));
+        let s = Session { link, wal_tx };
+        *current = Some(s.clone());
+        Ok(s)
     }
 
     /// Checks and encodes a request and, for the WAL channel, queues it. Runs when
     /// `call` is invoked, so WAL requests are ordered by call time.
-    fn submit(
-        &self,
-        request: &Envelope<Request>,
-    ) -> Result<(oneshot::Receiver<Delivery>, Option<Job>), TransportError> {
-        let link = &self.inner.link;
-        if link.is_closed() {
+    fn submit(&self, request: &Envelope<Request>) -> Result<Submitted, TransportError> {
+        if self.is_closed() {
             return Err(TransportError::Closed);
         }
-        if self.inner.wal_tx.is_closed() {
-            return Err(TransportError::Unreachable(
-                link.to,
-                "connection lost".into(),
-            ));
-        }
-        link.net
-            .route(link.from, link.to, Some(link.incarnation))
-            .map_err(|why| TransportError::Unreachable(link.to, why))?;
+        let session = self.session()?;
+        let link = &session.link;
         let max = link.net.inner.max_frame;
         let frame = crate::wire::encode(request, max).map_err(|e| match e {
             crate::wire::FrameError::TooLarge { len, max } => TransportError::Protocol(
@@ -447,13 +486,13 @@ impl MemConnection {
         let job = Job { frame, reply };
         match request.body.channel() {
             Channel::Wal => {
-                self.inner
+                session
                     .wal_tx
                     .send(job)
                     .map_err(|_| TransportError::Unreachable(link.to, "connection lost".into()))?;
-                Ok((rx, None))
+                Ok((rx, None, session.link))
             }
-            Channel::Control => Ok((rx, Some(job))),
+            Channel::Control => Ok((rx, Some(job), session.link)),
         }
     }
 }
@@ -465,10 +504,9 @@ impl PeerConnection for MemConnection {
         deadline: Duration,
     ) -> impl Future<Output = Result<Envelope<Response>, TransportError>> + Send {
         let submitted = self.submit(&request);
-        let link = self.inner.link.clone();
         let request_id = request.request_id;
         async move {
-            let (rx, control_job) = submitted?;
+            let (rx, control_job, link) = submitted?;
             if let Some(job) = control_job {
                 let link = link.clone();
                 tokio::spawn(async move { deliver(&link, job).await });
@@ -489,17 +527,13 @@ impl PeerConnection for MemConnection {
     }
 
     fn is_connected(&self) -> bool {
-        let link = &self.inner.link;
-        !link.is_closed()
-            && !self.inner.wal_tx.is_closed()
-            && link
-                .net
-                .route(link.from, link.to, Some(link.incarnation))
-                .is_ok()
+        !self.is_closed() && self.session().is_ok()
     }
 
     fn close(&self) {
-        self.inner.link.closed.set();
+        self.inner.closed.set();
+        // Ends the session's WAL worker once its queue is drained.
+        self.inner.session.lock().take();
     }
 }
 
