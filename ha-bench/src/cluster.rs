@@ -1,16 +1,18 @@
 //! Building the three members (data nodes n1 and n2, witness n3) over the chosen
 //! network and log store.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 
 use ha_core::testkit::memory::{MemLogStore, MemNetwork, MemTransport};
+use ha_core::TransportError;
 use ha_core::{
     Bootstrap, CommitMode, Config, LogStore, Member, MemberKind, Node, NodeBuilder, NodeId,
     Transport,
 };
 use ha_tls::certs::{CertificateAuthority, Identity, NodeCertSpec};
 use ha_transport_quic::{QuicOptions, QuicTransport};
+use ha_transport_tcp::{TcpOptions, TcpTransport};
 use ha_wal::{Wal, WalConfig, WalMetrics};
 
 use crate::kv::BenchKv;
@@ -112,17 +114,47 @@ pub fn mem_addresses() -> Vec<String> {
     IDS.iter().map(|id| format!("mem://{id}")).collect()
 }
 
-/// QUIC transports with a fresh cluster CA and node certificates.
-pub fn quic_transports(configs: &[Config]) -> Result<Vec<QuicTransport>, BoxError> {
+/// Free loopback TCP ports, one per member (bound together so they differ).
+pub fn tcp_loopback_addresses() -> std::io::Result<Vec<String>> {
+    let listeners = IDS
+        .iter()
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a: SocketAddr| a.to_string()))
+        .collect()
+}
+
+/// TLS transports made by `make`, with a fresh cluster CA and node
+/// certificates.
+fn tls_transports<T>(
+    configs: &[Config],
+    make: impl Fn(&Identity, &Config) -> Result<T, TransportError>,
+) -> Result<Vec<T>, BoxError> {
     let ca = CertificateAuthority::generate("ha-bench CA", 2)?;
     configs
         .iter()
         .map(|c| {
             let cert = ca.issue(&NodeCertSpec::new(c.node_id, 2))?;
             let identity = Identity::from_pem(&ca.cert_pem(), &cert.cert_pem, &cert.key_pem)?;
-            Ok(QuicTransport::new(&identity, QuicOptions::for_node(c)?)?)
+            Ok(make(&identity, c)?)
         })
         .collect()
+}
+
+/// QUIC transports with a fresh cluster CA and node certificates.
+pub fn quic_transports(configs: &[Config]) -> Result<Vec<QuicTransport>, BoxError> {
+    tls_transports(configs, |id, c| {
+        QuicTransport::new(id, QuicOptions::for_node(c)?)
+    })
+}
+
+/// TCP transports with a fresh cluster CA and node certificates.
+pub fn tcp_transports(configs: &[Config]) -> Result<Vec<TcpTransport>, BoxError> {
+    tls_transports(configs, |id, c| {
+        TcpTransport::new(id, TcpOptions::for_node(c)?)
+    })
 }
 
 /// Transports on one new in-memory network.

@@ -1,8 +1,8 @@
 //! `ha-bench`: the end-to-end library benchmark (`cargo xtask bench`).
 //!
 //! Three members in one process (data nodes n1 and n2, witness n3, a new cluster,
-//! default `Config` but for what the flags set), over QUIC on loopback or the
-//! in-memory network, each with a write-ahead log in a fresh temporary directory
+//! default `Config` but for what the flags set), over QUIC or TCP on loopback or
+//! the in-memory network, each with a write-ahead log in a fresh temporary directory
 //! (default `WalConfig`: fsync on) or the in-memory log store. Closed-loop clients
 //! write 100-byte values through the primary's `Node::apply` and wait for each
 //! ack. After a warm-up, a measured window gives writes/s and latency percentiles,
@@ -11,7 +11,9 @@
 //! progress goes to stderr.
 //!
 //! `--soak-secs N` runs one long run (QUIC + WAL, sync, 64 clients) and reports it
-//! in 30-second intervals.
+//! in 30-second intervals. `--transports` prints the transport table instead:
+//! QUIC and TCP side by side from one run (WAL throughput, control RPC round
+//! trip idle, heartbeat round trip under a saturated WAL stream).
 
 mod cluster;
 mod kv;
@@ -34,6 +36,8 @@ use crate::run::{Outcome, Plan};
 enum Net {
     /// `QuicTransport` on loopback, mutual TLS with a fresh cluster CA.
     Quic,
+    /// `TcpTransport` on loopback, mutual TLS with a fresh cluster CA.
+    Tcp,
     /// ha-core's in-memory network (testkit).
     Mem,
 }
@@ -128,6 +132,11 @@ struct Cli {
     /// seconds, reported per 30-second interval.
     #[arg(long, value_name = "N")]
     soak_secs: Option<u64>,
+    /// Print the transport table instead (QUIC and TCP side by side, one run:
+    /// WAL throughput, control RPC round trip idle, heartbeat round trip under a
+    /// saturated WAL stream); `--secs` is each throughput figure's duration.
+    #[arg(long)]
+    transports: bool,
     /// Where the runs' temporary WAL directories go (default: the system's).
     #[arg(long, value_name = "DIR")]
     tmp_dir: Option<PathBuf>,
@@ -167,6 +176,7 @@ fn main() -> ExitCode {
     report::print_header(&tmp, &cli_line());
     let warmup = Duration::from_secs_f64(cli.warmup_secs);
     let failed = match cli.soak_secs {
+        _ if cli.transports => transports(&rt, Duration::from_secs_f64(cli.secs)),
         Some(secs) => soak(&rt, &cli, &tmp, warmup, secs),
         None => matrix(&rt, &cli, &tmp, warmup),
     };
@@ -185,6 +195,21 @@ fn cli_line() -> String {
     } else {
         format!("ha-bench {}", args.join(" "))
     }
+}
+
+/// The transport table: both TLS transports measured one after the other in
+/// this process (`ha_transport_testkit::bench`, the figures the transports'
+/// `cargo bench` prints). Returns 0 (a failed call panics: it is a benchmark).
+fn transports(rt: &tokio::runtime::Runtime, secs: Duration) -> usize {
+    use ha_transport_testkit::bench::{header, measure, row};
+    eprintln!("measuring quic ...");
+    let quic = rt.block_on(measure::<ha_transport_quic::testkit::Quic>(secs));
+    eprintln!("measuring tcp ...");
+    let tcp = rt.block_on(measure::<ha_transport_tcp::testkit::Tcp>(secs));
+    println!("{}", header());
+    println!("{}", row("quic", &quic));
+    println!("{}", row("tcp", &tcp));
+    0
 }
 
 /// Runs every combination; returns how many runs failed.
@@ -351,55 +376,41 @@ async fn run_layers(
     settings: Settings,
     tmp: &std::path::Path,
 ) -> Result<Outcome, BoxError> {
-    use cluster::{build, mem_stores, mem_transports, quic_transports, wal_stores};
+    use cluster::{mem_transports, quic_transports, tcp_transports};
     let addrs = match case.net {
         Net::Quic => cluster::loopback_addresses()?,
+        Net::Tcp => cluster::tcp_loopback_addresses()?,
         Net::Mem => cluster::mem_addresses(),
     };
     let configs = cluster::configs(&addrs, settings);
     for c in &configs {
         c.validate()?;
     }
-    // Kept until the run is over (its nodes are shut down and dropped).
-    let dir = match case.store {
-        Store::Wal => Some(
-            tempfile::Builder::new()
+    match case.net {
+        Net::Quic => run_on(case, &configs, quic_transports(&configs)?, tmp).await,
+        Net::Tcp => run_on(case, &configs, tcp_transports(&configs)?, tmp).await,
+        Net::Mem => run_on(case, &configs, mem_transports(&configs), tmp).await,
+    }
+}
+
+/// Runs `case` over `transports` on the case's log store.
+async fn run_on<T: ha_core::Transport>(
+    case: Case,
+    configs: &[ha_core::Config],
+    transports: Vec<T>,
+    tmp: &std::path::Path,
+) -> Result<Outcome, BoxError> {
+    use cluster::{build, mem_stores, wal_stores};
+    match case.store {
+        Store::Wal => {
+            // Kept until the run is over (its nodes are shut down and dropped).
+            let dir = tempfile::Builder::new()
                 .prefix("ha-bench-")
                 .tempdir_in(tmp)
-                .map_err(|e| format!("temporary directory in {}: {e}", tmp.display()))?,
-        ),
-        Store::Mem => None,
-    };
-    let wal_dir = || {
-        dir.as_ref()
-            .map(|d| d.path().to_path_buf())
-            .ok_or("no temporary directory")
-    };
-    let plan = case.plan;
-    match (case.net, case.store) {
-        (Net::Quic, Store::Wal) => {
-            let nodes = build(
-                &configs,
-                quic_transports(&configs)?,
-                wal_stores(&configs, &wal_dir()?)?,
-            )?;
-            run::run(nodes, plan).await
+                .map_err(|e| format!("temporary directory in {}: {e}", tmp.display()))?;
+            let nodes = build(configs, transports, wal_stores(configs, dir.path())?)?;
+            run::run(nodes, case.plan).await
         }
-        (Net::Quic, Store::Mem) => {
-            let nodes = build(&configs, quic_transports(&configs)?, mem_stores(&configs))?;
-            run::run(nodes, plan).await
-        }
-        (Net::Mem, Store::Wal) => {
-            let nodes = build(
-                &configs,
-                mem_transports(&configs),
-                wal_stores(&configs, &wal_dir()?)?,
-            )?;
-            run::run(nodes, plan).await
-        }
-        (Net::Mem, Store::Mem) => {
-            let nodes = build(&configs, mem_transports(&configs), mem_stores(&configs))?;
-            run::run(nodes, plan).await
-        }
+        Store::Mem => run::run(build(configs, transports, mem_stores(configs))?, case.plan).await,
     }
 }

@@ -6,6 +6,8 @@
 //! run one scaffold (`ha-transport-testkit`). The `testkit` feature adds
 //! accessors tests use to watch the connection machinery.
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod transport;
 
 pub use transport::{QuicConnection, QuicOptions, QuicTransport};

@@ -60,6 +60,8 @@ mod link;
 mod options;
 mod server;
 mod socket;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod transport;
 
 pub use client::TcpConnection;

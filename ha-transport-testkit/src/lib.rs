@@ -7,6 +7,8 @@
 //! - [`StackHarness`]: ha-core's conformance harness over any stack.
 //! - [`cluster`]: the three-node end-to-end failover test (driver, real `Wal`
 //!   on disk, the stack's transport).
+//! - [`bench`]: the transport benchmark (throughput and round trips), the same
+//!   figures for every stack.
 //! - [`probe`]: the rejection suite (certificates, identities, frames, silent
 //!   connections, expiry across reconnects); [`rejection_tests!`] expands it
 //!   into one `#[tokio::test]` per check.
@@ -25,6 +27,7 @@ use ha_core::types::{LogIndex, MemberKind, NodeId, Position, Term};
 use ha_tls::testkit::TestCluster;
 use ha_tls::{Clock, Identity};
 
+pub mod bench;
 pub mod cluster;
 pub mod probe;
 
