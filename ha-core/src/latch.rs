@@ -50,6 +50,18 @@ impl Latch {
             drop(keep);
         }
     }
+
+    /// Resolves once this latch or `other` is set (a connection's and its
+    /// transport's "closed", say).
+    pub fn wait_either(&self, other: &Latch) -> impl Future<Output = ()> + Send + 'static {
+        let (a, b) = (self.wait(), other.wait());
+        async move {
+            tokio::select! {
+                () = a => {}
+                () = b => {}
+            }
+        }
+    }
 }
 
 #[cfg(test)]

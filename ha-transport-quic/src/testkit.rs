@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ha_core::config::Config;
 use ha_core::error::TransportError;
+use ha_core::transport::NetOptions;
 use ha_core::types::NodeId;
 use ha_core::wire;
 use ha_tls::{Clock, Identity};
@@ -76,10 +77,8 @@ impl TlsStack for Quic {
         opts.tls_clock = clock;
     }
 
-    fn set_timeouts(opts: &mut QuicOptions, idle: Duration, frame: Duration) {
-        opts.idle_timeout = idle;
-        opts.keep_alive = idle / 3;
-        opts.frame_timeout = frame;
+    fn net(opts: &mut QuicOptions) -> &mut NetOptions {
+        &mut opts.net
     }
 
     fn build(

@@ -268,7 +268,7 @@ async fn reconnecting_stops_on_close() {
     let ids = identities(&ca, 3);
     let members = [NodeId(1), NodeId(2), NodeId(3)];
     let mut opts = QuicOptions::new(loopback(), members.to_vec());
-    opts.connect_timeout = Duration::from_secs(5);
+    opts.net.connect_timeout = Duration::from_secs(5);
     let a = node_with(&ids[0], opts);
     let b = node(&ids[1], &members);
     let c = node(&ids[2], &members);
@@ -325,7 +325,7 @@ async fn wal_window_bounds_queued_requests() {
     let ids = identities(&ca, 2);
     let members = [NodeId(1), NodeId(2)];
     let mut opts = QuicOptions::new(loopback(), members.to_vec());
-    opts.wal_window = 4;
+    opts.net.wal_window = 4;
     let a = node_with(&ids[0], opts);
     let b = node(&ids[1], &members);
     let gate = Arc::new(Semaphore::new(0));

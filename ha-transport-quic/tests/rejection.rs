@@ -172,7 +172,7 @@ async fn too_many_connections_from_one_peer_are_refused() {
 #[tokio::test]
 async fn retiring_the_kept_connection_is_honoured() {
     let c = cluster_with(|o| {
-        o.connect_timeout = Duration::from_millis(300);
+        o.net.connect_timeout = Duration::from_millis(300);
         o.drain_timeout = Duration::from_secs(60);
     })
     .await;

@@ -54,11 +54,11 @@ impl PeerState {
             dial_control: tokio::sync::Mutex::new(()),
             dial_wal: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(Backoff::new(
-                opts.reconnect_interval,
-                opts.max_reconnect_backoff,
-                Backoff::seed_for(shared.me, id, opts.seed),
+                opts.net.reconnect_interval,
+                opts.net.max_reconnect_backoff,
+                Backoff::seed_for(shared.me, id, opts.net.seed),
             )),
-            window: WalWindow::new(opts.wal_window),
+            window: WalWindow::new(opts.net.wal_window),
             users: AtomicUsize::new(0),
             reconnecting: AtomicBool::new(false),
             changed: Notify::new(),
@@ -336,7 +336,7 @@ impl ConnInner {
             return Err(TransportError::Closed);
         }
         let peer = self.peer.id;
-        let frame = wire::encode(request, self.shared.opts.max_frame).map_err(|e| match e {
+        let frame = wire::encode(request, self.shared.opts.net.max_frame).map_err(|e| match e {
             FrameError::TooLarge { .. } => TransportError::Protocol(peer, e.to_string()),
             other => TransportError::Local(other.to_string()),
         })?;
@@ -412,14 +412,7 @@ impl PeerConnection for TcpConnection {
         async move {
             let prepared = prepared?;
             let peer = inner.peer.id;
-            let conn_closed = inner.closed.wait();
-            let transport_closed = inner.shared.closed.wait();
-            let closed = async {
-                tokio::select! {
-                    () = conn_closed => {}
-                    () = transport_closed => {}
-                }
-            };
+            let closed = inner.closed.wait_either(&inner.shared.closed);
             let outcome = async {
                 let response = inner.run(request_id, prepared).await?;
                 check_response(peer, request_id, response)

@@ -20,7 +20,7 @@
 //!   [`TcpOptions::max_control_inflight`] are in progress per connection.
 //! - On the WAL connection requests are handed to the node as they arrive, in
 //!   order, without waiting for earlier answers, and answered in order. At most
-//!   [`TcpOptions::wal_window`] WAL requests per peer are queued or awaiting an
+//!   `NetOptions::wal_window` WAL requests per peer are queued or awaiting an
 //!   answer; a WAL call beyond that waits, in call order, until one is answered
 //!   or its deadline passes. An error response is an answer like any other.
 //!
@@ -44,7 +44,7 @@
 //! peer and kind).
 //!
 //! # Bounds
-//! Every read is bounded in size ([`TcpOptions::max_frame`]), in memory (each
+//! Every read is bounded in size (`NetOptions::max_frame`), in memory (each
 //! connection's `ha_core::wire::ReadBudget`, taken before a frame is
 //! allocated and held until its request is answered) and in time (the
 //! handshake, the kind byte and each started frame have deadlines; an idle
@@ -74,7 +74,7 @@ pub const KIND_CONTROL: u8 = 2;
 pub const KIND_WAL: u8 = 1;
 /// How many WAL requests may be queued or awaiting an answer per peer by
 /// default; also how far an acceptor reads ahead of its handler.
-pub const WAL_WINDOW: usize = 64;
+pub use ha_core::transport::WAL_WINDOW;
 /// At most this many open inbound connections per peer and kind (the current
 /// one and those being replaced); one beyond that is closed at once.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 3;

@@ -72,7 +72,7 @@ impl Link {
             let stream = TcpStream::connect(member.addr.as_str())
                 .await
                 .map_err(|e| unreachable(format!("cannot connect to {}: {e}", member.addr)))?;
-            socket::tune(&stream, opts.keep_alive, opts.idle_timeout)
+            socket::tune(&stream, opts.net.keep_alive, opts.net.idle_timeout)
                 .map_err(|e| TransportError::Local(format!("socket options: {e}")))?;
             let name = ha_tls::config::server_name(to)
                 .map_err(|e| TransportError::Local(e.to_string()))?;
@@ -100,12 +100,12 @@ impl Link {
                 .map_err(|e| unreachable(format!("cannot start the connection: {e}")))?;
             Ok(tls)
         };
-        let tls = match tokio::time::timeout(opts.connect_timeout, attempt).await {
+        let tls = match tokio::time::timeout(opts.net.connect_timeout, attempt).await {
             Ok(r) => r?,
             Err(_) => return Err(unreachable("connect or handshake timed out".into())),
         };
         let capacity = match kind {
-            crate::KIND_WAL => opts.wal_window.max(1),
+            crate::KIND_WAL => opts.net.wal_window.max(1),
             _ => opts.max_control_inflight.max(1) * 4,
         };
         let (tx, rx) = mpsc::channel(capacity);
@@ -195,7 +195,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, write);
-    let keep_alive = shared.opts.keep_alive;
+    let keep_alive = shared.opts.net.keep_alive;
     let result: Result<(), String> = async {
         loop {
             let first = tokio::select! {
@@ -221,15 +221,15 @@ async fn write_loop(
         link.kill(&format!("write failed: {e}"));
     }
     // A bounded close_notify, so the peer sees an orderly end.
-    let _ = tokio::time::timeout(shared.opts.close_timeout, w.shutdown()).await;
+    let _ = tokio::time::timeout(shared.opts.net.close_timeout, w.shutdown()).await;
 }
 
 async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, mut read: ReadHalf<Stream>) {
     let opts = &shared.opts;
-    let budget = ReadBudget::new(opts.read_budget, opts.max_frame);
+    let budget = ReadBudget::new(opts.net.read_budget, opts.net.max_frame);
     loop {
         let next = tokio::select! {
-            r = wire::read_frame_or_idle(&mut read, opts.max_frame, Some(opts.idle_timeout), opts.frame_timeout, &budget) => r,
+            r = wire::read_frame_or_idle(&mut read, opts.net.max_frame, Some(opts.net.idle_timeout), opts.net.frame_timeout, &budget) => r,
             () = link.dead.wait() => return,
         };
         match next {

@@ -142,7 +142,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 // Out of file descriptors and the like: try again shortly.
                 tracing::warn!("accept failed: {e}");
                 tokio::select! {
-                    () = tokio::time::sleep(shared.opts.reconnect_interval) => continue,
+                    () = tokio::time::sleep(shared.opts.net.reconnect_interval) => continue,
                     () = shared.closed.wait() => return,
                 }
             }
@@ -171,21 +171,25 @@ async fn handshake(
     remote: SocketAddr,
 ) -> Option<(Stream, NodeId, u8)> {
     let opts = &shared.opts;
-    if let Err(e) = socket::tune(&stream, opts.keep_alive, opts.idle_timeout) {
+    if let Err(e) = socket::tune(&stream, opts.net.keep_alive, opts.net.idle_timeout) {
         tracing::debug!(%remote, "socket options: {e}");
     }
-    let mut tls =
-        match tokio::time::timeout(opts.connect_timeout, shared.acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                shared.refusals.refused(&remote, &e);
-                return None;
-            }
-            Err(_) => {
-                shared.refusals.refused(&remote, &"handshake timed out");
-                return None;
-            }
-        };
+    let mut tls = match tokio::time::timeout(
+        opts.net.connect_timeout,
+        shared.acceptor.accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.refusals.refused(&remote, &e);
+            return None;
+        }
+        Err(_) => {
+            shared.refusals.refused(&remote, &"handshake timed out");
+            return None;
+        }
+    };
     let peer = match tls
         .get_ref()
         .1
@@ -200,7 +204,7 @@ async fn handshake(
         }
     };
     let mut kind = [0u8; 1];
-    match tokio::time::timeout(opts.frame_timeout, tls.read_exact(&mut kind)).await {
+    match tokio::time::timeout(opts.net.frame_timeout, tls.read_exact(&mut kind)).await {
         Ok(Ok(_)) if kind[0] == KIND_CONTROL || kind[0] == KIND_WAL => Some((tls, peer, kind[0])),
         Ok(Ok(_)) => {
             tracing::warn!(%peer, %remote, kind = kind[0], "closing a connection of unknown kind");
@@ -259,52 +263,79 @@ struct Conn {
     stop: Latch,
 }
 
-/// What the reader of a connection got.
-enum Read {
-    Ping,
-    Request(Envelope<Request>, BudgetPermit),
-    End,
+/// A request read, with its share of the connection's budget; `None` once the
+/// connection is done (pings are answered inside).
+type Read = Option<(Envelope<Request>, BudgetPermit)>;
+
+/// The read side of an accepted connection and its budget.
+struct Reader {
+    r: BufReader<ReadHalf<Stream>>,
+    budget: ReadBudget,
+}
+
+impl Reader {
+    fn new(opts: &crate::TcpOptions, read: ReadHalf<Stream>) -> Self {
+        Reader {
+            r: BufReader::with_capacity(READ_BUFFER, read),
+            budget: ReadBudget::new(opts.net.read_budget, opts.net.max_frame),
+        }
+    }
 }
 
 impl Conn {
-    /// Reads the next frame: a ping or a request. Ends on a stop, the peer's
-    /// close, silence for the idle timeout, or garbage (logged).
-    async fn next(&self, r: &mut BufReader<ReadHalf<Stream>>, budget: &ReadBudget) -> Read {
+    /// Reads the next request, answering pings (through `tx`, the
+    /// connection's writer) on the way. Ends on a stop, the peer's close,
+    /// silence for the idle timeout, or garbage (logged).
+    async fn next(&self, reader: &mut Reader, tx: &mpsc::Sender<Vec<u8>>) -> Read {
+        loop {
+            match self.frame(reader).await {
+                Some(read) => return read,
+                None => {
+                    if tx.send(PING.to_vec()).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One frame: `None` for a ping, else what it was.
+    async fn frame(&self, reader: &mut Reader) -> Option<Read> {
         let opts = &self.shared.opts;
         let read = wire::read_frame_or_idle(
-            r,
-            opts.max_frame,
-            Some(opts.idle_timeout),
-            opts.frame_timeout,
-            budget,
+            &mut reader.r,
+            opts.net.max_frame,
+            Some(opts.net.idle_timeout),
+            opts.net.frame_timeout,
+            &reader.budget,
         );
         let frame = tokio::select! {
             f = read => f,
-            () = self.stop.wait() => return Read::End,
+            () = self.stop.wait() => return Some(None),
         };
-        match frame {
-            Ok(Some(f)) if f.body.is_empty() => Read::Ping,
+        Some(match frame {
+            Ok(Some(f)) if f.body.is_empty() => return None,
             Ok(Some(f)) => match f.decode::<Envelope<Request>>() {
-                Ok((request, permit)) => Read::Request(request, permit),
+                Ok((request, permit)) => Some((request, permit)),
                 Err(e) => {
                     tracing::warn!(peer = %self.peer, "closing connection: bad request frame: {e}");
-                    Read::End
+                    None
                 }
             },
-            Ok(None) => Read::End,
+            Ok(None) => None,
             Err(FrameError::Io(e)) => {
                 tracing::debug!(peer = %self.peer, "connection ended: {e}");
-                Read::End
+                None
             }
             Err(FrameError::Idle(d)) => {
                 tracing::debug!(peer = %self.peer, "closing a connection silent for {d:?}");
-                Read::End
+                None
             }
             Err(e) => {
                 tracing::warn!(peer = %self.peer, "closing connection: bad request frame: {e}");
-                Read::End
+                None
             }
-        }
+        })
     }
 
     /// Control: each request is answered as soon as it is handled (in any
@@ -324,32 +355,21 @@ impl Conn {
             rx,
             self.stop.clone(),
         ));
-        let budget = ReadBudget::new(opts.read_budget, opts.max_frame);
-        let mut r = BufReader::with_capacity(READ_BUFFER, read);
-        loop {
-            match self.next(&mut r, &budget).await {
-                Read::Ping => {
-                    if tx.send(PING.to_vec()).await.is_err() {
-                        break;
-                    }
+        let mut r = Reader::new(opts, read);
+        while let Some((request, permit)) = self.next(&mut r, &tx).await {
+            let slot = tokio::select! {
+                s = inflight.clone().acquire_owned() => s,
+                () = self.stop.wait() => break,
+            };
+            let Ok(slot) = slot else { break };
+            let dispatched = self.shared.inbound.dispatch(self.peer, request);
+            let (shared, tx) = (self.shared.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _held = (slot, permit);
+                if let Some(frame) = answer(&shared, dispatched).await {
+                    let _ = tx.send(frame).await;
                 }
-                Read::Request(request, permit) => {
-                    let slot = tokio::select! {
-                        s = inflight.clone().acquire_owned() => s,
-                        () = self.stop.wait() => break,
-                    };
-                    let Ok(slot) = slot else { break };
-                    let dispatched = self.shared.inbound.dispatch(self.peer, request);
-                    let (shared, tx) = (self.shared.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let _held = (slot, permit);
-                        if let Some(frame) = answer(&shared, dispatched).await {
-                            let _ = tx.send(frame).await;
-                        }
-                    });
-                }
-                Read::End => break,
-            }
+            });
         }
         // This connection hands the node nothing more.
         stopped.set();
@@ -385,27 +405,16 @@ impl Conn {
                 }
             })
         };
-        let budget = ReadBudget::new(opts.read_budget, opts.max_frame);
-        let mut r = BufReader::with_capacity(READ_BUFFER, read);
-        loop {
-            match self.next(&mut r, &budget).await {
-                Read::Ping => {
-                    if tx.send(PING.to_vec()).await.is_err() {
-                        break;
-                    }
-                }
-                Read::Request(request, permit) => {
-                    let room = tokio::select! {
-                        r = queue.reserve() => r,
-                        () = self.stop.wait() => break,
-                    };
-                    let Ok(room) = room else { break };
-                    // Dispatch is synchronous: stopping can never cut a request
-                    // in half, so `stopped` below really is the last hand-over.
-                    room.send((self.shared.inbound.dispatch(self.peer, request), permit));
-                }
-                Read::End => break,
-            }
+        let mut r = Reader::new(opts, read);
+        while let Some((request, permit)) = self.next(&mut r, &tx).await {
+            let room = tokio::select! {
+                r = queue.reserve() => r,
+                () = self.stop.wait() => break,
+            };
+            let Ok(room) = room else { break };
+            // Dispatch is synchronous: stopping can never cut a request in
+            // half, so `stopped` below really is the last hand-over.
+            room.send((self.shared.inbound.dispatch(self.peer, request), permit));
         }
         stopped.set();
         drop(queue);
@@ -425,7 +434,7 @@ impl Conn {
 /// closed first.
 async fn answer(shared: &Shared, dispatched: Dispatched) -> Option<Vec<u8>> {
     let response = shared.inbound.answer(dispatched).await?;
-    match encode_response(&response, shared.opts.max_frame) {
+    match encode_response(&response, shared.opts.net.max_frame) {
         Ok(frame) => Some(frame),
         Err(e) => {
             tracing::warn!("cannot encode a response: {e}");
@@ -464,5 +473,5 @@ async fn write_loop(
         tracing::debug!("answer write failed: {e}");
     }
     stop.set();
-    let _ = tokio::time::timeout(shared.opts.close_timeout, w.shutdown()).await;
+    let _ = tokio::time::timeout(shared.opts.net.close_timeout, w.shutdown()).await;
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ha_core::config::Config;
 use ha_core::error::TransportError;
+use ha_core::transport::NetOptions;
 use ha_core::types::NodeId;
 use ha_core::wire;
 use ha_tls::{Clock, Identity};
@@ -78,10 +79,8 @@ impl TlsStack for Tcp {
         opts.tls_clock = clock;
     }
 
-    fn set_timeouts(opts: &mut TcpOptions, idle: Duration, frame: Duration) {
-        opts.idle_timeout = idle;
-        opts.keep_alive = idle / 3;
-        opts.frame_timeout = frame;
+    fn net(opts: &mut TcpOptions) -> &mut NetOptions {
+        &mut opts.net
     }
 
     fn build(

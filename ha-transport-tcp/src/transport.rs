@@ -107,7 +107,7 @@ impl TcpTransport {
     /// A transport speaking for `identity.node`, listening socket bound to
     /// `opts.bind`. Must be called within a tokio runtime.
     pub fn new(identity: &Identity, opts: TcpOptions) -> Result<Self, TransportError> {
-        let members: Members = Arc::new(opts.members.iter().copied().collect());
+        let members: Members = Arc::new(opts.net.members.iter().copied().collect());
         if !members.contains(&identity.node) {
             return Err(TransportError::Local(format!(
                 "{} is not among the configured members",
@@ -151,7 +151,7 @@ impl TcpTransport {
     }
 
     /// WAL requests to `peer` queued or awaiting an answer (at most
-    /// [`TcpOptions::wal_window`]).
+    /// `NetOptions::wal_window`).
     pub fn wal_in_flight(&self, peer: NodeId) -> usize {
         self.inner
             .peers
@@ -238,7 +238,7 @@ impl Transport for TcpTransport {
         let peers: Vec<Arc<PeerState>> = shared.peers.lock().values().cloned().collect();
         let tasks = std::mem::take(&mut *shared.tasks.lock());
         async move {
-            let deadline = Instant::now() + shared.opts.close_timeout;
+            let deadline = Instant::now() + shared.opts.net.close_timeout;
             let links = async {
                 for peer in &peers {
                     peer.shut_down().await;

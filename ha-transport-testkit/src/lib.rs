@@ -7,7 +7,7 @@
 //! - [`StackHarness`]: ha-core's conformance harness over any stack.
 //! - [`cluster`]: the three-node end-to-end failover test (driver, real `Wal`
 //!   on disk, the stack's transport).
-//! - [`bench`]: the transport benchmark (throughput and round trips), the same
+//! - [`mod@bench`]: the transport benchmark (throughput and round trips), the same
 //!   figures for every stack.
 //! - [`probe`]: the rejection suite (certificates, identities, frames, silent
 //!   connections, expiry across reconnects); [`rejection_tests!`] expands it
@@ -22,7 +22,7 @@ use ha_core::config::{Config, Member};
 use ha_core::error::TransportError;
 use ha_core::message::{Envelope, Heartbeat, Request, Response};
 use ha_core::testkit::conformance::{HarnessNode, TransportHarness};
-use ha_core::transport::{BoxFuture, RequestHandler, Transport};
+use ha_core::transport::{BoxFuture, NetOptions, RequestHandler, Transport};
 use ha_core::types::{LogIndex, MemberKind, NodeId, Position, Term};
 use ha_tls::testkit::TestCluster;
 use ha_tls::{Clock, Identity};
@@ -75,9 +75,17 @@ pub trait TlsStack: Send + Sync + 'static {
     fn from_config(config: &Config, bind: SocketAddr) -> Self::Options;
     /// Checks certificates against `clock`.
     fn set_clock(opts: &mut Self::Options, clock: Clock);
+    /// The tuning every network transport shares, in `opts`.
+    fn net(opts: &mut Self::Options) -> &mut NetOptions;
     /// Tightens the bounds on silent peers: `idle` (nothing received on a
-    /// connection) and `frame` (a started frame, or a control request).
-    fn set_timeouts(opts: &mut Self::Options, idle: Duration, frame: Duration);
+    /// connection; keep-alives at a third of it) and `frame` (a started frame,
+    /// or a control request).
+    fn set_timeouts(opts: &mut Self::Options, idle: Duration, frame: Duration) {
+        let net = Self::net(opts);
+        net.idle_timeout = idle;
+        net.keep_alive = idle / 3;
+        net.frame_timeout = frame;
+    }
     /// A transport for `identity` and its bound address.
     fn build(
         identity: &Identity,

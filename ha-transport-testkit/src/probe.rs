@@ -4,7 +4,7 @@
 //! earlier session held), naming themselves canonically; bad frames and silent
 //! connections close only their connection, within a bounded time.
 //!
-//! Every check is a `pub async fn` over a [`TlsStack`]; [`rejection_tests!`]
+//! Every check is a `pub async fn` over a [`TlsStack`]; [`rejection_tests!`](crate::rejection_tests)
 //! (crate root) expands them into one `#[tokio::test]` each.
 //!
 //! # Panics
@@ -326,12 +326,21 @@ async fn call_once<S: TlsStack>(
     r
 }
 
-/// Node 1's certificate expires while node 2 runs: once the connection is
-/// gone, node 1 cannot get back in (a resumed TLS session would skip the
-/// server's check of the client certificate).
-pub async fn an_expired_client_certificate_cannot_reconnect<S: TlsStack>() {
+/// Whose clock moves past the certificates' expiry.
+#[derive(Clone, Copy, Debug)]
+enum Expired {
+    /// The server's: it must refuse the client's certificate.
+    Client,
+    /// The client's: it must refuse the server's certificate.
+    Server,
+}
+
+/// Node 1 calls node 2, the connection goes, the certificates expire in the
+/// eyes of one side, and node 1 calls again: refused (a resumed TLS session
+/// would skip that side's check of the other's certificate).
+async fn expired_certificates_cannot_reconnect<S: TlsStack>(which: Expired) {
     let cluster = TestCluster::new(3).unwrap();
-    let (one, _c1, two, c2) = clocked_pair::<S>(&cluster).await;
+    let (one, c1, two, c2) = clocked_pair::<S>(&cluster).await;
     let first = call_once::<S>(&one, &two, 1).await;
     assert!(
         matches!(
@@ -344,41 +353,30 @@ pub async fn an_expired_client_certificate_cannot_reconnect<S: TlsStack>() {
         "{first:?}"
     );
     // Two hours later (the certificates were valid for one more hour).
-    c2.advance(Duration::from_secs(2 * 3600));
+    let clock = match which {
+        Expired::Client => c2,
+        Expired::Server => c1,
+    };
+    clock.advance(Duration::from_secs(2 * 3600));
     let again = call_once::<S>(&one, &two, 2).await;
     assert!(
         again.is_err(),
-        "a client whose certificate expired reconnected: {again:?}"
+        "{which:?} certificate expired, yet the reconnect went through: {again:?}"
     );
     one.transport.close().await;
     two.transport.close().await;
 }
 
+/// Node 1's certificate expires while node 2 runs: once the connection is
+/// gone, node 1 cannot get back in.
+pub async fn an_expired_client_certificate_cannot_reconnect<S: TlsStack>() {
+    expired_certificates_cannot_reconnect::<S>(Expired::Client).await;
+}
+
 /// Node 2's certificate expires while node 1 runs: once the connection is
-/// gone, node 1 refuses to reconnect to it (a resumed session would skip the
-/// client's check of the server certificate).
+/// gone, node 1 refuses to reconnect to it.
 pub async fn an_expired_server_certificate_is_refused_on_reconnect<S: TlsStack>() {
-    let cluster = TestCluster::new(3).unwrap();
-    let (one, c1, two, _c2) = clocked_pair::<S>(&cluster).await;
-    let first = call_once::<S>(&one, &two, 1).await;
-    assert!(
-        matches!(
-            first,
-            Ok(Envelope {
-                body: Response::HeartbeatAck(_),
-                ..
-            })
-        ),
-        "{first:?}"
-    );
-    c1.advance(Duration::from_secs(2 * 3600));
-    let again = call_once::<S>(&one, &two, 2).await;
-    assert!(
-        again.is_err(),
-        "a server whose certificate expired was accepted on reconnect: {again:?}"
-    );
-    one.transport.close().await;
-    two.transport.close().await;
+    expired_certificates_cannot_reconnect::<S>(Expired::Server).await;
 }
 
 /// Sends `bytes` on a raw member connection of `kind` and checks the server

@@ -82,6 +82,98 @@ where
     }
 }
 
+/// The tuning every network transport shares (each transport's options carry
+/// one, next to what is its own): who may connect, reconnect pacing, how fast
+/// a silent peer is declared gone, and the bounds on frames and the WAL window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    /// The node ids a peer certificate may name.
+    pub members: Vec<NodeId>,
+    /// First reconnect delay after a lost connection.
+    pub reconnect_interval: Duration,
+    /// Maximum reconnect delay.
+    pub max_reconnect_backoff: Duration,
+    /// Bound on a dial or handshake.
+    pub connect_timeout: Duration,
+    /// A silent connection is declared dead after this.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval of an idle connection (a third of the idle timeout
+    /// by default).
+    pub keep_alive: Duration,
+    /// Largest frame accepted or sent.
+    pub max_frame: usize,
+    /// Once a frame's first byte arrived, the rest must arrive within this; so
+    /// must a request that travels alone (a control stream's, a kind byte).
+    pub frame_timeout: Duration,
+    /// Bound on closing connections and stopping tasks at [`Transport::close`].
+    pub close_timeout: Duration,
+    /// At most this many WAL requests per peer are queued or awaiting their
+    /// answer; further WAL calls wait (until their deadline) for one to be
+    /// answered. At least 1.
+    pub wal_window: usize,
+    /// Bytes of frames one connection may hold at once (requests read and not
+    /// yet answered, responses being read); at least `max_frame`.
+    pub read_budget: usize,
+    /// Seed of the reconnect jitter (mixed with the node pair).
+    pub seed: u64,
+}
+
+/// The default WAL window: WAL requests per peer queued or awaiting an answer.
+pub const WAL_WINDOW: usize = 64;
+
+impl NetOptions {
+    /// Defaults for a LAN, for `members`.
+    pub fn new(members: Vec<NodeId>) -> Self {
+        let idle = Duration::from_secs(1);
+        NetOptions {
+            members,
+            reconnect_interval: Duration::from_millis(20),
+            max_reconnect_backoff: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: idle,
+            keep_alive: idle / 3,
+            max_frame: crate::wire::MAX_FRAME_BYTES,
+            frame_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_millis(500),
+            wal_window: WAL_WINDOW,
+            read_budget: crate::wire::DEFAULT_READ_BUDGET,
+            seed: 0,
+        }
+    }
+
+    /// From a node's config: its members (itself and its peers), its reconnect
+    /// backoff, a connect timeout of the RPC timeout (at least a second), an
+    /// idle timeout of twice the failover timeout (at least 300 ms) with
+    /// keep-alives at a third of it, and the node id as the jitter seed.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let mut members: Vec<NodeId> = config.peers.iter().map(|m| m.id).collect();
+        members.push(config.node_id);
+        let idle = (config.failover_timeout * 2).max(Duration::from_millis(300));
+        NetOptions {
+            reconnect_interval: config.reconnect_interval,
+            max_reconnect_backoff: config.max_reconnect_backoff,
+            connect_timeout: config.rpc_timeout.max(Duration::from_secs(1)),
+            idle_timeout: idle,
+            keep_alive: idle / 3,
+            seed: config.node_id.0,
+            ..NetOptions::new(members)
+        }
+    }
+
+    /// The config's `bind_addr` as a socket address (it must be an IP address
+    /// and port).
+    pub fn bind_addr(
+        config: &crate::config::Config,
+    ) -> Result<std::net::SocketAddr, TransportError> {
+        config.bind_addr.parse().map_err(|e| {
+            TransportError::Local(format!(
+                "bind_addr {:?} is not an IP address and port: {e}",
+                config.bind_addr
+            ))
+        })
+    }
+}
+
 /// Answers requests that arrive from peers.
 ///
 /// The transport has already authenticated the peer: `peer` is the identity proven

@@ -43,8 +43,8 @@ async fn control_call(
     let _ = send.finish();
     let read = wire::read_frame(
         &mut recv,
-        shared.opts.max_frame,
-        shared.opts.frame_timeout,
+        shared.opts.net.max_frame,
+        shared.opts.net.frame_timeout,
         &link.budget,
     );
     match read.await {
@@ -188,7 +188,7 @@ impl ConnInner {
             return Err(TransportError::Closed);
         }
         let peer = self.peer.id;
-        let frame = wire::encode(request, self.shared.opts.max_frame).map_err(|e| match e {
+        let frame = wire::encode(request, self.shared.opts.net.max_frame).map_err(|e| match e {
             FrameError::TooLarge { .. } => TransportError::Protocol(peer, e.to_string()),
             other => TransportError::Local(other.to_string()),
         })?;
@@ -288,14 +288,7 @@ impl PeerConnection for QuicConnection {
         async move {
             let prepared = prepared?;
             let peer = inner.peer.id;
-            let conn_closed = inner.closed.wait();
-            let transport_closed = inner.shared.closed.wait();
-            let closed = async {
-                tokio::select! {
-                    () = conn_closed => {}
-                    () = transport_closed => {}
-                }
-            };
+            let closed = inner.closed.wait_either(&inner.shared.closed);
             let outcome = async {
                 let body = inner.run(prepared).await?;
                 decode_response(peer, request_id, &body)

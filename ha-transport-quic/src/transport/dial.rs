@@ -31,7 +31,11 @@ impl Shared {
         member: &Member,
         respect_backoff: bool,
     ) -> Result<Arc<Link>, TransportError> {
-        let bound = self.opts.connect_timeout.saturating_mul(MAX_OWN_DIALS + 1);
+        let bound = self
+            .opts
+            .net
+            .connect_timeout
+            .saturating_mul(MAX_OWN_DIALS + 1);
         match tokio::time::timeout(bound, self.settle_link(peer, member, respect_backoff)).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::Unreachable(
@@ -132,7 +136,7 @@ impl Shared {
                 .map_err(|e| unreachable(e.to_string()))?;
             connecting.await.map_err(|e| unreachable(e.to_string()))
         };
-        let conn = match tokio::time::timeout(self.opts.connect_timeout, attempt).await {
+        let conn = match tokio::time::timeout(self.opts.net.connect_timeout, attempt).await {
             Ok(r) => r?,
             Err(_) => return Err(unreachable("handshake timed out".into())),
         };

@@ -73,7 +73,7 @@ impl Link {
         dialer: NodeId,
         conn: quinn::Connection,
     ) -> Arc<Link> {
-        let (wal_tx, wal_rx) = mpsc::channel(shared.opts.wal_window.max(1));
+        let (wal_tx, wal_rx) = mpsc::channel(shared.opts.net.wal_window.max(1));
         let link = Arc::new(Link {
             peer: peer.id,
             dialer,
@@ -88,7 +88,7 @@ impl Link {
             idle: Notify::new(),
             peer_wal_idle: peer.wal_idle.clone(),
             kept_since: AtomicU64::new(0),
-            budget: ReadBudget::new(shared.opts.read_budget, shared.opts.max_frame),
+            budget: ReadBudget::new(shared.opts.net.read_budget, shared.opts.net.max_frame),
         });
         tokio::spawn(wal_writer(
             shared.clone(),

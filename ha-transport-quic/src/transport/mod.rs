@@ -36,7 +36,7 @@
 //! with the error and the engine decides.
 //!
 //! If the peer retires the connection this node keeps and no connection the
-//! peer would prefer arrives within [`QuicOptions::connect_timeout`] (their
+//! peer would prefer arrives within `NetOptions::connect_timeout` (their
 //! views of which connections are open differed), this node logs it and retires
 //! it too; the reconnect task or the next call dials anew, so the pair settles
 //! on one connection. A peer may hold at most [`MAX_CONNECTIONS_PER_PEER`] open
@@ -51,7 +51,7 @@
 //! stops these tasks and waits for them.
 //!
 //! # Backpressure
-//! At most [`QuicOptions::wal_window`] WAL requests per peer are queued or
+//! At most `NetOptions::wal_window` WAL requests per peer are queued or
 //! awaiting their answer. A WAL call beyond that waits, in call order, until one
 //! is answered, or fails with [`TransportError::Timeout`] at its deadline;
 //! nothing is buffered without limit.
@@ -102,8 +102,8 @@ pub const STREAM_CONTROL: u8 = 2;
 /// every answer it waited for.
 pub const STREAM_RETIRE: u8 = 3;
 /// How many WAL requests a receiver reads ahead of its handler; also the default
-/// of [`QuicOptions::wal_window`].
-pub const WAL_WINDOW: usize = 64;
+/// WAL window (`NetOptions::wal_window`).
+pub use ha_core::transport::WAL_WINDOW;
 
 /// Application close code: orderly shutdown.
 const CODE_SHUTDOWN: u32 = 0;

@@ -131,12 +131,10 @@ impl Shared {
 
     /// The peer retired `link`. Usually this node retires it too on its own
     /// soon: the peer prefers a connection this node is still accepting. If
-    /// this node still keeps it after [`QuicOptions::connect_timeout`], the two
+    /// this node still keeps it after the connect timeout, the two
     /// nodes chose differently (their views of which connections are open
     /// differed): this node retires it too, and the next call or the reconnect
     /// task settles the pair on a connection both keep.
-    ///
-    /// [`QuicOptions::connect_timeout`]: super::QuicOptions::connect_timeout
     pub(super) async fn peer_retired(self: &Arc<Self>, peer: &Arc<PeerState>, link: &Arc<Link>) {
         let settled = async {
             loop {
@@ -150,7 +148,7 @@ impl Shared {
             }
         };
         tokio::select! {
-            _ = tokio::time::timeout(self.opts.connect_timeout, settled) => {}
+            _ = tokio::time::timeout(self.opts.net.connect_timeout, settled) => {}
             () = self.closed.wait() => return,
         }
         let retired = {

@@ -66,13 +66,13 @@ impl Shared {
                         reconnecting: false,
                         dialing: false,
                         backoff: Backoff::new(
-                            self.opts.reconnect_interval,
-                            self.opts.max_reconnect_backoff,
-                            Backoff::seed_for(self.me, id, self.opts.seed),
+                            self.opts.net.reconnect_interval,
+                            self.opts.net.max_reconnect_backoff,
+                            Backoff::seed_for(self.me, id, self.opts.net.seed),
                         ),
                         kept_count: 0,
                     }),
-                    window: WalWindow::new(self.opts.wal_window),
+                    window: WalWindow::new(self.opts.net.wal_window),
                     changed: Notify::new(),
                     wal_idle: Arc::new(Notify::new()),
                 })

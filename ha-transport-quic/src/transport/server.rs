@@ -28,7 +28,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match tokio::time::timeout(shared.opts.connect_timeout, incoming).await {
+            let conn = match tokio::time::timeout(shared.opts.net.connect_timeout, incoming).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     shared.refusals.refused(&remote, &e);
@@ -92,7 +92,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) {
     let mut kind = [0u8; 1];
-    match tokio::time::timeout(shared.opts.frame_timeout, recv.read_exact(&mut kind)).await {
+    match tokio::time::timeout(shared.opts.net.frame_timeout, recv.read_exact(&mut kind)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             tracing::debug!(peer = %link.peer, "stream ended before its kind: {e}");
@@ -127,8 +127,8 @@ pub(super) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
 ) -> Option<(Envelope<Request>, BudgetPermit)> {
     let read = wire::read_frame(
         recv,
-        shared.opts.max_frame,
-        shared.opts.frame_timeout,
+        shared.opts.net.max_frame,
+        shared.opts.net.frame_timeout,
         &link.budget,
     );
     match read.await {
@@ -160,7 +160,7 @@ async fn serve_control(
     // A control stream carries one request: all of it (prefix included) must
     // arrive within the frame timeout, or a peer could hold the stream open.
     let read = tokio::time::timeout(
-        shared.opts.frame_timeout,
+        shared.opts.net.frame_timeout,
         read_request(&shared, &link, &mut recv),
     );
     let (request, _permit) = match read.await {
@@ -175,7 +175,7 @@ async fn serve_control(
         let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
         return;
     };
-    match encode_response(&response, shared.opts.max_frame) {
+    match encode_response(&response, shared.opts.net.max_frame) {
         Ok(frame) => {
             if wire::write_frame(&mut send, &frame).await.is_ok() {
                 let _ = send.finish();

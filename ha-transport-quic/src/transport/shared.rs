@@ -89,7 +89,7 @@ impl QuicTransport {
     /// A transport speaking for `identity.node`, bound to `opts.bind`. Must be
     /// called within a tokio runtime.
     pub fn new(identity: &Identity, opts: QuicOptions) -> Result<Self, TransportError> {
-        let members: Members = Arc::new(opts.members.iter().copied().collect());
+        let members: Members = Arc::new(opts.net.members.iter().copied().collect());
         if !members.contains(&identity.node) {
             return Err(TransportError::Local(format!(
                 "{} is not among the configured members",
@@ -98,9 +98,9 @@ impl QuicTransport {
         }
         let mut tc = quinn::TransportConfig::default();
         tc.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(opts.idle_timeout).map_err(local)?,
+            quinn::IdleTimeout::try_from(opts.net.idle_timeout).map_err(local)?,
         ));
-        tc.keep_alive_interval(Some(opts.keep_alive));
+        tc.keep_alive_interval(Some(opts.net.keep_alive));
         // Control streams, the WAL stream and a retire stream.
         tc.max_concurrent_bidi_streams(VarInt::from_u32(
             opts.max_control_streams.saturating_add(2),
@@ -188,7 +188,7 @@ impl QuicTransport {
     }
 
     /// WAL requests to `peer` queued or awaiting an answer (at most
-    /// [`QuicOptions::wal_window`]).
+    /// `NetOptions::wal_window`).
     pub fn wal_in_flight(&self, peer: NodeId) -> usize {
         self.inner
             .peers
@@ -278,7 +278,7 @@ impl Transport for QuicTransport {
                     }
                 };
                 if let Some(mut task) = late {
-                    if tokio::time::timeout(shared.opts.close_timeout, &mut task)
+                    if tokio::time::timeout(shared.opts.net.close_timeout, &mut task)
                         .await
                         .is_err()
                     {
@@ -337,7 +337,7 @@ impl Transport for QuicTransport {
         async move {
             // The reconnect tasks watch the closed latch and end at once; all of
             // them together get close_timeout.
-            let deadline = Instant::now() + shared.opts.close_timeout;
+            let deadline = Instant::now() + shared.opts.net.close_timeout;
             for mut task in tasks {
                 if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                     task.abort();
@@ -345,9 +345,11 @@ impl Transport for QuicTransport {
                 }
             }
             if first {
-                let _ =
-                    tokio::time::timeout(shared.opts.close_timeout, shared.endpoint.wait_idle())
-                        .await;
+                let _ = tokio::time::timeout(
+                    shared.opts.net.close_timeout,
+                    shared.endpoint.wait_idle(),
+                )
+                .await;
             }
         }
     }

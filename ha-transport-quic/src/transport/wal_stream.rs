@@ -174,8 +174,8 @@ async fn wal_reader(
     loop {
         let read = wire::read_frame(
             &mut recv,
-            shared.opts.max_frame,
-            shared.opts.frame_timeout,
+            shared.opts.net.max_frame,
+            shared.opts.net.frame_timeout,
             &link.budget,
         );
         match read.await {
@@ -242,7 +242,7 @@ pub(super) async fn serve_wal(
             let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
             break;
         };
-        let frame = match encode_response(&response, shared.opts.max_frame) {
+        let frame = match encode_response(&response, shared.opts.net.max_frame) {
             Ok(f) => f,
             Err(e) => {
                 link.protocol_close(&format!("cannot encode a response: {e}"));

@@ -364,14 +364,7 @@ impl Link {
 
     /// Resolves once this connection or its transport is closed.
     fn wait_closed(&self) -> impl Future<Output = ()> + Send + 'static {
-        let conn = self.closed.wait();
-        let transport = self.transport_closed.wait();
-        async move {
-            tokio::select! {
-                () = conn => {}
-                () = transport => {}
-            }
-        }
+        self.closed.wait_either(&self.transport_closed)
     }
 }
 
