@@ -205,20 +205,60 @@ pub fn echo(id: NodeId) -> Arc<dyn RequestHandler> {
     Arc::new(Echo(id))
 }
 
+/// An envelope from `from` to `to` in term 1 of `from`, with request id `id`.
+pub fn envelope(from: NodeId, to: NodeId, id: u64, body: Request) -> Envelope<Request> {
+    Envelope {
+        from,
+        to,
+        term: Term {
+            number: 1,
+            node: from,
+        },
+        request_id: id,
+        body,
+    }
+}
+
 /// A heartbeat from `from` to `to` with request id `id`.
 pub fn heartbeat(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
+    let last = Position::new(
+        Term {
+            number: 1,
+            node: from,
+        },
+        LogIndex(1),
+    );
+    envelope(
+        from,
+        to,
+        id,
+        Request::Heartbeat(Heartbeat {
+            commit: LogIndex(1),
+            last,
+        }),
+    )
+}
+
+/// A WAL batch from `from` to `to` with request id `id`, carrying entry
+/// `id + 1` (its 8 bytes are `id`).
+pub fn wal_batch(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
     let term = Term {
         number: 1,
         node: from,
     };
-    Envelope {
+    envelope(
         from,
         to,
-        term,
-        request_id: id,
-        body: Request::Heartbeat(Heartbeat {
-            commit: LogIndex(1),
-            last: Position::new(term, LogIndex(1)),
+        id,
+        Request::WalBatch(ha_core::message::WalBatch {
+            prev: Position::new(term, LogIndex(id)),
+            entries: vec![ha_core::types::WalEntry::new(
+                Position::new(term, LogIndex(id + 1)),
+                ha_core::types::Payload::Command(ha_core::types::Command(
+                    id.to_le_bytes().to_vec(),
+                )),
+            )],
+            commit: LogIndex(id),
         }),
-    }
+    )
 }

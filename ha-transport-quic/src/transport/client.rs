@@ -41,13 +41,7 @@ async fn control_call(
         .await
         .map_err(|e| lost(e.to_string()))?;
     let _ = send.finish();
-    let read = wire::read_frame(
-        &mut recv,
-        shared.opts.net.max_frame,
-        shared.opts.net.frame_timeout,
-        &link.budget,
-    );
-    match read.await {
+    match link.read(shared, &mut recv).await {
         Ok(Some(frame)) => Ok(frame.body),
         Ok(None) => Err(lost("the peer closed the stream without answering".into())),
         Err(FrameError::Io(e)) => Err(lost(e)),

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ha_core::types::NodeId;
-use ha_core::wire::ReadBudget;
+use ha_core::wire::{self, ReadBudget};
 use quinn::VarInt;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -108,6 +108,17 @@ impl Link {
 
     pub(super) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Reads one frame from a stream of this connection (bounded by the
+    /// frame limits, charged to this connection's budget).
+    pub(super) async fn read<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        shared: &Shared,
+        r: &mut R,
+    ) -> Result<Option<wire::Frame>, wire::FrameError> {
+        let net = &shared.opts.net;
+        wire::read_frame(r, net.max_frame, net.frame_timeout, &self.budget).await
     }
 
     pub(super) fn protocol_close(&self, why: &str) {

@@ -125,13 +125,7 @@ pub(super) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     link: &Link,
     recv: &mut R,
 ) -> Option<(Envelope<Request>, BudgetPermit)> {
-    let read = wire::read_frame(
-        recv,
-        shared.opts.net.max_frame,
-        shared.opts.net.frame_timeout,
-        &link.budget,
-    );
-    match read.await {
+    match link.read(shared, recv).await {
         Ok(Some(frame)) => match frame.decode::<Envelope<Request>>() {
             Ok(r) => Some(r),
             Err(e) => {

@@ -18,7 +18,7 @@ use super::server::read_request;
 use super::shared::Shared;
 use super::{CODE_SHUTDOWN, STREAM_WAL, WAL_WINDOW};
 use ha_core::transport::inbound::{encode_response, Dispatched};
-use ha_core::wire::{self, BudgetPermit, FrameError};
+use ha_core::wire::{BudgetPermit, FrameError};
 
 /// How many queued WAL requests (or responses) go out in one stream write.
 const MAX_COALESCE: usize = 64;
@@ -172,13 +172,7 @@ async fn wal_reader(
 ) {
     let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
     loop {
-        let read = wire::read_frame(
-            &mut recv,
-            shared.opts.net.max_frame,
-            shared.opts.net.frame_timeout,
-            &link.budget,
-        );
-        match read.await {
+        match link.read(&shared, &mut recv).await {
             Ok(Some(frame)) => {
                 let waiting = awaiting.lock().pop_front();
                 match waiting {

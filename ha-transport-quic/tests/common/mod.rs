@@ -20,7 +20,7 @@ pub use ha_transport_quic::testkit::Quic;
 use ha_transport_quic::transport::{STREAM_CONTROL, STREAM_WAL};
 use ha_transport_quic::{QuicOptions, QuicTransport};
 
-pub use ha_transport_testkit::{echo, heartbeat, loopback, Echo};
+pub use ha_transport_testkit::{echo, heartbeat, loopback, wal_batch, Echo};
 
 pub fn identity(ca: &CertificateAuthority, spec: &NodeCertSpec) -> Identity {
     let c = ca.issue(spec).unwrap();
@@ -33,29 +33,6 @@ pub fn node(identity: &Identity, members: &[NodeId]) -> HarnessNode<QuicTranspor
 
 pub fn node_with(identity: &Identity, opts: QuicOptions) -> HarnessNode<QuicTransport> {
     ha_transport_testkit::harness_node::<Quic>(identity, opts).unwrap()
-}
-
-pub fn wal_batch(from: NodeId, to: NodeId, id: u64) -> Envelope<Request> {
-    let term = Term {
-        number: 1,
-        node: from,
-    };
-    Envelope {
-        from,
-        to,
-        term,
-        request_id: id,
-        body: Request::WalBatch(ha_core::message::WalBatch {
-            prev: Position::new(term, LogIndex(id)),
-            entries: vec![ha_core::types::WalEntry::new(
-                Position::new(term, LogIndex(id + 1)),
-                ha_core::types::Payload::Command(ha_core::types::Command(
-                    id.to_le_bytes().to_vec(),
-                )),
-            )],
-            commit: LogIndex(id),
-        }),
-    }
 }
 
 /// Awaits all `futures` concurrently, in one task.
