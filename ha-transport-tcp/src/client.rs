@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::link::{Link, Refused};
+use crate::link::{Link, Refused, SharedBackoff};
 use crate::transport::Shared;
 use crate::{KIND_CONTROL, KIND_WAL};
 
@@ -34,7 +34,12 @@ pub(crate) struct PeerState {
     /// One dial at a time per kind.
     dial_control: tokio::sync::Mutex<()>,
     dial_wal: tokio::sync::Mutex<()>,
-    backoff: Mutex<Backoff>,
+    /// Shared with the peer's links: a dial succeeds once the peer sent
+    /// something on the new connection.
+    backoff: SharedBackoff,
+    /// The number of this node's next connection of each kind to the peer
+    /// (sent in the hello: the acceptor refuses an older one that arrives late).
+    numbers: [AtomicU64; 2],
     pub(crate) window: Arc<WalWindow>,
     /// Open [`TcpConnection`]s; the reconnect task runs while there are any.
     users: AtomicUsize,
@@ -53,11 +58,12 @@ impl PeerState {
             wal: Mutex::new(None),
             dial_control: tokio::sync::Mutex::new(()),
             dial_wal: tokio::sync::Mutex::new(()),
-            backoff: Mutex::new(Backoff::new(
+            numbers: [AtomicU64::new(0), AtomicU64::new(0)],
+            backoff: Arc::new(Mutex::new(Backoff::new(
                 opts.net.reconnect_interval,
                 opts.net.max_reconnect_backoff,
                 Backoff::seed_for(shared.me, id, opts.net.seed),
-            )),
+            ))),
             window: WalWindow::new(opts.net.wal_window),
             users: AtomicUsize::new(0),
             reconnecting: AtomicBool::new(false),
@@ -130,18 +136,22 @@ impl PeerState {
             self.member.lock().clone().ok_or_else(|| {
                 TransportError::Local(format!("no address known for {}", self.id))
             })?;
+        let number = self.numbers[usize::from(kind == KIND_WAL)].fetch_add(1, Ordering::SeqCst);
         let opened = tokio::select! {
-            r = Link::open(shared, &member, kind) => r,
+            r = Link::open(shared, &member, kind, number, self.backoff.clone()) => r,
             () = shared.closed.wait() => Err(TransportError::Closed),
         };
         match opened {
             Ok(link) => {
-                self.backoff.lock().succeeded();
-                if shared.closed.is_set() {
-                    link.kill("shutdown");
+                // Stored under the slot's lock with the checks, so a link never
+                // outlives the transport's close or its last user's release.
+                let mut slot = self.slot(kind).lock();
+                if shared.closed.is_set() || self.users.load(Ordering::SeqCst) == 0 {
+                    link.kill("no longer needed");
                     return Err(TransportError::Closed);
                 }
-                *self.slot(kind).lock() = Some(link.clone());
+                *slot = Some(link.clone());
+                drop(slot);
                 Ok(link)
             }
             Err(e) => {
@@ -165,7 +175,8 @@ impl PeerState {
     fn release(&self) {
         if self.users.fetch_sub(1, Ordering::SeqCst) == 1 {
             for slot in [&self.control, &self.wal] {
-                if let Some(l) = slot.lock().take() {
+                let link = slot.lock().take();
+                if let Some(l) = link {
                     l.kill("closed by its user");
                 }
             }
@@ -173,16 +184,18 @@ impl PeerState {
         self.changed.notify_waiters();
     }
 
-    /// Kills both links and waits for their tasks.
-    pub(crate) async fn shut_down(&self) {
-        let links: Vec<Arc<Link>> = [&self.control, &self.wal]
-            .into_iter()
-            .filter_map(|s| s.lock().take())
-            .collect();
-        for l in links {
-            l.shut_down().await;
+    /// Kills both links at once (no waiting); returns their tasks.
+    pub(crate) fn kill_all(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for slot in [&self.control, &self.wal] {
+            let link = slot.lock().take();
+            if let Some(l) = link {
+                l.kill("shutdown");
+                tasks.extend(l.take_tasks());
+            }
         }
         self.changed.notify_waiters();
+        tasks
     }
 }
 
@@ -321,11 +334,15 @@ impl ConnInner {
         match link.submit(request_id, frame) {
             Ok(rx) => Ok(Ok(rx)),
             Err(Refused::Dead(frame)) => Ok(Err(frame)),
-            Err(Refused::Duplicate(id)) => Err(TransportError::Local(format!(
-                "request id {id} is already awaiting an answer from {}",
-                self.peer.id
-            ))),
+            Err(Refused::Duplicate(id)) => Err(self.duplicate(id)),
         }
+    }
+
+    fn duplicate(&self, id: u64) -> TransportError {
+        TransportError::Local(format!(
+            "request id {id} is already awaiting an answer from {}",
+            self.peer.id
+        ))
     }
 
     /// Runs when `call` is invoked: checks, encodes and, for the WAL channel,
@@ -391,9 +408,11 @@ impl ConnInner {
             }
             Prepared::Control(frame) => {
                 let link = self.peer.ensure(&self.shared, KIND_CONTROL, true).await?;
-                let rx = self
-                    .submit(&link, request_id, frame)?
-                    .map_err(|_| self.lost())?;
+                let rx = match link.submit_waiting(request_id, frame).await {
+                    Ok(rx) => rx,
+                    Err(Refused::Dead(_)) => return Err(self.lost()),
+                    Err(Refused::Duplicate(id)) => return Err(self.duplicate(id)),
+                };
                 self.answer(&link, request_id, rx).await
             }
         }

@@ -2,15 +2,18 @@
 //! writer and reader tasks, and the requests on it awaiting their answers.
 //!
 //! The writer writes queued frames in queue order (whatever is queued together
-//! in one flush) and a ping when the connection was idle for the keep-alive
+//! in one flush) and a keep-alive when it wrote nothing for the keep-alive
 //! interval; the reader hands each response to the request it answers (by
 //! request id) and declares the connection dead when nothing arrived for the
-//! idle timeout. Either failing kills the link: every request on it fails at
-//! once with "connection lost", and it is never used again.
+//! idle timeout (the acceptor sends keep-alives of its own, so a slow handler
+//! never looks like a dead peer). Either failing kills the link: every request
+//! on it fails at once with "connection lost", and it is never used again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use ha_core::backoff::Backoff;
 use ha_core::config::Member;
 use ha_core::error::TransportError;
 use ha_core::latch::Latch;
@@ -22,13 +25,20 @@ use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 
 use crate::socket;
 use crate::transport::Shared;
 
-/// An empty frame: a ping (dialer to acceptor) or a pong (the answer).
+/// An empty frame: a keep-alive (either direction).
 pub(crate) const PING: [u8; wire::HEADER_BYTES] = [0; wire::HEADER_BYTES];
+
+/// The hello after the handshake: the kind byte, the dialer's incarnation and
+/// the connection's number among the dialer's connections of that kind to
+/// that peer (big-endian), so the acceptor can tell an older connection that
+/// finished its handshake late from a newer one.
+pub(crate) const HELLO_BYTES: usize = 1 + 8 + 8;
 
 /// Frames written per flush at most.
 const MAX_COALESCE: usize = 64;
@@ -36,6 +46,10 @@ const MAX_COALESCE: usize = 64;
 const WRITE_BUFFER: usize = 256 * 1024;
 
 type Stream = TlsStream<TcpStream>;
+
+/// Who a new link reports its fate to: its peer's backoff (a dial counts as a
+/// success only once the peer sent something on it).
+pub(crate) type SharedBackoff = Arc<Mutex<Backoff>>;
 
 /// One dialed connection.
 pub(crate) struct Link {
@@ -46,24 +60,37 @@ pub(crate) struct Link {
     /// Requests written or queued, by request id.
     pending: Mutex<HashMap<u64, oneshot::Sender<Envelope<Response>>>>,
     dead: Latch,
+    /// The peer sent at least one frame (a keep-alive or an answer).
+    heard: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Why a request could not be queued on a link.
 pub(crate) enum Refused {
-    /// The link is dead (or its queue is full): the frame comes back.
+    /// The link is dead: the frame comes back.
     Dead(Vec<u8>),
     /// A request with this id is already awaiting its answer here.
     Duplicate(u64),
 }
 
+/// The hello a dialer sends: kind, incarnation, connection number.
+pub(crate) fn hello(kind: u8, incarnation: u64, number: u64) -> [u8; HELLO_BYTES] {
+    let mut h = [0u8; HELLO_BYTES];
+    h[0] = kind;
+    h[1..9].copy_from_slice(&incarnation.to_be_bytes());
+    h[9..].copy_from_slice(&number.to_be_bytes());
+    h
+}
+
 impl Link {
     /// Dials `member`, runs the TLS handshake under its `node-<id>` name, checks
-    /// the certificate proves that member, and sends the kind byte.
+    /// the certificate proves that member, and sends the hello.
     pub(crate) async fn open(
         shared: &Arc<Shared>,
         member: &Member,
         kind: u8,
+        number: u64,
+        backoff: SharedBackoff,
     ) -> Result<Arc<Link>, TransportError> {
         let to = member.id;
         let unreachable = |why: String| TransportError::Unreachable(to, why);
@@ -95,7 +122,7 @@ impl Link {
                     "dialed {to}, certificate names {proven}"
                 )));
             }
-            tls.write_all(&[kind])
+            tls.write_all(&hello(kind, shared.incarnation, number))
                 .await
                 .map_err(|e| unreachable(format!("cannot start the connection: {e}")))?;
             Ok(tls)
@@ -115,11 +142,12 @@ impl Link {
             tx,
             pending: Mutex::new(HashMap::new()),
             dead: Latch::new(),
+            heard: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
         });
         let (read, write) = tokio::io::split(tls);
         let writer = tokio::spawn(write_loop(shared.clone(), link.clone(), write, rx));
-        let reader = tokio::spawn(read_loop(shared.clone(), link.clone(), read));
+        let reader = tokio::spawn(read_loop(shared.clone(), link.clone(), read, backoff));
         link.tasks.lock().extend([writer, reader]);
         Ok(link)
     }
@@ -134,7 +162,8 @@ impl Link {
         self.dead.wait().await;
     }
 
-    /// Kills the link: every request on it fails, and it is never used again.
+    /// Kills the link: every request on it fails, and it is never used again;
+    /// its tasks end at once (even a write blocked on a full socket).
     pub(crate) fn kill(&self, why: &str) {
         if !self.dead.is_set() {
             tracing::debug!(peer = %self.peer, kind = self.kind, "closing connection: {why}");
@@ -149,8 +178,10 @@ impl Link {
         self.kill(why);
     }
 
-    /// Queues an encoded request (its id `request_id`) now, so requests queued
-    /// in order are written in order; the answer arrives on the receiver.
+    /// Queues an encoded WAL request (its id `request_id`) now, so requests
+    /// queued in order are written in order; the answer arrives on the
+    /// receiver. The queue holds the whole WAL window, so an admitted request
+    /// always finds room.
     pub(crate) fn submit(
         &self,
         request_id: u64,
@@ -173,18 +204,38 @@ impl Link {
         }
     }
 
+    /// Queues an encoded control request, waiting for room in the queue (a
+    /// burst of control calls waits rather than failing on a healthy link).
+    pub(crate) async fn submit_waiting(
+        &self,
+        request_id: u64,
+        frame: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Envelope<Response>>, Refused> {
+        let permit = tokio::select! {
+            p = self.tx.reserve() => p.map_err(|_| Refused::Dead(Vec::new()))?,
+            () = self.dead.wait() => return Err(Refused::Dead(Vec::new())),
+        };
+        let mut pending = self.pending.lock();
+        if self.dead.is_set() {
+            return Err(Refused::Dead(Vec::new()));
+        }
+        if pending.contains_key(&request_id) {
+            return Err(Refused::Duplicate(request_id));
+        }
+        let (reply, rx) = oneshot::channel();
+        pending.insert(request_id, reply);
+        permit.send(frame);
+        Ok(rx)
+    }
+
     /// Stops waiting for the answer to `request_id` (its caller gave up).
     pub(crate) fn forget(&self, request_id: u64) {
         self.pending.lock().remove(&request_id);
     }
 
-    /// Kills the link and waits (bounded by the caller) for its tasks.
-    pub(crate) async fn shut_down(&self) {
-        self.kill("closed");
-        let tasks = std::mem::take(&mut *self.tasks.lock());
-        for task in tasks {
-            let _ = task.await;
-        }
+    /// The link's tasks, to await (or abort) at close.
+    pub(crate) fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.tasks.lock())
     }
 }
 
@@ -196,27 +247,30 @@ async fn write_loop(
 ) {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, write);
     let keep_alive = shared.opts.net.keep_alive;
-    let result: Result<(), String> = async {
+    let writes = async {
         loop {
             let first = tokio::select! {
                 f = rx.recv() => f,
                 () = tokio::time::sleep(keep_alive) => Some(PING.to_vec()),
-                () = link.dead.wait() => None,
             };
             let Some(first) = first else {
                 return Ok(());
             };
-            w.write_all(&first).await.map_err(|e| e.to_string())?;
+            w.write_all(&first).await?;
             let mut n = 1;
             while n < MAX_COALESCE {
                 let Ok(frame) = rx.try_recv() else { break };
-                w.write_all(&frame).await.map_err(|e| e.to_string())?;
+                w.write_all(&frame).await?;
                 n += 1;
             }
-            w.flush().await.map_err(|e| e.to_string())?;
+            w.flush().await?;
         }
-    }
-    .await;
+    };
+    let result: std::io::Result<()> = tokio::select! {
+        biased;
+        () = link.dead.wait() => Ok(()),
+        r = writes => r,
+    };
     if let Err(e) = result {
         link.kill(&format!("write failed: {e}"));
     }
@@ -224,52 +278,60 @@ async fn write_loop(
     let _ = tokio::time::timeout(shared.opts.net.close_timeout, w.shutdown()).await;
 }
 
-async fn read_loop(shared: Arc<Shared>, link: Arc<Link>, mut read: ReadHalf<Stream>) {
-    let opts = &shared.opts;
-    let budget = ReadBudget::new(opts.net.read_budget, opts.net.max_frame);
-    loop {
+async fn read_loop(
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    mut read: ReadHalf<Stream>,
+    backoff: SharedBackoff,
+) {
+    let net = &shared.opts.net;
+    let budget = ReadBudget::new(net.read_budget, net.max_frame);
+    let why = loop {
         let next = tokio::select! {
-            r = wire::read_frame_or_idle(&mut read, opts.net.max_frame, Some(opts.net.idle_timeout), opts.net.frame_timeout, &budget) => r,
+            biased;
             () = link.dead.wait() => return,
+            r = wire::read_frame_or_idle(&mut read, net.max_frame, Some(net.idle_timeout), net.frame_timeout, &budget) => r,
         };
-        match next {
-            // A pong.
-            Ok(Some(frame)) if frame.body.is_empty() => {}
-            Ok(Some(frame)) => {
-                let response = match wire::decode::<Envelope<Response>>(&frame.body) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        link.violation(&format!("undecodable response: {e}"));
-                        return;
-                    }
-                };
-                let waiting = link.pending.lock().remove(&response.request_id);
-                match waiting {
-                    Some(reply) => {
-                        let _ = reply.send(response);
-                    }
-                    // Its caller gave up (and forgot it).
-                    None => {
-                        tracing::debug!(peer = %link.peer, id = response.request_id, "dropping a response nobody waits for")
-                    }
-                }
-            }
-            Ok(None) => {
-                link.kill("the peer closed the connection");
-                return;
-            }
-            Err(FrameError::Io(e)) => {
-                link.kill(&format!("read failed: {e}"));
-                return;
-            }
-            Err(FrameError::Idle(d)) => {
-                link.kill(&format!("nothing received for {d:?}"));
-                return;
-            }
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break "the peer closed the connection".to_string(),
+            Err(FrameError::Io(e)) => break format!("read failed: {e}"),
+            Err(FrameError::Idle(d)) => break format!("nothing received for {d:?}"),
             Err(e) => {
                 link.violation(&format!("bad response frame: {e}"));
                 return;
             }
+        };
+        if !link.heard.swap(true, Ordering::SeqCst) {
+            // The dial really worked: the peer serves this connection.
+            backoff.lock().succeeded();
         }
+        // A keep-alive.
+        if frame.body.is_empty() {
+            continue;
+        }
+        let response = match wire::decode::<Envelope<Response>>(&frame.body) {
+            Ok(r) => r,
+            Err(e) => {
+                link.violation(&format!("undecodable response: {e}"));
+                return;
+            }
+        };
+        let waiting = link.pending.lock().remove(&response.request_id);
+        match waiting {
+            Some(reply) => {
+                let _ = reply.send(response);
+            }
+            // Its caller gave up (and forgot it).
+            None => {
+                tracing::debug!(peer = %link.peer, id = response.request_id, "dropping a response nobody waits for")
+            }
+        }
+    };
+    if !link.heard.load(Ordering::SeqCst) {
+        // Closed before the peer sent anything (refused after the handshake,
+        // say): a failed attempt, so re-dialing backs off.
+        backoff.lock().failed(Instant::now());
     }
+    link.kill(&why);
 }

@@ -117,7 +117,14 @@ impl TlsStack for Tcp {
             RawKind::Control => KIND_CONTROL,
             RawKind::Wal => KIND_WAL,
         };
-        stream.write_all(&[byte]).await.map_err(|e| e.to_string())?;
+        // Each raw connection poses as a fresh dialer incarnation, so the
+        // acceptor's ordering of one incarnation's connections never refuses it.
+        static RAW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 63);
+        let incarnation = RAW.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stream
+            .write_all(&crate::link::hello(byte, incarnation, 0))
+            .await
+            .map_err(|e| e.to_string())?;
         stream.flush().await.map_err(|e| e.to_string())?;
         Ok(RawTcp(stream))
     }

@@ -37,6 +37,9 @@ pub(crate) struct Shared {
     pub(crate) peers: Mutex<HashMap<NodeId, Arc<PeerState>>>,
     /// Connections peers dialed to this node, by peer and kind.
     pub(crate) accepted: InboundConns,
+    /// This transport's incarnation, sent in every hello: the acceptor orders
+    /// the connections of one incarnation by their numbers.
+    pub(crate) incarnation: u64,
     /// The listener until [`Transport::listen`] takes it.
     listener: Mutex<Option<TcpListener>>,
     local_addr: SocketAddr,
@@ -92,6 +95,16 @@ fn local(e: impl fmt::Display) -> TransportError {
     TransportError::Local(e.to_string())
 }
 
+/// A random incarnation id (std's per-process random hash keys, mixed with a
+/// counter so two transports of one process differ).
+fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.finish()
+}
+
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -133,6 +146,7 @@ impl TcpTransport {
                 peers: Mutex::new(HashMap::new()),
                 accepted: InboundConns::default(),
                 listener: Mutex::new(Some(listener)),
+                incarnation: incarnation(),
                 local_addr,
                 tasks: Mutex::new(Vec::new()),
                 opts,
@@ -235,17 +249,15 @@ impl Transport for TcpTransport {
         shared.inbound.set_handler(None);
         // Dropping an unused listener frees the port at once.
         drop(shared.listener.lock().take());
+        // Everything is told to stop first, without waiting on anything; then
+        // all of it is awaited together, and what is left at the deadline is
+        // aborted.
         let peers: Vec<Arc<PeerState>> = shared.peers.lock().values().cloned().collect();
-        let tasks = std::mem::take(&mut *shared.tasks.lock());
+        let mut tasks: Vec<JoinHandle<()>> = peers.iter().flat_map(|p| p.kill_all()).collect();
+        tasks.extend(shared.accepted.stop_all());
+        tasks.extend(std::mem::take(&mut *shared.tasks.lock()));
         async move {
             let deadline = Instant::now() + shared.opts.net.close_timeout;
-            let links = async {
-                for peer in &peers {
-                    peer.shut_down().await;
-                }
-                shared.accepted.shut_down().await;
-            };
-            let _ = tokio::time::timeout_at(deadline, links).await;
             for mut task in tasks {
                 if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                     task.abort();

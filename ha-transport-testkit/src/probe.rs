@@ -498,6 +498,7 @@ macro_rules! rejection_tests {
             a_truncated_frame_closes_only_its_connection,
             an_oversized_frame_closes_only_its_connection,
             a_silent_connection_is_closed_in_time,
+            a_slow_handler_is_not_a_dead_peer,
         );
     };
     (@each $stack:ty; $($name:ident),* $(,)?) => {
@@ -508,6 +509,59 @@ macro_rules! rejection_tests {
             }
         )*
     };
+}
+
+/// Answers WAL batches after `delay` (a slow disk), heartbeats at once.
+struct Slow(NodeId, Duration);
+
+impl RequestHandler for Slow {
+    fn handle(&self, peer: NodeId, req: Envelope<Request>) -> BoxFuture<Envelope<Response>> {
+        let answer = Echo(self.0).handle(peer, req.clone());
+        let delay = if matches!(req.body, Request::WalBatch(_)) {
+            self.1
+        } else {
+            Duration::ZERO
+        };
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            answer.await
+        })
+    }
+}
+
+/// A handler slower than the idle timeout (a stalled fsync) does not make the
+/// caller declare a live peer dead: the WAL call is answered on the same
+/// connection, however long nothing else was said on it.
+pub async fn a_slow_handler_is_not_a_dead_peer<S: TlsStack>() {
+    let cluster = TestCluster::new(3).unwrap();
+    let idle = Duration::from_millis(300);
+    let opts = || {
+        let mut o = S::options(&MEMBERS);
+        S::set_timeouts(&mut o, idle, LIMIT);
+        o
+    };
+    let one = harness_node::<S>(&cluster.identity(NodeId(1)).unwrap(), opts()).unwrap();
+    let two = harness_node::<S>(&cluster.identity(NodeId(2)).unwrap(), opts()).unwrap();
+    two.transport
+        .listen(Arc::new(Slow(NodeId(2), idle * 4)))
+        .await
+        .unwrap();
+    let conn = one.transport.connect(&two.member).await.unwrap();
+    let r = conn
+        .call(crate::wal_batch(NodeId(1), NodeId(2), 1), LIMIT)
+        .await;
+    assert!(
+        matches!(
+            r,
+            Ok(Envelope {
+                body: Response::WalAck(_),
+                ..
+            })
+        ),
+        "a WAL call answered after 4 idle timeouts must succeed: {r:?}"
+    );
+    one.transport.close().await;
+    two.transport.close().await;
 }
 
 /// Watches `live_bytes` (the test binary's counting allocator) while `paths`
