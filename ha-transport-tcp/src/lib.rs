@@ -8,12 +8,15 @@
 //! a **control** connection and a **WAL** connection, so heartbeats, votes,
 //! fences and the rest never wait behind WAL bytes (not even in the kernel's
 //! socket buffers). The peer answers on the same connection. After the TLS
-//! handshake the dialer sends one byte naming the connection's kind
-//! ([`KIND_CONTROL`] or [`KIND_WAL`]); then both directions carry
+//! handshake the dialer sends a hello: one byte naming the connection's kind
+//! ([`KIND_CONTROL`] or [`KIND_WAL`]), its incarnation (a random `u64` per
+//! transport) and the connection's number among its connections of that kind
+//! to that peer (both big-endian `u64`). Then both directions carry
 //! `ha_core::wire` frames: `Envelope<Request>` up, `Envelope<Response>` down.
-//! An empty frame is a ping (dialer to acceptor, sent when the connection was
-//! idle for the keep-alive interval) or its pong (the answer); a connection on
-//! which nothing arrived for the idle timeout is closed by either side.
+//! An empty frame is a keep-alive: each side sends one whenever it wrote
+//! nothing for the keep-alive interval (so a handler slower than the idle
+//! timeout never looks like a dead peer), and a connection on which nothing
+//! arrived for the idle timeout is closed by either side.
 //!
 //! - On a control connection requests are answered as they finish, in any
 //!   order; the dialer matches answers by request id. At most
@@ -26,7 +29,9 @@
 //!
 //! # One connection per peer pair, channel and direction
 //! The duplicate-connection rule: a newer connection of the same kind from the
-//! same dialer replaces the older one. The acceptor stops reading the older
+//! same dialer replaces the older one (newer: a higher number of the same
+//! incarnation, or another incarnation, a restarted dialer; an older one that
+//! finishes its handshake late is refused). The acceptor stops reading the older
 //! connection, and for a WAL connection waits until the older one has handed
 //! the node its last request, before it reads the newer, so WAL requests reach
 //! the node in call order across any number of reconnects (a request still
@@ -45,11 +50,14 @@
 //!
 //! # Bounds
 //! Every read is bounded in size (`NetOptions::max_frame`), in memory (each
-//! connection's `ha_core::wire::ReadBudget`, taken before a frame is
-//! allocated and held until its request is answered) and in time (the
-//! handshake, the kind byte and each started frame have deadlines; an idle
+//! peer's `ha_core::wire::ReadBudget` per kind, shared by its successive
+//! connections, taken before a frame is allocated and held until its request is
+//! answered; the requests in progress are bounded the same way) and in time
+//! (the handshake, the hello and each started frame have deadlines; an idle
 //! connection is closed). At most [`TcpOptions::max_handshakes`] handshakes run
-//! at once. A garbage, truncated or oversized frame closes only its connection.
+//! at once, and at most 8 from one source address; the place is freed once the
+//! peer is authenticated. A garbage, truncated or oversized frame closes only
+//! its connection.
 //!
 //! Its tests run the scaffold both transports share (`ha-transport-testkit`):
 //! ha-core's conformance suite, the rejection suite and the end-to-end
