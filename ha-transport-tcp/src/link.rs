@@ -239,6 +239,33 @@ impl Link {
     }
 }
 
+/// Writes queued frames in queue order (up to [`MAX_COALESCE`] per flush) and a
+/// keep-alive whenever nothing was written for `keep_alive`; ends when the
+/// senders are gone or a write fails. Both sides' writers are this loop.
+pub(crate) async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    keep_alive: std::time::Duration,
+) -> std::io::Result<()> {
+    loop {
+        let first = tokio::select! {
+            f = rx.recv() => f,
+            () = tokio::time::sleep(keep_alive) => Some(PING.to_vec()),
+        };
+        let Some(first) = first else {
+            return Ok(());
+        };
+        w.write_all(&first).await?;
+        let mut n = 1;
+        while n < MAX_COALESCE {
+            let Ok(frame) = rx.try_recv() else { break };
+            w.write_all(&frame).await?;
+            n += 1;
+        }
+        w.flush().await?;
+    }
+}
+
 async fn write_loop(
     shared: Arc<Shared>,
     link: Arc<Link>,
@@ -246,30 +273,10 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, write);
-    let keep_alive = shared.opts.net.keep_alive;
-    let writes = async {
-        loop {
-            let first = tokio::select! {
-                f = rx.recv() => f,
-                () = tokio::time::sleep(keep_alive) => Some(PING.to_vec()),
-            };
-            let Some(first) = first else {
-                return Ok(());
-            };
-            w.write_all(&first).await?;
-            let mut n = 1;
-            while n < MAX_COALESCE {
-                let Ok(frame) = rx.try_recv() else { break };
-                w.write_all(&frame).await?;
-                n += 1;
-            }
-            w.flush().await?;
-        }
-    };
-    let result: std::io::Result<()> = tokio::select! {
+    let result = tokio::select! {
         biased;
         () = link.dead.wait() => Ok(()),
-        r = writes => r,
+        r = write_frames(&mut w, &mut rx, shared.opts.net.keep_alive) => r,
     };
     if let Err(e) = result {
         link.kill(&format!("write failed: {e}"));

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 
-use crate::link::{HELLO_BYTES, PING};
+use crate::link::{write_frames, HELLO_BYTES};
 use crate::transport::Shared;
 use crate::{socket, KIND_CONTROL, KIND_WAL, MAX_CONNECTIONS_PER_PEER};
 
@@ -580,27 +580,10 @@ async fn write_loop(
     stop: Latch,
 ) {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, write);
-    let keep_alive = shared.opts.net.keep_alive;
-    let writes = async {
-        loop {
-            let first = tokio::select! {
-                f = rx.recv() => f,
-                () = tokio::time::sleep(keep_alive) => Some(PING.to_vec()),
-            };
-            let Some(first) = first else {
-                return Ok(());
-            };
-            w.write_all(&first).await?;
-            while let Ok(frame) = rx.try_recv() {
-                w.write_all(&frame).await?;
-            }
-            w.flush().await?;
-        }
-    };
-    let result: std::io::Result<()> = tokio::select! {
+    let result = tokio::select! {
         biased;
         () = stop.wait() => Ok(()),
-        r = writes => r,
+        r = write_frames(&mut w, &mut rx, shared.opts.net.keep_alive) => r,
     };
     if let Err(e) = result {
         tracing::debug!("answer write failed: {e}");

@@ -418,7 +418,7 @@ pub async fn a_truncated_frame_closes_only_its_connection<S: TlsStack>() {
     s.others_are_served().await;
     s.server.transport.close().await;
     // And one that stays open with half a frame is closed by the frame timeout.
-    half_frames_are_closed_in_time::<S>(bytes).await;
+    stalled_connections_are_closed_in_time::<S>(bytes).await;
 }
 
 /// A length prefix over the maximum frame size.
@@ -427,7 +427,9 @@ pub async fn an_oversized_frame_closes_only_its_connection<S: TlsStack>() {
     bad_bytes_close_the_connection::<S>(RawKind::Wal, u32::MAX.to_be_bytes().to_vec()).await;
 }
 
-async fn half_frames_are_closed_in_time<S: TlsStack>(bytes: Vec<u8>) {
+/// A raw member connection that sends `bytes` (perhaps none) and then nothing
+/// more is closed within a bounded time; others are still served.
+async fn stalled_connections_are_closed_in_time<S: TlsStack>(bytes: Vec<u8>) {
     let s = Setup::<S>::new(|o| {
         S::set_timeouts(o, Duration::from_millis(500), Duration::from_millis(300))
     })
@@ -443,7 +445,7 @@ async fn half_frames_are_closed_in_time<S: TlsStack>(bytes: Vec<u8>) {
     raw.send(&bytes).await.unwrap();
     tokio::time::timeout(LIMIT, raw.closed())
         .await
-        .expect("a connection holding half a frame must be closed in time");
+        .expect("a stalled connection must be closed in time");
     s.others_are_served().await;
     s.server.transport.close().await;
 }
@@ -452,29 +454,13 @@ async fn half_frames_are_closed_in_time<S: TlsStack>(bytes: Vec<u8>) {
 /// closed within a bounded time; so is one that announces the largest frame
 /// and sends only a little of it.
 pub async fn a_silent_connection_is_closed_in_time<S: TlsStack>() {
-    let s = Setup::<S>::new(|o| {
-        S::set_timeouts(o, Duration::from_millis(500), Duration::from_millis(300))
-    })
-    .await;
-    let mut raw = S::raw(
-        s.addr(),
-        NodeId(2),
-        s.member_tls(NodeId(1)),
-        RawKind::Control,
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(LIMIT, raw.closed())
-        .await
-        .expect("a silent connection must be closed in time");
-    s.others_are_served().await;
-    s.server.transport.close().await;
+    stalled_connections_are_closed_in_time::<S>(Vec::new()).await;
     let mut big = u32::try_from(wire::MAX_FRAME_BYTES)
         .unwrap()
         .to_be_bytes()
         .to_vec();
     big.extend([7u8; 1000]);
-    half_frames_are_closed_in_time::<S>(big).await;
+    stalled_connections_are_closed_in_time::<S>(big).await;
 }
 
 /// Expands the suite into one `#[tokio::test]` per check for the stack type
