@@ -16,7 +16,11 @@ use super::shared::Shared;
 use super::wal_stream::serve_wal;
 use super::{CODE_PROTOCOL, CODE_SHUTDOWN, STREAM_CONTROL, STREAM_RETIRE, STREAM_WAL};
 
+/// Handshakes in progress at once; beyond that, new ones are refused.
+pub const MAX_HANDSHAKES: usize = 64;
+
 pub(super) async fn accept_loop(shared: Arc<Shared>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let incoming = tokio::select! {
             i = shared.endpoint.accept() => i,
@@ -25,9 +29,31 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
         let Some(incoming) = incoming else {
             return;
         };
+        let remote = incoming.remote_address();
+        // Under load, a source must prove its address first (a stateless
+        // retry: spoofed Initials cannot answer it), and beyond the bound on
+        // handshakes in progress new ones are refused.
+        if handshakes.available_permits() < MAX_HANDSHAKES / 2
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            if incoming.retry().is_err() {
+                shared
+                    .refusals
+                    .refused(&remote, &"address validation failed");
+            }
+            continue;
+        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            shared
+                .refusals
+                .refused(&remote, &"too many handshakes in progress");
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
+            let _permit = permit;
             let conn = match tokio::time::timeout(shared.opts.net.connect_timeout, incoming).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
