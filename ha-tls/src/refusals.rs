@@ -38,6 +38,8 @@ pub struct RefusalLog {
     window: Mutex<Window>,
     refused: AtomicU64,
     suppressed: AtomicU64,
+    /// Woken on every refusal (for [`wait_for`](Self::wait_for)).
+    counted: parking_lot::Condvar,
 }
 
 impl Default for RefusalLog {
@@ -60,13 +62,15 @@ impl RefusalLog {
             }),
             refused: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            counted: parking_lot::Condvar::new(),
         }
     }
 
     /// Counts one refusal at `now` and says whether to log it.
     pub fn admit(&self, now: Instant) -> Verdict {
-        self.refused.fetch_add(1, Ordering::Relaxed);
         let mut w = self.window.lock();
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.counted.notify_all();
         let fresh = w
             .start
             .is_none_or(|s| now.saturating_duration_since(s) >= self.interval);
@@ -102,6 +106,19 @@ impl RefusalLog {
     /// Refusals counted since start.
     pub fn total(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until at least `n` refusals were counted or `timeout` passed;
+    /// true in the first case (for tests: an explicit signal, no polling).
+    pub fn wait_for(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut w = self.window.lock();
+        while self.refused.load(Ordering::Relaxed) < n {
+            if self.counted.wait_until(&mut w, deadline).timed_out() {
+                return self.refused.load(Ordering::Relaxed) >= n;
+            }
+        }
+        true
     }
 
     /// Refusals not logged at WARN since start.

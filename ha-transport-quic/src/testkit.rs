@@ -90,6 +90,10 @@ impl TlsStack for Quic {
         Ok((t, addr))
     }
 
+    fn refusals(transport: &QuicTransport) -> &ha_tls::RefusalLog {
+        transport.refusals()
+    }
+
     fn free_addresses(n: usize) -> Vec<SocketAddr> {
         let held: Vec<std::net::UdpSocket> = (0..n)
             .map(|_| std::net::UdpSocket::bind(loopback()).expect("bind"))

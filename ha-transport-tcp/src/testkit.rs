@@ -92,6 +92,10 @@ impl TlsStack for Tcp {
         Ok((t, addr))
     }
 
+    fn refusals(transport: &TcpTransport) -> &ha_tls::RefusalLog {
+        transport.refusals()
+    }
+
     fn free_addresses(n: usize) -> Vec<SocketAddr> {
         let held: Vec<std::net::TcpListener> = (0..n)
             .map(|_| std::net::TcpListener::bind(loopback()).expect("bind"))

@@ -190,9 +190,18 @@ impl TcpTransport {
     }
 
     /// Handshakes refused so far (bad or missing certificates, non-members,
-    /// timeouts, over the handshake limit).
-    pub fn refused_handshakes(&self) -> u64 {
-        self.inner.refusals.total()
+    /// timeouts, over the handshake limit), and how many of those were not
+    /// logged at WARN (the rate limit).
+    pub fn refused_handshakes(&self) -> (u64, u64) {
+        (
+            self.inner.refusals.total(),
+            self.inner.refusals.suppressed(),
+        )
+    }
+
+    /// The log of refused handshakes (its counts, and a signal tests wait on).
+    pub fn refusals(&self) -> &ha_tls::RefusalLog {
+        &self.inner.refusals
     }
 }
 

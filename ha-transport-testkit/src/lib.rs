@@ -91,6 +91,8 @@ pub trait TlsStack: Send + Sync + 'static {
         identity: &Identity,
         opts: Self::Options,
     ) -> Result<(Self::Transport, SocketAddr), TransportError>;
+    /// The log of `transport`'s refused handshakes (counts, and a signal).
+    fn refusals(transport: &Self::Transport) -> &ha_tls::RefusalLog;
     /// `n` distinct free loopback addresses of the kind the transport binds
     /// (UDP or TCP), found by binding them all at once and releasing them.
     fn free_addresses(n: usize) -> Vec<SocketAddr>;

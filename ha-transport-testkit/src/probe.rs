@@ -326,6 +326,31 @@ async fn call_once<S: TlsStack>(
     r
 }
 
+/// A burst of refused handshakes (here: peers without a client certificate)
+/// is logged at WARN a few lines per second, with the rest counted, not one
+/// line each (spoofable garbage must not flood the log).
+pub async fn refused_handshakes_are_logged_at_a_bounded_rate<S: TlsStack>() {
+    let s = Setup::<S>::new(|_| {}).await;
+    let burst: u64 = 40;
+    let start = tokio::time::Instant::now();
+    for _ in 0..burst {
+        let r = raw_heartbeat::<S>(s.addr(), raw_tls(s.ca(), None), NodeId(1)).await;
+        assert!(r.is_err(), "a peer without a certificate was served: {r:?}");
+    }
+    // Every refusal is counted (it may land a moment after the client gave up).
+    let log = S::refusals(&s.server.transport);
+    let counted = tokio::task::block_in_place(|| log.wait_for(burst, LIMIT));
+    assert!(counted, "every refused handshake is counted");
+    let secs = start.elapsed().as_secs() + 1;
+    let (total, suppressed) = (log.total(), log.suppressed());
+    let logged = total - suppressed;
+    assert!(
+        logged <= 5 * (secs + 1),
+        "{logged} of {total} refusals logged at WARN in about {secs} s"
+    );
+    s.server.transport.close().await;
+}
+
 /// Whose clock moves past the certificates' expiry.
 #[derive(Clone, Copy, Debug)]
 enum Expired {
@@ -485,6 +510,7 @@ macro_rules! rejection_tests {
             an_oversized_frame_closes_only_its_connection,
             a_silent_connection_is_closed_in_time,
             a_slow_handler_is_not_a_dead_peer,
+            refused_handshakes_are_logged_at_a_bounded_rate,
         );
     };
     (@each $stack:ty; $($name:ident),* $(,)?) => {
