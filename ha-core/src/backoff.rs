@@ -68,7 +68,7 @@ impl Backoff {
             .saturating_add(1);
         let jitter = Duration::from_nanos(self.random() % span);
         let wait = (half + jitter).clamp(self.base, self.max);
-        self.retry_at = Some(now + wait);
+        self.retry_at = Some(now.checked_add(wait).unwrap_or(now));
         wait
     }
 

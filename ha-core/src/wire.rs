@@ -8,8 +8,9 @@
 //!   frames, and a caller that must bound the wait for the first byte too (a
 //!   request stream that carries one frame) wraps the read in a timeout;
 //! - the announced length is taken from the connection's [`ReadBudget`] before
-//!   anything is allocated, and the buffer then grows only as bytes arrive, so a
-//!   peer that announces a large frame and sends half of it holds only the half;
+//!   anything is allocated, and the buffer then grows only as bytes arrive (by
+//!   doubling, never past the announced length), so a peer that announces a
+//!   large frame and sends part of it holds at most twice that part;
 //! - the budget stays taken while the frame's request is handled (the caller
 //!   keeps the [`Frame`]'s permit), so one connection pins at most its budget.
 //!
@@ -32,9 +33,17 @@ pub const HEADER_BYTES: usize = 4;
 /// The default read budget of one connection: two frames of the largest size.
 pub const DEFAULT_READ_BUDGET: usize = 2 * MAX_FRAME_BYTES;
 
-/// A frame body grows by at most this much per read (and by doubling, never
-/// past the announced length).
+/// A frame body's buffer starts at this size (or the announced length, if
+/// smaller) and doubles as bytes arrive, never past the announced length.
 const GROW_STEP: usize = 64 * 1024;
+
+/// `now + d`, saturating far in the future instead of overflowing (a timeout
+/// configured near `Duration::MAX`).
+fn deadline_after(d: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
 
 /// Why a frame could not be read, written or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +239,7 @@ pub async fn read_frame_or_idle<R: AsyncRead + Unpin>(
     if n == 0 {
         return Ok(None);
     }
-    let deadline = tokio::time::Instant::now() + frame_timeout;
+    let deadline = deadline_after(frame_timeout);
     let rest_of_prefix = async {
         let mut got = n;
         while got < HEADER_BYTES {
@@ -254,7 +263,9 @@ pub async fn read_frame_or_idle<R: AsyncRead + Unpin>(
     }
     let waited_from = tokio::time::Instant::now();
     let permit = budget.take(len).await?;
-    let deadline = deadline + waited_from.elapsed();
+    let deadline = deadline
+        .checked_add(waited_from.elapsed())
+        .unwrap_or(deadline);
     let mut body = Vec::new();
     let read_body = async {
         while body.len() < len {

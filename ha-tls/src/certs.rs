@@ -114,6 +114,15 @@ pub enum CertError {
         /// The node it should name.
         expected: NodeId,
     },
+    /// The certificate may not serve both ends of a connection (its extended
+    /// key usage lacks TLS server or TLS client authentication).
+    #[error("certificate {what} cannot be used for {missing}")]
+    WrongUsage {
+        /// Which certificate.
+        what: String,
+        /// The usage it lacks.
+        missing: String,
+    },
     /// Certificate generation failed.
     #[error("certificate generation: {0}")]
     Generate(String),
@@ -282,14 +291,30 @@ impl CertificateAuthority {
     /// `node-<id>` added), for tests of identity parsing (`testkit` only).
     #[cfg(feature = "testkit")]
     pub fn issue_named(&self, names: &[&str], days: i64) -> Result<(String, String), CertError> {
+        self.issue_with_usages(
+            names,
+            days,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// As [`issue_named`](Self::issue_named), with the extended key usages
+    /// `usages` (`testkit` only).
+    #[cfg(feature = "testkit")]
+    pub fn issue_with_usages(
+        &self,
+        names: &[&str],
+        days: i64,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<(String, String), CertError> {
         let key = KeyPair::generate()?;
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(days);
@@ -486,6 +511,30 @@ pub fn parse_node_id(digits: &str) -> Option<NodeId> {
     digits.parse().ok().map(NodeId)
 }
 
+/// Checks that a node certificate allows both TLS server and TLS client
+/// authentication (one certificate serves both ends of a connection).
+fn check_usage(der: &CertificateDer<'_>, what: &str) -> Result<(), CertError> {
+    let cert = parse_x509(der, what)?;
+    let eku = cert.extended_key_usage().map_err(|e| CertError::BadPem {
+        what: what.into(),
+        reason: format!("bad extendedKeyUsage: {e}"),
+    })?;
+    let Some(eku) = eku else {
+        return Ok(());
+    };
+    let eku = eku.value;
+    let missing = match (eku.any || eku.server_auth, eku.any || eku.client_auth) {
+        (true, true) => return Ok(()),
+        (false, true) => "TLS server authentication",
+        (true, false) => "TLS client authentication",
+        (false, false) => "TLS server or client authentication",
+    };
+    Err(CertError::WrongUsage {
+        what: what.into(),
+        missing: missing.into(),
+    })
+}
+
 /// The node id a certificate proves: its single `node-<id>` DNS name.
 pub fn node_id_of(der: &CertificateDer<'_>) -> Result<NodeId, CertError> {
     let what = "peer certificate";
@@ -501,8 +550,13 @@ pub fn node_id_of(der: &CertificateDer<'_>) -> Result<NodeId, CertError> {
     let mut found = None;
     for name in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-            if let Some(id) = dns.strip_prefix(NODE_DNS_PREFIX) {
-                let id = parse_node_id(id)
+            // DNS names match case-insensitively, so any spelling of the
+            // prefix names a node (and only the canonical one is accepted).
+            let prefix = dns.get(..NODE_DNS_PREFIX.len());
+            if prefix.is_some_and(|p| p.eq_ignore_ascii_case(NODE_DNS_PREFIX)) {
+                let id = dns
+                    .strip_prefix(NODE_DNS_PREFIX)
+                    .and_then(parse_node_id)
                     .ok_or_else(|| no_id(format!("{dns} is not node-<number>")))?;
                 if found.replace(id).is_some() {
                     return Err(no_id("more than one node-<id> name".into()));
@@ -587,6 +641,7 @@ impl Identity {
         let now = UnixTime::now();
         check_validity(&ca, ca_what, now)?;
         check_validity(leaf, cert_what, now)?;
+        check_usage(leaf, cert_what)?;
         let node = node_id_of(leaf).map_err(|e| match e {
             CertError::NoNodeId { reason, .. } => CertError::NoNodeId {
                 what: cert_what.into(),

@@ -113,3 +113,32 @@ fn garbage_pem() {
     let err = Identity::from_pem(&ca.cert_pem(), "not a pem", &c.key_pem).unwrap_err();
     assert!(matches!(err, CertError::BadPem { .. }), "{err}");
 }
+
+/// Any case of the `node-` prefix names a node (DNS names match
+/// case-insensitively), so a second, upper-case one is not overlooked.
+#[test]
+fn a_second_node_name_in_another_case_is_refused() {
+    let ca = ca();
+    let (cert, key) = ca.issue_named(&["node-1", "NODE-2"], 1).unwrap();
+    match Identity::from_pem(&ca.cert_pem(), &cert, &key) {
+        Err(CertError::NoNodeId { .. }) => {}
+        other => panic!("expected NoNodeId, got {other:?}"),
+    }
+}
+
+/// A node certificate serves both ends of a connection: one missing TLS
+/// server or client authentication is refused at load, naming what it lacks.
+#[test]
+fn a_certificate_for_one_end_only_is_refused() {
+    let ca = ca();
+    for (usage, missing) in [
+        (rcgen::ExtendedKeyUsagePurpose::ClientAuth, "server"),
+        (rcgen::ExtendedKeyUsagePurpose::ServerAuth, "client"),
+    ] {
+        let (cert, key) = ca.issue_with_usages(&["node-1"], 1, vec![usage]).unwrap();
+        match Identity::from_pem(&ca.cert_pem(), &cert, &key) {
+            Err(CertError::WrongUsage { missing: m, .. }) => assert!(m.contains(missing), "{m}"),
+            other => panic!("expected WrongUsage, got {other:?}"),
+        }
+    }
+}

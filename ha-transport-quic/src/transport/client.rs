@@ -41,7 +41,7 @@ async fn control_call(
         .await
         .map_err(|e| lost(e.to_string()))?;
     let _ = send.finish();
-    match link.read(shared, &mut recv).await {
+    match link.read(shared, &mut recv, Channel::Control).await {
         Ok(Some(frame)) => Ok(frame.body),
         Ok(None) => Err(lost("the peer closed the stream without answering".into())),
         Err(FrameError::Io(e)) => Err(lost(e)),

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use ha_core::message::Channel;
 use ha_core::types::NodeId;
 use ha_core::wire::{self, ReadBudget};
 use quinn::VarInt;
@@ -62,8 +63,12 @@ pub(super) struct Link {
     ///
     /// [`PeerLinks::kept_count`]: super::peer::PeerLinks::kept_count
     pub(super) kept_since: AtomicU64,
-    /// The bytes of frames this connection may hold at once.
-    pub(super) budget: ReadBudget,
+    /// The bytes of WAL frames (the peer's WAL requests, the answers to this
+    /// node's) this connection may hold at once.
+    wal_budget: ReadBudget,
+    /// The same for control frames: a budget of their own, so a control read
+    /// never waits behind WAL frames (the semaphore is fair).
+    control_budget: ReadBudget,
 }
 
 impl Link {
@@ -88,7 +93,8 @@ impl Link {
             idle: Notify::new(),
             peer_wal_idle: peer.wal_idle.clone(),
             kept_since: AtomicU64::new(0),
-            budget: ReadBudget::new(shared.opts.net.read_budget, shared.opts.net.max_frame),
+            wal_budget: ReadBudget::new(shared.opts.net.read_budget, shared.opts.net.max_frame),
+            control_budget: ReadBudget::new(shared.opts.net.read_budget, shared.opts.net.max_frame),
         });
         tokio::spawn(wal_writer(
             shared.clone(),
@@ -111,14 +117,19 @@ impl Link {
     }
 
     /// Reads one frame from a stream of this connection (bounded by the
-    /// frame limits, charged to this connection's budget).
+    /// frame limits, charged to this connection's budget for `channel`).
     pub(super) async fn read<R: tokio::io::AsyncRead + Unpin>(
         &self,
         shared: &Shared,
         r: &mut R,
+        channel: Channel,
     ) -> Result<Option<wire::Frame>, wire::FrameError> {
         let net = &shared.opts.net;
-        wire::read_frame(r, net.max_frame, net.frame_timeout, &self.budget).await
+        let budget = match channel {
+            Channel::Wal => &self.wal_budget,
+            Channel::Control => &self.control_budget,
+        };
+        wire::read_frame(r, net.max_frame, net.frame_timeout, budget).await
     }
 
     pub(super) fn protocol_close(&self, why: &str) {

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ha_core::message::{Envelope, Request};
+use ha_core::message::{Channel, Envelope, Request};
 use ha_core::transport::inbound::encode_response;
 use ha_core::wire::{self, BudgetPermit, FrameError};
 use quinn::VarInt;
@@ -150,8 +150,9 @@ pub(super) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
     shared: &Shared,
     link: &Link,
     recv: &mut R,
+    channel: Channel,
 ) -> Option<(Envelope<Request>, BudgetPermit)> {
-    match link.read(shared, recv).await {
+    match link.read(shared, recv, channel).await {
         Ok(Some(frame)) => match frame.decode::<Envelope<Request>>() {
             Ok(r) => Some(r),
             Err(e) => {
@@ -181,7 +182,7 @@ async fn serve_control(
     // arrive within the frame timeout, or a peer could hold the stream open.
     let read = tokio::time::timeout(
         shared.opts.net.frame_timeout,
-        read_request(&shared, &link, &mut recv),
+        read_request(&shared, &link, &mut recv, Channel::Control),
     );
     let (request, _permit) = match read.await {
         Ok(Some(r)) => r,
@@ -191,7 +192,14 @@ async fn serve_control(
             return;
         }
     };
-    let Some(response) = shared.inbound.respond(link.peer, request).await else {
+    // A stalled handler must not keep the stream (and the peer's stream
+    // credit) forever: after the frame timeout the caller has long given up,
+    // so the stream is reset and its credit returns.
+    let handled = tokio::time::timeout(
+        shared.opts.net.frame_timeout,
+        shared.inbound.respond(link.peer, request),
+    );
+    let Ok(Some(response)) = handled.await else {
         let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
         return;
     };

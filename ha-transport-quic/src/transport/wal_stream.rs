@@ -17,6 +17,7 @@ use super::peer::PeerState;
 use super::server::read_request;
 use super::shared::Shared;
 use super::{CODE_SHUTDOWN, STREAM_WAL, WAL_WINDOW};
+use ha_core::message::Channel;
 use ha_core::transport::inbound::{encode_response, Dispatched};
 use ha_core::wire::{BudgetPermit, FrameError};
 
@@ -172,7 +173,7 @@ async fn wal_reader(
 ) {
     let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
     loop {
-        match link.read(&shared, &mut recv).await {
+        match link.read(&shared, &mut recv, Channel::Wal).await {
             Ok(Some(frame)) => {
                 let waiting = awaiting.lock().pop_front();
                 match waiting {
@@ -223,7 +224,9 @@ pub(super) async fn serve_wal(
     let (rshared, rlink) = (shared.clone(), link.clone());
     let reader = tokio::spawn(async move {
         let mut recv = BufReader::with_capacity(READ_BUFFER, recv);
-        while let Some((request, budget)) = read_request(&rshared, &rlink, &mut recv).await {
+        while let Some((request, budget)) =
+            read_request(&rshared, &rlink, &mut recv, Channel::Wal).await
+        {
             let permit = match tx.reserve().await {
                 Ok(permit) => permit,
                 Err(_) => break,
