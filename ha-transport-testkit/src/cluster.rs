@@ -67,35 +67,9 @@ fn node<S: TlsStack>(
 
 /// Waits (bounded) until one of `nodes` is a writable primary.
 async fn wait_primary<S: TlsStack>(nodes: &[StackNode<S>]) -> StackNode<S> {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        // Subscribed before the check, so a change right after it is not missed.
-        let statuses: Vec<_> = nodes.iter().map(|n| n.subscribe_status()).collect();
-        if let Some(p) = nodes.iter().find(|n| {
-            let s = n.status();
-            s.running && s.role == Role::Primary && s.writable
-        }) {
-            return p.clone();
-        }
-        // Resolves when any node's status changes.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(nodes.len());
-        let watchers: Vec<_> = statuses
-            .into_iter()
-            .map(|mut status| {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    if status.changed().await.is_ok() {
-                        let _ = tx.send(()).await;
-                    }
-                })
-            })
-            .collect();
-        let changed = tokio::time::timeout_at(deadline, rx.recv()).await;
-        for w in watchers {
-            w.abort();
-        }
-        assert!(changed.is_ok(), "no writable primary within {T:?}");
-    }
+    ha_core::testkit::nodes::wait_writable_primary(nodes, T)
+        .await
+        .unwrap_or_else(|| panic!("no writable primary within {T:?}"))
 }
 
 async fn read<S: TlsStack>(

@@ -55,41 +55,9 @@ fn node_with(net: &MemNetwork, id: NodeId, dir: &Path, wal_cfg: WalConfig) -> Di
 }
 
 async fn wait_primary(nodes: &[DiskNode]) -> DiskNode {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        if let Some(p) = nodes
-            .iter()
-            .find(|n| n.status().running && n.status().role == Role::Primary && n.status().writable)
-        {
-            return p.clone();
-        }
-        let mut rxs: Vec<_> = nodes.iter().map(|n| n.subscribe_status()).collect();
-        let any_change = futures_any(&mut rxs);
-        assert!(
-            tokio::time::timeout_at(deadline, any_change).await.is_ok(),
-            "no writable primary within {T:?}"
-        );
-    }
-}
-
-/// Resolves when any of the status receivers sees a change.
-async fn futures_any(rxs: &mut [tokio::sync::watch::Receiver<ha_core::HealthStatus>]) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(rxs.len());
-    let mut tasks = Vec::new();
-    for r in rxs.iter() {
-        let mut r = r.clone();
-        let tx = tx.clone();
-        tasks.push(tokio::spawn(async move {
-            if r.changed().await.is_ok() {
-                let _ = tx.send(()).await;
-            }
-        }));
-    }
-    drop(tx);
-    let _ = rx.recv().await;
-    for t in tasks {
-        t.abort();
-    }
+    ha_core::testkit::nodes::wait_writable_primary(nodes, T)
+        .await
+        .unwrap_or_else(|| panic!("no writable primary within {T:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,4 +3,5 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod nodes;
 pub mod sim;
