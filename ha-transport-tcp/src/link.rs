@@ -187,20 +187,9 @@ impl Link {
         request_id: u64,
         frame: Vec<u8>,
     ) -> Result<oneshot::Receiver<Envelope<Response>>, Refused> {
-        let mut pending = self.pending.lock();
-        if self.dead.is_set() {
-            return Err(Refused::Dead(frame));
-        }
-        if pending.contains_key(&request_id) {
-            return Err(Refused::Duplicate(request_id));
-        }
-        let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(frame) {
-            Ok(()) => {
-                pending.insert(request_id, reply);
-                Ok(rx)
-            }
-            Err(e) => Err(Refused::Dead(e.into_inner())),
+        match self.tx.try_reserve() {
+            Ok(room) => self.enqueue(room, request_id, frame),
+            Err(_) => Err(Refused::Dead(frame)),
         }
     }
 
@@ -211,20 +200,31 @@ impl Link {
         request_id: u64,
         frame: Vec<u8>,
     ) -> Result<oneshot::Receiver<Envelope<Response>>, Refused> {
-        let permit = tokio::select! {
-            p = self.tx.reserve() => p.map_err(|_| Refused::Dead(Vec::new()))?,
+        let room = tokio::select! {
+            r = self.tx.reserve() => r.map_err(|_| Refused::Dead(Vec::new()))?,
             () = self.dead.wait() => return Err(Refused::Dead(Vec::new())),
         };
+        self.enqueue(room, request_id, frame)
+    }
+
+    /// Registers the answer's waiter and queues the frame into `room`, under
+    /// the pending lock (so a dead link or a duplicate id queues nothing).
+    fn enqueue(
+        &self,
+        room: mpsc::Permit<'_, Vec<u8>>,
+        request_id: u64,
+        frame: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Envelope<Response>>, Refused> {
         let mut pending = self.pending.lock();
         if self.dead.is_set() {
-            return Err(Refused::Dead(Vec::new()));
+            return Err(Refused::Dead(frame));
         }
         if pending.contains_key(&request_id) {
             return Err(Refused::Duplicate(request_id));
         }
         let (reply, rx) = oneshot::channel();
         pending.insert(request_id, reply);
-        permit.send(frame);
+        room.send(frame);
         Ok(rx)
     }
 

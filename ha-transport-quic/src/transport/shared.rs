@@ -208,17 +208,9 @@ impl QuicTransport {
             .map_or(0, |p| p.window.waiting())
     }
 
-    /// Handshakes refused so far (bad or missing certificates, non-members,
-    /// timeouts, over the handshake limit), and how many of those were not
-    /// logged at WARN (the rate limit).
-    pub fn refused_handshakes(&self) -> (u64, u64) {
-        (
-            self.inner.refusals.total(),
-            self.inner.refusals.suppressed(),
-        )
-    }
-
-    /// The log of refused handshakes (its counts, and a signal tests wait on).
+    /// The log of refused handshakes (bad or missing certificates,
+    /// non-members, timeouts, over the handshake limit): its counts, including
+    /// those not logged at WARN, and a signal tests wait on.
     pub fn refusals(&self) -> &ha_tls::RefusalLog {
         &self.inner.refusals
     }
