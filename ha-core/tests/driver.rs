@@ -1128,6 +1128,21 @@ async fn on_real_time_and_several_threads_a_write_survives_failover() {
         )
         .await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // On a loaded machine the primary may commit these through the witness
+    // (degraded sync) before the standby has them; the standby is then rightly
+    // barred from taking over. Wait for it to hold them first.
+    let last = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|a| a.position.index)
+        .max()
+        .expect("writes");
+    wait_until(
+        std::slice::from_ref(&s),
+        |n| n.status().last_position.index >= last,
+        "the standby to receive the writes",
+    )
+    .await;
     p.shutdown().await.expect("shutdown");
     wait_until(
         std::slice::from_ref(&s),
@@ -1708,7 +1723,14 @@ async fn an_async_rewind_while_a_snapshot_save_is_pending_resets_the_state_machi
     c.net.heal_all();
     wait_until(
         std::slice::from_ref(&p),
-        |n| n.status().leader == Some(sid) && n.status().applied_index >= y.position.index,
+        // A heartbeat can name the new primary before its log arrives: wait for
+        // the new primary's entries (the rewind comes first) and for them applied.
+        |n| {
+            let st = n.status();
+            st.leader == Some(sid)
+                && st.last_position.term == y.position.term
+                && st.applied_index >= y.position.index
+        },
         "the old primary to rewind and catch up",
     )
     .await;
