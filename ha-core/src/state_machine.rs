@@ -58,6 +58,14 @@ pub trait StateMachine: Send + 'static {
     /// Replaces the whole state with the empty initial state; afterwards
     /// `applied_index` is 0.
     fn reset(&mut self);
+
+    /// For a persistent state machine whose durability lags what it applied: the
+    /// last index it has made durable. The log is never compacted past it, so a
+    /// restart always finds the entries it must re-apply. `None` (the default)
+    /// for a state machine that keeps nothing across restarts.
+    fn durable_index(&self) -> Option<LogIndex> {
+        None
+    }
 }
 
 /// A consistent capture of a [`StateMachine`]'s state ([`StateMachine::capture`]).

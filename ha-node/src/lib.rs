@@ -6,3 +6,5 @@
 
 pub mod certs;
 pub mod config;
+pub mod kv;
+pub mod store;

@@ -427,7 +427,9 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
             Action::Compact { upto, keep_from } => {
                 // The store's retention policy keeps entries for a lagging standby;
                 // never past the snapshot.
+                // Nor past what a persistent state machine has made durable.
                 let to = store.purge_point(upto, keep_from).min(upto);
+                let to = self.sm.durable_index().map_or(to, |d| to.min(d));
                 if to > LogIndex::ZERO {
                     bg.purges.push(Box::pin(store.purge_prefix(to)));
                 }
