@@ -531,3 +531,12 @@ fn file_key(field: &str) -> String {
         other => format!("replication (derived {other})"),
     }
 }
+
+/// The config file's name of a commit mode.
+pub fn commit_mode_name(mode: CommitMode) -> &'static str {
+    match mode {
+        CommitMode::Async => "async",
+        CommitMode::Sync => "sync",
+        CommitMode::SyncApply => "sync-apply",
+    }
+}
