@@ -202,9 +202,28 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/admin/pause-failover", post(pause))
         .route("/v1/admin/resume-failover", post(resume))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        // The value limit, plus room for the request's framing.
+        // The value limit: by the announced length before reading anything, and
+        // while reading a body that announced none.
         .layer(DefaultBodyLimit::max(MAX_VALUE_BYTES))
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .with_state(state)
+}
+
+/// Answers `413` at once for a body announced over the limit.
+async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_VALUE_BYTES as u64) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("values are at most {MAX_VALUE_BYTES} bytes"),
+        );
+    }
+    next.run(req).await
 }
 
 fn error(code: StatusCode, error: &str, detail: impl Into<String>) -> Response {

@@ -3,7 +3,8 @@
 //! - `cargo xtask ci`: what CI runs (fmt check, clippy, tests, the library example,
 //!   20,000 simulator seeds).
 //! - `cargo xtask sim --seeds N` / `--seed S`: the deterministic simulator.
-//! - `cargo xtask demo`: a readable simulated failover.
+//! - `cargo xtask demo [--transport tcp]`: the real local cluster (`ha-node demo`,
+//!   release build); `cargo xtask demo --sim`: the simulated failover.
 //! - `cargo xtask bench [flags]`: the end-to-end library benchmark (`ha-bench`, in
 //!   release mode); `--soak` for the ten-minute soak.
 
@@ -31,11 +32,23 @@ enum Cmd {
     Ci,
     /// Run the deterministic simulator.
     Sim(sim::SimArgs),
-    /// Show a simulated failover, step by step.
-    Demo,
+    /// Run `ha-node demo` (release build): a real three-process cluster on
+    /// loopback, SIGKILL failover, rejoin, switchover. `--sim`: the simulated
+    /// failover instead. Other flags pass through (`--transport tcp`).
+    Demo(DemoArgs),
     /// Run the end-to-end library benchmark (ha-bench; flags pass through, `--soak`
     /// = `--soak-secs 600`; `cargo xtask bench --help` shows ha-bench's flags).
     Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Show the failover in the deterministic simulator instead.
+    #[arg(long)]
+    sim: bool,
+    /// Flags for `ha-node demo` (e.g. `--transport tcp`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -43,7 +56,16 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Ci => ci(),
         Cmd::Sim(args) => sim::run(args),
-        Cmd::Demo => demo::run_demo(),
+        Cmd::Demo(args) if args.sim => demo::run_demo(),
+        Cmd::Demo(args) => {
+            let mut a = vec!["run", "-q", "--release", "-p", "ha-node", "--", "demo"];
+            a.extend(args.rest.iter().map(String::as_str));
+            if cargo(&a) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Cmd::Bench(args) => bench::run(args),
     }
 }
