@@ -36,6 +36,11 @@ pub enum ConfiguredRole {
 /// standby floor, small enough that a failover loses at most a moment of writes.
 pub const DEFAULT_ASYNC_LAG: u64 = 1024;
 
+/// The largest [`Config::snapshot_chunk_bytes`]: a chunk and its request's
+/// other fields stay well under the wire's frame cap
+/// ([`crate::wire::MAX_FRAME_BYTES`]).
+pub const MAX_SNAPSHOT_CHUNK_BYTES: usize = 8 << 20;
+
 /// Everything a node needs to take part in replication.
 ///
 /// Build one with [`Config::new`] (LAN defaults) and check it with
@@ -114,6 +119,10 @@ pub struct Config {
     pub clock_drift_ppm: u32,
     /// Take a state-machine snapshot and compact the log every this many entries.
     pub snapshot_every: u64,
+    /// Bytes of snapshot per `InstallSnapshot` chunk: a snapshot of any size
+    /// travels as chunks with offsets, each one request under `rpc_timeout`
+    /// and well under the wire's frame cap.
+    pub snapshot_chunk_bytes: usize,
     /// Backpressure: the primary refuses new writes while this many entries wait
     /// to commit (for example while strict sync waits for an absent standby).
     pub max_uncommitted_entries: u64,
@@ -177,6 +186,7 @@ impl Config {
             tick_interval: Duration::from_millis(5),
             clock_drift_ppm: 10_000,
             snapshot_every: 100_000,
+            snapshot_chunk_bytes: 1 << 20,
             max_uncommitted_entries: 100_000,
         }
     }
@@ -347,6 +357,12 @@ impl Config {
         }
         if self.snapshot_every == 0 {
             return Err(bad("snapshot_every", "must be at least 1"));
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > MAX_SNAPSHOT_CHUNK_BYTES {
+            return Err(bad(
+                "snapshot_chunk_bytes",
+                format!("must be between 1 and {MAX_SNAPSHOT_CHUNK_BYTES}"),
+            ));
         }
         if self.commit_mode != CommitMode::Async && self.max_lag_on_failover.is_some() {
             return Err(bad(

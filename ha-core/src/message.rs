@@ -252,17 +252,27 @@ pub struct FloorAck {
     pub accepted: bool,
 }
 
-/// A full state-machine snapshot plus the position it covers.
+/// One chunk of a state-machine snapshot (Raft's InstallSnapshot with
+/// `offset`/`done`): a snapshot of any size travels as chunks of at most
+/// [`crate::Config::snapshot_chunk_bytes`], one request each, which the
+/// receiver stages and installs only once the last one arrived.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstallSnapshot {
-    /// The last entry the snapshot includes.
+    /// The last entry the snapshot includes: names the snapshot (a chunk of
+    /// another one restarts the staging).
     pub last_included: Position,
-    /// The state machine's serialized state.
+    /// The whole snapshot's size in bytes.
+    pub size: u64,
+    /// Where this chunk starts in the snapshot.
+    pub offset: u64,
+    /// The chunk's bytes.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// True for the last chunk (`offset + data.len() == size`).
+    pub done: bool,
     /// The primary's commit index.
     pub commit: LogIndex,
-    /// The primary's last log position when it sent the snapshot. In async mode a
+    /// The primary's last log position when it sent the chunk. In async mode a
     /// standby whose own snapshot is newer than this one keeps it (and answers
     /// `installed: false` with its last position, so the primary probes from there)
     /// while the primary's log reaches that far: log matching can then tell whether
@@ -270,7 +280,7 @@ pub struct InstallSnapshot {
     pub leader_last: Position,
 }
 
-/// The answer to a snapshot.
+/// The answer to a snapshot chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotAck {
     /// The snapshot's term, echoed.
@@ -279,6 +289,10 @@ pub struct SnapshotAck {
     pub installed: bool,
     /// The receiver's last position afterwards.
     pub last: Position,
+    /// Not installed yet but staging: the offset of the next chunk the receiver
+    /// wants (after the chunk it just staged, or where its staging stands when
+    /// the chunk did not follow it). `None` when it refused the snapshot.
+    pub next_offset: Option<u64>,
 }
 
 /// Raft's name for [`WalBatch`]: the primary's AppendEntries request.

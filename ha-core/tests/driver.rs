@@ -740,7 +740,11 @@ async fn shutdown_fails_a_pending_write_with_closed() {
 
 #[tokio::test(start_paused = true)]
 async fn snapshots_are_taken_and_a_lagging_standby_catches_up_through_one() {
-    let every = |cfg: &mut Config| cfg.snapshot_every = 5;
+    // Small chunks: the snapshot travels as dozens of them.
+    let every = |cfg: &mut Config| {
+        cfg.snapshot_every = 5;
+        cfg.snapshot_chunk_bytes = 16;
+    };
     // No retention: the primary purges everything its snapshots cover.
     let c = Cluster::start_with(|_| MemLogStore::with_retention(0), every).await;
     let (p, s) = c.primary().await;

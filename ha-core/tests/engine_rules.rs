@@ -1340,7 +1340,10 @@ fn async_standby_with_snapshot_at_50() -> Engine {
 fn install(older_at: u64, leader_last: Position) -> Request {
     Request::InstallSnapshot(ha_core::message::InstallSnapshot {
         last_included: Position::new(term(1, N1), LogIndex(older_at)),
+        size: 11,
+        offset: 0,
         data: b"older state".to_vec(),
+        done: true,
         commit: LogIndex(older_at),
         leader_last,
     })
@@ -1407,6 +1410,7 @@ fn snapshot_ack_from_n2(p: &mut Engine, at: Instant, term: Term, request_id: u64
                 snapshot_term: last.term,
                 installed: true,
                 last,
+                next_offset: None,
             }),
         }),
     );
@@ -1503,7 +1507,10 @@ fn a_snapshot_ack_claims_only_what_is_durable() {
             rid,
             Request::InstallSnapshot(ha_core::message::InstallSnapshot {
                 last_included: at_3,
+                size: 10,
+                offset: 0,
                 data: b"state at 3".to_vec(),
+                done: true,
                 commit: LogIndex(3),
                 leader_last: Position::new(t1, LogIndex(4)),
             }),

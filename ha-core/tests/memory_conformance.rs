@@ -469,7 +469,10 @@ async fn frames_over_the_limit_are_protocol_errors() {
         request_id: 1,
         body: Request::InstallSnapshot(InstallSnapshot {
             last_included: Position::ZERO,
+            size: 4096,
+            offset: 0,
             data: vec![0; 4096],
+            done: true,
             commit: LogIndex::ZERO,
             leader_last: Position::ZERO,
         }),

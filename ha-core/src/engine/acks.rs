@@ -6,6 +6,7 @@
 
 use super::leader::LeaderState;
 use super::log::Log;
+use super::progress::SnapshotNext;
 use super::Engine;
 use crate::config::Config;
 use crate::message::{AckResult, FloorAck, HeartbeatAck, Response, SnapshotAck, WalAck};
@@ -30,6 +31,8 @@ pub(super) enum FollowUp {
     /// Rewrite the witness's floors (it restarted and lost none, but must be told
     /// this term's commit).
     RewriteWitness(NodeId),
+    /// Send the peer the snapshot's chunk from this offset.
+    SnapshotChunk(NodeId, u64),
 }
 
 impl Engine {
@@ -60,6 +63,7 @@ impl Engine {
         match follow_up {
             FollowUp::Nothing => {}
             FollowUp::RewriteWitness(w) => self.rewrite_witness(w),
+            FollowUp::SnapshotChunk(peer, offset) => self.send_snapshot_chunk(peer, offset),
         }
     }
 }
@@ -109,8 +113,8 @@ impl LeaderState {
         FollowUp::Nothing
     }
 
-    /// Only the answer to the snapshot in flight counts (a stale or duplicated one
-    /// is ignored).
+    /// Only the answer to the snapshot chunk in flight counts (a stale or
+    /// duplicated one is ignored); one that asks for more gets the next chunk.
     fn snapshot_acked(
         &mut self,
         ctx: &AckContext<'_>,
@@ -119,10 +123,13 @@ impl LeaderState {
         ack: SnapshotAck,
     ) -> FollowUp {
         let last = ctx.log.last().index;
-        if let Some(p) = self.peer.as_mut().filter(|p| p.id == from) {
-            p.snapshot_answered(rid, ack.installed, ack.last, last, ctx.reset_id);
+        let Some(p) = self.peer.as_mut().filter(|p| p.id == from) else {
+            return FollowUp::Nothing;
+        };
+        match p.snapshot_answered(rid, &ack, last, ctx.reset_id) {
+            SnapshotNext::Chunk(offset) => FollowUp::SnapshotChunk(from, offset),
+            SnapshotNext::Ignored | SnapshotNext::Finished => FollowUp::Nothing,
         }
-        FollowUp::Nothing
     }
 
     /// A heartbeat ack: a voter's extends the lease from the send time of the

@@ -40,6 +40,7 @@ mod log;
 mod progress;
 mod replica;
 mod replication;
+mod staging;
 mod term;
 mod transfer;
 
@@ -119,6 +120,8 @@ pub struct Engine {
     campaign: Option<Campaign>,
     leader_state: Option<LeaderState>,
     snapshot: Option<Snapshot>,
+    /// A snapshot being received, chunk by chunk.
+    staging: Option<staging::Staging>,
     /// The applied index when the last snapshot was asked for (or the state
     /// machine replaced): the next is due `snapshot_every` entries later.
     snapshot_base: LogIndex,
@@ -170,6 +173,7 @@ impl Engine {
             campaign: None,
             leader_state: None,
             snapshot: init.snapshot,
+            staging: None,
             snapshot_base: applied,
             snapshot_requested: false,
             last_peer_contact: Vec::new(),

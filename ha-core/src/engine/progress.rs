@@ -17,14 +17,17 @@
 //! - **Replicate**: the match is confirmed; batches are pipelined up to the window.
 //! - **Reading**: the batch the peer needs is older than the in-memory log and is
 //!   being read from the durable log; nothing else is sent meanwhile.
-//! - **Snapshot**: the log no longer holds what the peer needs; the snapshot is in
-//!   flight, and only the answer to that request moves the peer on.
+//! - **Snapshot**: the log no longer holds what the peer needs; the snapshot goes
+//!   out one chunk at a time, each sent once the answer to the one before asks
+//!   for it, and only the answer to the last moves the peer on. A transfer cut
+//!   short resumes where the peer's staging stood.
 //!
 //! Only a durable ack of a batch in flight, or of the snapshot in flight, raises
 //! `matched` (protocol.md, "Replication and commit").
 
 use std::collections::VecDeque;
 
+use crate::message::SnapshotAck;
 use crate::types::{Instant, LogIndex, NodeId, Position};
 
 /// What flows to the peer now. See the module docs.
@@ -45,10 +48,12 @@ pub(super) enum Flow {
         /// Whether to pipeline again once the read's batch is sent.
         replicating: bool,
     },
-    /// The snapshot is in flight.
+    /// A snapshot chunk is in flight.
     Snapshot {
-        /// The request id of the `InstallSnapshot`.
+        /// The request id of the chunk's `InstallSnapshot`.
         rid: u64,
+        /// The snapshot it belongs to.
+        at: Position,
         /// When it was sent.
         since: Instant,
     },
@@ -78,6 +83,20 @@ pub(super) struct Progress {
     inflight: VecDeque<InFlight>,
     /// Mismatch replies to requests older than this are stale.
     reset_after: u64,
+    /// Where the peer's staging of a snapshot stands (the offset it asked for
+    /// next): a transfer cut short (a timeout, a lost connection) resumes there.
+    snapshot_resume: Option<(Position, u64)>,
+}
+
+/// What the answer to a snapshot chunk asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SnapshotNext {
+    /// Not the answer to the chunk in flight.
+    Ignored,
+    /// The peer staged what it has and wants the chunk from this offset.
+    Chunk(u64),
+    /// The transfer ended (installed, held already, or refused).
+    Finished,
 }
 
 impl Progress {
@@ -91,6 +110,7 @@ impl Progress {
             flow: Flow::Probe,
             inflight: VecDeque::new(),
             reset_after: 0,
+            snapshot_resume: None,
         }
     }
 
@@ -240,25 +260,45 @@ impl Progress {
         }
     }
 
-    /// The snapshot was sent under `rid`.
-    pub(super) fn sent_snapshot(&mut self, rid: u64, now: Instant) {
-        self.flow = Flow::Snapshot { rid, since: now };
+    /// A chunk of the snapshot at `at` was sent under `rid`.
+    pub(super) fn sent_snapshot(&mut self, rid: u64, at: Position, now: Instant) {
+        self.flow = Flow::Snapshot {
+            rid,
+            at,
+            since: now,
+        };
     }
 
-    /// The answer to the snapshot request `rid`: installed up to `last`, or kept
-    /// (its own log or snapshot reaches `last`, unconfirmed). Ignored unless it
-    /// answers the snapshot in flight. Returns false if ignored.
+    /// The offset to send the snapshot at `at` from: where the peer's staging of
+    /// it stood at its last answer, else its start.
+    pub(super) fn snapshot_offset(&self, at: Position) -> u64 {
+        match self.snapshot_resume {
+            Some((p, offset)) if p == at => offset,
+            _ => 0,
+        }
+    }
+
+    /// The answer to the snapshot chunk `rid`: staged (it wants the chunk from
+    /// `next_offset`), installed up to `last`, or kept (its own log or snapshot
+    /// reaches `last`, unconfirmed). Ignored unless it answers the chunk in
+    /// flight.
     pub(super) fn snapshot_answered(
         &mut self,
         rid: u64,
-        installed: bool,
-        last: Position,
+        ack: &SnapshotAck,
         own_last: LogIndex,
         reset_id: u64,
-    ) -> bool {
-        if !matches!(self.flow, Flow::Snapshot { rid: r, .. } if r == rid) {
-            return false;
+    ) -> SnapshotNext {
+        let at = match self.flow {
+            Flow::Snapshot { rid: r, at, .. } if r == rid => at,
+            _ => return SnapshotNext::Ignored,
+        };
+        let (installed, last) = (ack.installed, ack.last);
+        if let (false, Some(offset)) = (installed, ack.next_offset) {
+            self.snapshot_resume = Some((at, offset));
+            return SnapshotNext::Chunk(offset);
         }
+        self.snapshot_resume = None;
         if installed && last.index > self.matched {
             // Installed durably: the peer's log starts after the snapshot.
             self.matched = last.index;
@@ -269,7 +309,7 @@ impl Progress {
             self.next = last.index.next();
         }
         self.reset(reset_id);
-        true
+        SnapshotNext::Finished
     }
 
     /// Gives up on a read or snapshot that has not answered since `before`.
@@ -384,23 +424,66 @@ mod tests {
         assert_eq!(p.flow(), Flow::Probe);
     }
 
+    fn snap_ack(installed: bool, last: u64, next_offset: Option<u64>) -> SnapshotAck {
+        SnapshotAck {
+            snapshot_term: Term::ZERO,
+            installed,
+            last: pos(last),
+            next_offset,
+        }
+    }
+
     #[test]
     fn only_the_answer_to_the_snapshot_in_flight_moves_the_peer() {
         let mut p = peer();
-        p.sent_snapshot(5, ms(0));
+        p.sent_snapshot(5, pos(50), ms(0));
         assert!(!p.may_send(8, 1 << 20));
         // An answer to an older snapshot request is stale.
-        assert!(!p.snapshot_answered(4, true, pos(50), LogIndex(60), 10));
+        let done = snap_ack(true, 50, None);
+        assert_eq!(
+            p.snapshot_answered(4, &done, LogIndex(60), 10),
+            SnapshotNext::Ignored
+        );
         assert_eq!(p.matched, LogIndex::ZERO);
-        assert!(p.snapshot_answered(5, true, pos(50), LogIndex(60), 10));
+        assert_eq!(
+            p.snapshot_answered(5, &done, LogIndex(60), 10),
+            SnapshotNext::Finished
+        );
         assert_eq!(p.matched, LogIndex(50));
         assert_eq!(p.next, LogIndex(51));
         assert_eq!(p.flow(), Flow::Probe);
         // Kept its own newer state: probe from there, without raising the match.
-        p.sent_snapshot(6, ms(1));
-        assert!(p.snapshot_answered(6, false, pos(55), LogIndex(60), 11));
+        p.sent_snapshot(6, pos(50), ms(1));
+        assert_eq!(
+            p.snapshot_answered(6, &snap_ack(false, 55, None), LogIndex(60), 11),
+            SnapshotNext::Finished
+        );
         assert_eq!(p.matched, LogIndex(50));
         assert_eq!(p.next, LogIndex(56));
+    }
+
+    #[test]
+    fn a_snapshot_transfer_cut_short_resumes_where_the_peer_staging_stood() {
+        let mut p = peer();
+        assert_eq!(p.snapshot_offset(pos(50)), 0);
+        p.sent_snapshot(5, pos(50), ms(0));
+        let staged = snap_ack(false, 10, Some(4096));
+        assert_eq!(
+            p.snapshot_answered(5, &staged, LogIndex(60), 10),
+            SnapshotNext::Chunk(4096)
+        );
+        assert_eq!(p.matched, LogIndex::ZERO, "staging raises nothing");
+        // The next chunk times out: the transfer starts over from the staging.
+        p.sent_snapshot(6, pos(50), ms(1));
+        p.expire(ms(1));
+        assert_eq!(p.flow(), Flow::Probe);
+        assert_eq!(p.snapshot_offset(pos(50)), 4096);
+        // Another snapshot starts from its beginning.
+        assert_eq!(p.snapshot_offset(pos(70)), 0);
+        // The end of a transfer forgets where it stood.
+        p.sent_snapshot(7, pos(50), ms(2));
+        p.snapshot_answered(7, &snap_ack(true, 50, None), LogIndex(60), 12);
+        assert_eq!(p.snapshot_offset(pos(50)), 0);
     }
 
     #[test]

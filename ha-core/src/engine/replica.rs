@@ -2,6 +2,7 @@
 //! witness, floors (protocol.md, "Replication and commit", "Witness floors",
 //! "Fencing, rejoin, catch-up").
 
+use super::staging::{Staged, Staging};
 use super::{Action, Engine, PendingAck};
 use crate::log_store::Snapshot;
 use crate::message::{
@@ -383,6 +384,7 @@ impl Engine {
                 snapshot_term: snap_pos.term,
                 installed: false,
                 last,
+                next_offset: None,
             };
             e.respond(from, rid, Response::SnapshotAck(ack));
         };
@@ -418,6 +420,7 @@ impl Engine {
             refuse(self, self.log.last());
             return;
         }
+        let leader_commit = s.commit;
         if !held {
             if snap_pos.index <= self.commit && !is_async {
                 // The primary's state disagrees with entries this node knows are
@@ -427,6 +430,25 @@ impl Engine {
                 refuse(self, self.log.last());
                 return;
             }
+            let data = match Staging::take(&mut self.staging, s) {
+                Staged::Complete(data) => data,
+                Staged::Wants(offset) => {
+                    // Staged; the snapshot is installed once its last chunk is.
+                    let ack = SnapshotAck {
+                        snapshot_term: snap_pos.term,
+                        installed: false,
+                        last: self.log.last(),
+                        next_offset: Some(offset),
+                    };
+                    self.respond(from, rid, Response::SnapshotAck(ack));
+                    return;
+                }
+                Staged::Invalid(why) => {
+                    tracing::warn!(node = %self.id, from = %from, snapshot = %snap_pos, why, "refused a snapshot chunk");
+                    refuse(self, self.log.last());
+                    return;
+                }
+            };
             if snap_pos.index < self.applied {
                 // Async mode: the snapshot replaces applied entries a failover
                 // discarded.
@@ -437,7 +459,7 @@ impl Engine {
             }
             let snapshot = Snapshot {
                 last_included: snap_pos,
-                data: s.data,
+                data,
             };
             self.log.reset_to(snap_pos);
             self.durable = snap_pos.index;
@@ -445,13 +467,16 @@ impl Engine {
             self.applied = snap_pos.index;
             self.snapshot = Some(snapshot.clone());
             self.emit(Action::InstallSnapshot(snapshot));
+        } else {
+            self.staging = None;
         }
         self.leader_verified = self.leader_verified.max(snap_pos.index);
-        self.learn_commit(s.commit);
+        self.learn_commit(leader_commit);
         let ack = SnapshotAck {
             snapshot_term: snap_pos.term,
             installed: true,
             last: snap_pos,
+            next_offset: None,
         };
         self.respond(from, rid, Response::SnapshotAck(ack));
     }

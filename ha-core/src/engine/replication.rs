@@ -99,22 +99,48 @@ impl Engine {
         }
     }
 
-    /// Sends the latest snapshot to the peer (it needs entries the log no longer
-    /// holds).
+    /// Starts sending the latest snapshot to the peer (it needs entries the log
+    /// no longer holds): from where its staging of it stood, if a transfer of
+    /// it was cut short, else from the start.
     pub(super) fn send_snapshot(&mut self, peer: NodeId) {
-        let Some(snap) = self.snapshot.clone() else {
+        let (Some(snap), Some(p)) = (
+            self.snapshot.as_ref(),
+            self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()),
+        ) else {
             return;
         };
+        let offset = p.snapshot_offset(snap.last_included);
+        self.send_snapshot_chunk(peer, offset);
+    }
+
+    /// Sends the latest snapshot's chunk from `offset` (from its start if
+    /// `offset` is past its end: the peer asked for another snapshot's).
+    pub(super) fn send_snapshot_chunk(&mut self, peer: NodeId, offset: u64) {
+        let Some(snap) = self.snapshot.as_ref() else {
+            return;
+        };
+        let size = snap.data.len();
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|o| *o <= size)
+            .unwrap_or(0);
+        let end = start
+            .saturating_add(self.cfg.snapshot_chunk_bytes)
+            .min(size);
+        let at = snap.last_included;
         let req = InstallSnapshot {
-            last_included: snap.last_included,
-            data: snap.data,
+            last_included: at,
+            size: size as u64,
+            offset: start as u64,
+            data: snap.data[start..end].to_vec(),
+            done: end == size,
             commit: self.commit,
             leader_last: self.log.last(),
         };
         let rid = self.send(peer, Request::InstallSnapshot(req));
         let now = self.now;
         if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-            p.sent_snapshot(rid, now);
+            p.sent_snapshot(rid, at, now);
         }
     }
 

@@ -114,6 +114,9 @@ pub struct SimConfig {
     pub timing: Timing,
     /// Snapshot and compact every this many applied entries.
     pub snapshot_every: u64,
+    /// Bytes per snapshot chunk (small, so transfers take many chunks that the
+    /// network loses, duplicates and reorders).
+    pub snapshot_chunk_bytes: usize,
     /// The disks' retention policy: entries kept behind the snapshot for a lagging
     /// standby, at most (0: purge all a snapshot covers, so a lagging standby
     /// always gets the snapshot).
@@ -162,6 +165,7 @@ impl Default for SimConfig {
             faults: FaultConfig::default(),
             timing: Timing::default(),
             snapshot_every: 64,
+            snapshot_chunk_bytes: 64,
             retain_entries: 256,
             read_failure: 0.05,
             persistent_state_machine: false,
@@ -189,6 +193,7 @@ impl SimConfig {
             // Retention: none (snapshots only), a short tail, a long one.
             retain_entries: [0, 48, 256][((seed / 6) % 3) as usize],
             persistent_state_machine: (seed / 18) % 2 == 1,
+            snapshot_chunk_bytes: [64, 16, 1 << 20][((seed / 36) % 3) as usize],
             ..SimConfig::default()
         };
         match seed % 6 {

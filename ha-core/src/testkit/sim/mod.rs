@@ -110,6 +110,10 @@ pub struct PathCounts {
     pub truncations: u64,
     /// Async failovers that lost acknowledged writes (within the bound).
     pub async_failovers_losing_writes: u64,
+    /// Snapshot chunks sent after a transfer's first (chunked transfers).
+    pub later_snapshot_chunks: u64,
+    /// Snapshot chunks the network lost or delivered twice.
+    pub snapshot_chunks_lost_or_duplicated: u64,
 }
 
 impl PathCounts {
@@ -146,6 +150,11 @@ impl PathCounts {
             (
                 "async_failovers_losing_writes",
                 self.async_failovers_losing_writes,
+            ),
+            ("later_snapshot_chunks", self.later_snapshot_chunks),
+            (
+                "snapshot_chunks_lost_or_duplicated",
+                self.snapshot_chunks_lost_or_duplicated,
             ),
         ]
     }
@@ -186,6 +195,8 @@ impl PathCounts {
         self.switchovers_asked += o.switchovers_asked;
         self.truncations += o.truncations;
         self.async_failovers_losing_writes += o.async_failovers_losing_writes;
+        self.later_snapshot_chunks += o.later_snapshot_chunks;
+        self.snapshot_chunks_lost_or_duplicated += o.snapshot_chunks_lost_or_duplicated;
     }
 }
 

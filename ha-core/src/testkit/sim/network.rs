@@ -37,6 +37,17 @@ impl Msg {
 }
 
 impl Msg {
+    /// A snapshot chunk after the first: the transfer is chunked.
+    fn later_snapshot_chunk(&self) -> bool {
+        matches!(
+            self,
+            Msg::Req(Envelope {
+                body: Request::InstallSnapshot(s),
+                ..
+            }) if s.offset > 0
+        )
+    }
+
     fn asks_witness_for_vote(&self) -> bool {
         matches!(
             self,
@@ -80,10 +91,20 @@ impl World {
                 (f.delay_spike + extra).min(1.0),
             )
         };
+        let chunk = msg.later_snapshot_chunk();
+        if chunk {
+            self.paths.later_snapshot_chunks += 1;
+        }
         if self.rng.random_bool(drop) {
+            if chunk {
+                self.paths.snapshot_chunks_lost_or_duplicated += 1;
+            }
             return;
         }
         let copies = if self.rng.random_bool(dup) { 2 } else { 1 };
+        if chunk && copies == 2 {
+            self.paths.snapshot_chunks_lost_or_duplicated += 1;
+        }
         for copy in 0..copies {
             let mut delay = self.rng.random_range(f.delay_us.0..=f.delay_us.1) * 1_000;
             if self.rng.random_bool(spike) {

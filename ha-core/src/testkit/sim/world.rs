@@ -199,6 +199,7 @@ impl World {
                 .then_some(cfg.max_lag_on_failover);
             c.clock_drift_ppm = cfg.faults.clock_drift_ppm;
             c.snapshot_every = cfg.snapshot_every;
+            c.snapshot_chunk_bytes = cfg.snapshot_chunk_bytes;
             c.wal_batch_size = 64;
             let t = cfg.timing;
             c.failover_timeout = t.failover_timeout;

@@ -220,7 +220,10 @@ pub(super) fn every_request() -> Vec<Request> {
         }),
         Request::InstallSnapshot(InstallSnapshot {
             last_included: p(100),
+            size: 1 << 20,
+            offset: 128 * 1024,
             data: (0..64 * 1024u32).map(|i| (i % 251) as u8).collect(),
+            done: false,
             commit: LogIndex(100),
             leader_last: p(120),
         }),
@@ -255,8 +258,9 @@ pub(super) fn answer(me: NodeId, request: &Envelope<Request>) -> Envelope<Respon
         }),
         Request::InstallSnapshot(s) => Response::SnapshotAck(SnapshotAck {
             snapshot_term: s.last_included.term,
-            installed: true,
+            installed: false,
             last: s.last_included,
+            next_offset: Some(s.offset + s.data.len() as u64),
         }),
     };
     Envelope {
