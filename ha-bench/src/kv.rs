@@ -34,8 +34,8 @@ pub struct BenchKv {
 pub struct BenchCapture(KvMap);
 
 impl StateCapture for BenchCapture {
-    fn serialize(self) -> Result<Vec<u8>, StorageError> {
-        encode(&self.0)
+    fn write_to(self, out: &mut dyn std::io::Write) -> Result<(), StorageError> {
+        encode(&self.0)?.write_to(out)
     }
 }
 
@@ -174,8 +174,12 @@ impl StateMachine for BenchKv {
         BenchCapture(self.map.clone())
     }
 
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
-        self.map = decode(data)?;
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
+        self.map = decode(&ha_core::state_machine::read_all(data)?)?;
         self.applied = index;
         Ok(())
     }
@@ -208,23 +212,30 @@ mod tests {
         let capture = kv.capture();
         // Later writes do not reach an earlier capture.
         kv.apply(pos(12), &put_command(key_for(8, 0), &[9; 100]));
-        let snap = capture.serialize().expect("encode");
+        let serialize = |c: BenchCapture| {
+            let mut out = Vec::new();
+            c.write_to(&mut out).expect("encode");
+            out
+        };
+        let snap = serialize(capture);
         let mut back = BenchKv::new();
-        back.restore(LogIndex(11), &snap).expect("decode");
+        back.restore(LogIndex(11), &mut &snap[..]).expect("decode");
         assert_eq!(decode(&snap).expect("decode").len(), 10);
         assert_eq!(back.applied_index(), LogIndex(11));
         assert_eq!(back.query(&key_for(7, 3)), vec![3u8; 100]);
         assert_eq!(back.get(&key_for(8, 0)), None);
-        let again = back.capture().serialize().expect("encode");
+        let again = serialize(back.capture());
         assert_eq!(
             decode(&again).expect("decode"),
             decode(&snap).expect("decode")
         );
 
-        assert!(back.restore(LogIndex(1), &snap[..snap.len() - 1]).is_err());
+        assert!(back
+            .restore(LogIndex(1), &mut &snap[..snap.len() - 1])
+            .is_err());
         let mut longer = snap.clone();
         longer.push(0);
-        assert!(back.restore(LogIndex(1), &longer).is_err());
-        assert!(back.restore(LogIndex(1), &[0xff; 8]).is_err());
+        assert!(back.restore(LogIndex(1), &mut &longer[..]).is_err());
+        assert!(back.restore(LogIndex(1), &mut &[0xff; 8][..]).is_err());
     }
 }

@@ -38,7 +38,7 @@ pub use config::{Config, ConfigError, ConfiguredRole, Member, DEFAULT_ASYNC_LAG}
 pub use driver::{Bootstrap, Node, NodeBuilder};
 pub use error::{Error, StorageError, TransportError};
 pub use health::{HealthStatus, PeerStatus};
-pub use log_store::{LogStore, Snapshot};
+pub use log_store::{LogStore, Snapshot, SnapshotWriter};
 pub use replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
 pub use state_machine::{StateCapture, StateMachine};
 pub use transport::Transport;

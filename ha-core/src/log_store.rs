@@ -5,13 +5,29 @@ use std::future::Future;
 use crate::error::StorageError;
 use crate::types::{HardState, LogIndex, Position, WalEntry};
 
-/// A snapshot of the state machine and the log position it covers.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A durable snapshot of the state machine: the log position it covers and its
+/// size. Its bytes stay in the log store, which streams them
+/// ([`LogStore::snapshot_reader`], [`LogStore::read_snapshot`]): no one holds a
+/// whole snapshot in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Snapshot {
     /// The last entry the snapshot includes.
     pub last_included: Position,
-    /// The state machine's serialized state.
-    pub data: Vec<u8>,
+    /// The serialized state's size in bytes.
+    pub size: u64,
+}
+
+/// A snapshot being written into a log store ([`LogStore::snapshot_writer`]):
+/// by a state machine's capture, off the engine task, or chunk by chunk as a
+/// primary's snapshot arrives. Dropping it unfinished discards what it wrote.
+pub trait SnapshotWriter: std::io::Write + Send {
+    /// Bytes written so far.
+    fn written(&self) -> u64;
+
+    /// Makes what was written durable and returns the snapshot it forms, ready
+    /// for [`LogStore::save_snapshot`] or [`LogStore::install_snapshot`] (it is
+    /// not the store's snapshot before that).
+    fn finish(self: Box<Self>) -> Result<Snapshot, StorageError>;
 }
 
 /// A batch read from the durable log for a lagging peer (see
@@ -85,6 +101,15 @@ pub struct StoredState {
 /// - Reading compacted entries fails with [`StorageError::Invalid`], never returns
 ///   a shorter range silently. Entries that a snapshot covers but that were not
 ///   purged yet can still be read: a primary streams them to a lagging standby.
+/// - Snapshots are files of the store, streamed in and out: a writer
+///   ([`snapshot_writer`](Self::snapshot_writer)) produces one, which becomes the
+///   store's snapshot only with `save_snapshot` or `install_snapshot`. The store
+///   *keeps* its snapshot and the newest one before it (older than it), at most
+///   one per position: those, and finished ones not yet saved, can be read
+///   ([`snapshot_reader`](Self::snapshot_reader), [`read_snapshot`](Self::read_snapshot)),
+///   and saving a kept one makes it the store's snapshot again (an async-mode
+///   rewind to the snapshot before a pending save). Others fail to read with
+///   [`StorageError::Invalid`].
 ///
 /// Implementations are checked by `ha_core::testkit::log_store_suite`.
 pub trait LogStore: Send + Sync + 'static {
@@ -122,7 +147,8 @@ pub trait LogStore: Send + Sync + 'static {
         state: HardState,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
-    /// Saves a snapshot durably, replacing the previous one.
+    /// Makes a snapshot (finished by a writer of this store, or kept) the store's
+    /// snapshot, durably; the one it replaces is kept as the one before.
     fn save_snapshot(
         &self,
         snapshot: Snapshot,
@@ -134,6 +160,26 @@ pub trait LogStore: Send + Sync + 'static {
         &self,
         snapshot: Snapshot,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Starts writing a snapshot that covers the log up to `at`. The writer owns
+    /// what it needs: it runs on any thread, while the store goes on.
+    fn snapshot_writer(&self, at: Position) -> Result<Box<dyn SnapshotWriter>, StorageError>;
+
+    /// Streams a snapshot's bytes (kept, or finished and not yet saved).
+    fn snapshot_reader(
+        &self,
+        snapshot: Snapshot,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError>;
+
+    /// Reads up to `max_bytes` of a snapshot from `offset` (a chunk for a peer),
+    /// without holding up the store's writers. Fails if the store no longer keeps
+    /// it, or `offset` is past its end.
+    fn read_snapshot(
+        &self,
+        snapshot: Snapshot,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StorageError>> + Send;
 
     /// The position of the last durable entry (or of the snapshot, if the log after
     /// it is empty).

@@ -1,5 +1,7 @@
 //! The contract of what the replicated log drives.
 
+use std::io::{Read, Write};
+
 use crate::error::StorageError;
 use crate::types::{Command, LogIndex, Position};
 
@@ -20,10 +22,12 @@ use crate::types::{Command, LogIndex, Position};
 ///   task, where nothing may wait behind it (no tick, heartbeat or ack). A clone of
 ///   a persistent (structurally shared) map, a copy-on-write handle or a read
 ///   transaction qualifies; copying or serializing the whole state does not. The
-///   capture's [`StateCapture::serialize`] runs off the engine task (on a blocking
-///   thread in the tokio driver) while later entries are applied, and must not see
-///   them. `restore` replaces the whole state with a serialized capture, and
-///   afterwards `applied_index` is the capture's.
+///   capture's [`StateCapture::write_to`] streams it into the log store off the
+///   engine task (on a blocking thread in the tokio driver) while later entries
+///   are applied, and must not see them. `restore` replaces the whole state with
+///   a serialized capture read as a stream (neither needs the whole snapshot in
+///   memory), and afterwards `applied_index` is the capture's; a restore that
+///   fails leaves the state as it was or fails the node.
 /// - `reset` replaces the whole state with the empty initial state (the state of a
 ///   new state machine); afterwards `applied_index` is 0. The driver uses it when an
 ///   async-mode failover discards entries that no local snapshot predates, and then
@@ -52,8 +56,9 @@ pub trait StateMachine: Send + 'static {
     /// Captures the current state for a snapshot; cheap (see the contract above).
     fn capture(&self) -> Self::Capture;
 
-    /// Replaces the whole state with a snapshot taken at `index`.
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError>;
+    /// Replaces the whole state with a snapshot taken at `index`, read from
+    /// `data` (to its end).
+    fn restore(&mut self, index: LogIndex, data: &mut dyn Read) -> Result<(), StorageError>;
 
     /// Replaces the whole state with the empty initial state; afterwards
     /// `applied_index` is 0.
@@ -70,15 +75,25 @@ pub trait StateMachine: Send + 'static {
 
 /// A consistent capture of a [`StateMachine`]'s state ([`StateMachine::capture`]).
 pub trait StateCapture: Send + 'static {
-    /// Serializes the captured state into what [`StateMachine::restore`] reads.
-    /// May be slow: it never runs on the engine task.
-    fn serialize(self) -> Result<Vec<u8>, StorageError>;
+    /// Streams the captured state, serialized as [`StateMachine::restore`] reads
+    /// it, into `out`. May be slow: it never runs on the engine task.
+    fn write_to(self, out: &mut dyn Write) -> Result<(), StorageError>;
 }
 
 /// An already serialized state: for state machines whose state is small enough to
 /// serialize in [`StateMachine::capture`] itself.
 impl StateCapture for Vec<u8> {
-    fn serialize(self) -> Result<Vec<u8>, StorageError> {
-        Ok(self)
+    fn write_to(self, out: &mut dyn Write) -> Result<(), StorageError> {
+        out.write_all(&self)
+            .map_err(|e| StorageError::Io(format!("writing a snapshot: {e}")))
     }
+}
+
+/// Reads a whole (small) snapshot into memory: for state machines whose state is
+/// small enough to decode at once (test models, the witness's empty state).
+pub fn read_all(data: &mut dyn Read) -> Result<Vec<u8>, StorageError> {
+    let mut buf = Vec::new();
+    data.read_to_end(&mut buf)
+        .map_err(|e| StorageError::Io(format!("reading a snapshot: {e}")))?;
+    Ok(buf)
 }

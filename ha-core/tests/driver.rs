@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use ha_core::driver::{Bootstrap, Node, NodeBuilder};
-use ha_core::log_store::{LogStore, Snapshot, StoredState};
+use ha_core::log_store::{LogStore, Snapshot, SnapshotWriter, StoredState};
 use ha_core::state_machine::StateMachine;
 use ha_core::testkit::memory::{
     KvCommand, KvStateMachine, MemConnection, MemLogStore, MemNetwork, MemTransport,
@@ -960,6 +960,26 @@ impl LogStore for FlakyStore {
         self.inner.install_snapshot(snapshot)
     }
 
+    fn snapshot_writer(&self, at: Position) -> Result<Box<dyn SnapshotWriter>, StorageError> {
+        self.inner.snapshot_writer(at)
+    }
+
+    fn snapshot_reader(
+        &self,
+        snapshot: Snapshot,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError> {
+        self.inner.snapshot_reader(snapshot)
+    }
+
+    fn read_snapshot(
+        &self,
+        snapshot: Snapshot,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StorageError>> + Send {
+        self.inner.read_snapshot(snapshot, offset, max_bytes)
+    }
+
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send {
         self.inner.last_position()
     }
@@ -1201,7 +1221,11 @@ impl StateMachine for SharedSm {
         self.kv.lock().capture()
     }
 
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
         self.kv.lock().restore(index, data)
     }
 
@@ -1369,6 +1393,26 @@ impl LogStore for GatedStore {
         snapshot: Snapshot,
     ) -> impl Future<Output = Result<(), StorageError>> + Send {
         self.inner.install_snapshot(snapshot)
+    }
+
+    fn snapshot_writer(&self, at: Position) -> Result<Box<dyn SnapshotWriter>, StorageError> {
+        self.inner.snapshot_writer(at)
+    }
+
+    fn snapshot_reader(
+        &self,
+        snapshot: Snapshot,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError> {
+        self.inner.snapshot_reader(snapshot)
+    }
+
+    fn read_snapshot(
+        &self,
+        snapshot: Snapshot,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StorageError>> + Send {
+        self.inner.read_snapshot(snapshot, offset, max_bytes)
     }
 
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send {
@@ -2065,13 +2109,13 @@ struct GatedCapture {
 }
 
 impl ha_core::StateCapture for GatedCapture {
-    fn serialize(self) -> Result<Vec<u8>, StorageError> {
+    fn write_to(self, out: &mut dyn std::io::Write) -> Result<(), StorageError> {
         if !self.gate.wait() {
             return Err(StorageError::Io(
                 "the test never released the serialization".into(),
             ));
         }
-        self.inner.serialize()
+        self.inner.write_to(out)
     }
 }
 
@@ -2096,7 +2140,11 @@ impl StateMachine for SlowSerializingSm {
             gate: self.gate.clone(),
         }
     }
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
         self.kv.restore(index, data)
     }
     fn reset(&mut self) {

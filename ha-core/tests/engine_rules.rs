@@ -1199,13 +1199,13 @@ fn primary_with_snapshot_at_50() -> (Engine, Snapshot, Vec<Action>, Envelope<Req
     let t1 = term(1, N1);
     let snapshot = Snapshot {
         last_included: Position::new(t1, LogIndex(50)),
-        data: b"state at 50".to_vec(),
+        size: 11,
     };
     let e = Engine::new(
         config(N1),
         InitialState {
             hard_state: HardState::bootstrap(),
-            snapshot: Some(snapshot.clone()),
+            snapshot: Some(snapshot),
             entries: (51..=60).map(|i| entry(t1, i)).collect(),
             applied: LogIndex(50),
         },
@@ -1304,6 +1304,28 @@ fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_sn
             result: Err(StorageError::Invalid("entries up to 40 were purged".into())),
         },
     );
+    // Read from the log store, a chunk at a time (the engine holds no bytes).
+    let acts = p.take_actions();
+    let (read_id, read) = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::ReadSnapshot {
+                read_id,
+                snapshot,
+                offset,
+                ..
+            } => Some((*read_id, (*snapshot, *offset))),
+            _ => None,
+        })
+        .expect("a read of the snapshot");
+    assert_eq!(read, (snapshot, 0));
+    p.step(
+        ms(406),
+        Event::SnapshotRead {
+            read_id,
+            result: Ok(b"state at 50".to_vec()),
+        },
+    );
     let acts = p.take_actions();
     let snap = sent(&acts)
         .into_iter()
@@ -1313,7 +1335,8 @@ fn a_standby_behind_the_in_memory_log_is_served_from_the_durable_log_then_the_sn
         })
         .expect("the snapshot");
     assert_eq!(snap.last_included, snapshot.last_included);
-    assert_eq!(snap.data, snapshot.data);
+    assert_eq!((snap.offset, snap.size, snap.done), (0, 11, true));
+    assert_eq!(snap.data, b"state at 50".to_vec());
 }
 
 fn async_standby_with_snapshot_at_50() -> Engine {
@@ -1327,7 +1350,7 @@ fn async_standby_with_snapshot_at_50() -> Engine {
             hard_state: HardState::bootstrap(),
             snapshot: Some(Snapshot {
                 last_included: Position::new(t1, LogIndex(50)),
-                data: b"state at 50".to_vec(),
+                size: 11,
             }),
             entries: (51..=60).map(|i| entry(t1, i)).collect(),
             applied: LogIndex(60),
@@ -1416,6 +1439,34 @@ fn snapshot_ack_from_n2(p: &mut Engine, at: Instant, term: Term, request_id: u64
     );
 }
 
+/// Answers the engine's snapshot chunk reads among `acts` (with bytes of the
+/// right length) and returns the actions that follow, with the rest of `acts`.
+fn serve_snapshot_reads(p: &mut Engine, now: Instant, acts: Vec<Action>) -> Vec<Action> {
+    let mut out = Vec::new();
+    for a in acts {
+        if let Action::ReadSnapshot {
+            read_id,
+            snapshot,
+            offset,
+            max_bytes,
+        } = a
+        {
+            let len = ((snapshot.size - offset) as usize).min(max_bytes);
+            p.step(
+                now,
+                Event::SnapshotRead {
+                    read_id,
+                    result: Ok(vec![7; len]),
+                },
+            );
+            out.extend(p.take_actions());
+        } else {
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// The term rule covers responses too: a snapshot ack of another term, or one
 /// that answers no snapshot in flight, does not raise the standby's match index;
 /// only the answer to the snapshot in flight does.
@@ -1440,7 +1491,9 @@ fn a_stale_snapshot_ack_is_ignored() {
             result: Err(StorageError::Invalid("purged".into())),
         },
     );
-    let rid = sent(&p.take_actions())
+    let acts = p.take_actions();
+    let acts = serve_snapshot_reads(&mut p, ms(402), acts);
+    let rid = sent(&acts)
         .into_iter()
         .find(|s| s.to == N2 && matches!(s.body, Request::InstallSnapshot(_)))
         .expect("the snapshot")

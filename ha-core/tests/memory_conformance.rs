@@ -81,12 +81,12 @@ async fn mem_log_store_refuses_what_only_a_buggy_caller_asks() {
         s.purge_prefix(LogIndex(1)).await,
         Err(StorageError::Invalid(_))
     ));
-    s.save_snapshot(ha_core::log_store::Snapshot {
-        last_included: Position::new(term(2), LogIndex(1)),
-        data: vec![],
-    })
-    .await
-    .unwrap();
+    let empty = s
+        .snapshot_writer(Position::new(term(2), LogIndex(1)))
+        .unwrap()
+        .finish()
+        .unwrap();
+    s.save_snapshot(empty).await.unwrap();
     // Truncating at or below the snapshot.
     assert!(matches!(
         s.truncate_suffix(LogIndex(1)).await,
@@ -199,12 +199,13 @@ fn kv_snapshot_restore_roundtrip() {
         Position::new(term(2), LogIndex(22)),
         &KvCommand::put("k1", "after the capture"),
     );
-    let snap = capture.serialize().unwrap();
+    let mut snap = Vec::new();
+    capture.write_to(&mut snap).unwrap();
     let sm = at_21;
 
     let mut other = KvStateMachine::new();
     other.apply(at(1), &KvCommand::put("stale", "x"));
-    other.restore(LogIndex(21), &snap).unwrap();
+    other.restore(LogIndex(21), &mut &snap[..]).unwrap();
     assert_eq!(other, sm);
     assert_eq!(other.applied_index(), LogIndex(21));
     assert_eq!(
@@ -217,17 +218,17 @@ fn kv_snapshot_restore_roundtrip() {
     // A snapshot restored at another index, or a corrupt one, is refused and
     // leaves the state alone.
     assert!(matches!(
-        other.restore(LogIndex(20), &snap),
+        other.restore(LogIndex(20), &mut &snap[..]),
         Err(StorageError::Corrupt(_))
     ));
     assert!(matches!(
-        other.restore(LogIndex(21), &snap[..snap.len() - 1]),
+        other.restore(LogIndex(21), &mut &snap[..snap.len() - 1]),
         Err(StorageError::Corrupt(_))
     ));
     assert_eq!(other, sm);
 
     // The empty snapshot restores the initial state.
-    other.restore(LogIndex::ZERO, &[]).unwrap();
+    other.restore(LogIndex::ZERO, &mut &[][..]).unwrap();
     assert_eq!(other, KvStateMachine::new());
 }
 

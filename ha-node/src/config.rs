@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ha_core::{CommitMode, Config, ConfiguredRole, Member, MemberKind, NodeId};
+use ha_wal::Retention;
 use serde::Deserialize;
 
 /// Why a config file was refused: the key (a dotted path, as in the file) and
@@ -179,6 +180,43 @@ pub struct Replication {
     pub snapshot_every: Option<u64>,
 }
 
+/// How much write-ahead log a primary keeps behind its snapshot for a lagging
+/// standby (served from the log instead of a full snapshot); every field has
+/// ha-wal's default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WalSection {
+    /// Keep at least this many of the latest entries (default 10000).
+    pub keep_entries: Option<u64>,
+    /// Keep at least this many bytes of the latest entries (default 64 MiB).
+    pub keep_bytes: Option<u64>,
+    /// Keep at most this many entries for a lagging standby (default 1000000).
+    pub max_entries: Option<u64>,
+    /// Keep at most this many bytes for a lagging standby (default 4 GiB).
+    pub max_bytes: Option<u64>,
+}
+
+impl WalSection {
+    /// The retention policy, refused (naming the key) if a minimum exceeds its
+    /// maximum.
+    pub fn retention(&self) -> Result<Retention, ConfigFileError> {
+        let d = Retention::default();
+        let r = Retention {
+            keep_entries: self.keep_entries.unwrap_or(d.keep_entries),
+            keep_bytes: self.keep_bytes.unwrap_or(d.keep_bytes),
+            max_entries: self.max_entries.unwrap_or(d.max_entries),
+            max_bytes: self.max_bytes.unwrap_or(d.max_bytes),
+        };
+        if r.keep_entries > r.max_entries {
+            return Err(bad("wal.keep_entries", "must not exceed wal.max_entries"));
+        }
+        if r.keep_bytes > r.max_bytes {
+            return Err(bad("wal.keep_bytes", "must not exceed wal.max_bytes"));
+        }
+        Ok(r)
+    }
+}
+
 /// The admin token: inline or in a file (exactly one).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -242,6 +280,9 @@ pub struct NodeFile {
     /// Replication tuning.
     #[serde(default)]
     pub replication: Replication,
+    /// Write-ahead log retention.
+    #[serde(default)]
+    pub wal: WalSection,
     /// The admin token.
     #[serde(default)]
     pub admin: Admin,
@@ -308,6 +349,7 @@ impl NodeFile {
     /// Relative paths (data dir, certificates, token file) are resolved
     /// against `base` (the config file's directory).
     pub fn check(mut self, base: &Path) -> Result<Checked, ConfigFileError> {
+        self.wal.retention()?;
         for p in [
             &mut self.data_dir,
             &mut self.tls.ca,

@@ -3,7 +3,8 @@
 //! - [`config`]: the TOML config file, refused with the key (and line) at fault,
 //!   turned into the replication config.
 //! - [`certs`]: `ha-node certs`, the cluster CA and node certificates.
-//! - [`kv`] and [`store`]: the key-value commands and the redb state machine.
+//! - [`kv`] and [`store`]: the key-value commands and the redb state machine
+//!   (its snapshots streamed in `snapshot`'s format).
 //! - [`service`]: `ha-node run`, the node as a foreground service; [`api`] and
 //!   [`http`] its HTTP API.
 //! - [`client`] and [`json`]: the API's client side (the CLI, the demo, tests).
@@ -19,4 +20,5 @@ pub mod json;
 pub mod kv;
 pub mod local;
 pub mod service;
+mod snapshot;
 pub mod store;

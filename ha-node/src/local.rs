@@ -57,6 +57,8 @@ pub struct LocalOptions {
     pub commit_mode: String,
     /// Extra `[replication]` lines (e.g. `snapshot_every = 1000`).
     pub replication_extra: String,
+    /// Extra sections (e.g. `[wal]` with its lines), appended to every config.
+    pub sections_extra: String,
 }
 
 impl Default for LocalOptions {
@@ -65,6 +67,7 @@ impl Default for LocalOptions {
             transport: TransportKind::Quic,
             commit_mode: "sync".into(),
             replication_extra: String::new(),
+            sections_extra: String::new(),
         }
     }
 }
@@ -141,11 +144,12 @@ impl LocalCluster {
                  transport = \"{transport}\"\n\n[listen]\npeer = \"{peer}\"\napi = \"{api}\"\n\n\
                  [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node-{id}.pem\"\nkey = \"certs/node-{id}-key.pem\"\n\n\
                  [replication]\ncommit_mode = \"{mode}\"\nheartbeat_interval = \"50ms\"\nfailover_timeout = \"500ms\"\n{extra}\n\n\
-                 [admin]\ntoken = \"{token}\"\n\n[log]\nlevel = \"info\"\nformat = \"json\"\n\n{members}",
+                 [admin]\ntoken = \"{token}\"\n\n[log]\nlevel = \"info\"\nformat = \"json\"\n\n{sections}\n\n{members}",
                 peer = peers[&id],
                 api = apis[&id],
                 mode = opts.commit_mode,
                 extra = opts.replication_extra,
+                sections = opts.sections_extra,
             );
             fs::write(dir.path().join(format!("node-{id}.toml")), text)
                 .map_err(|e| format!("config: {e}"))?;
@@ -303,11 +307,20 @@ impl LocalCluster {
 
     /// Resident memory of member `id`, in bytes (Linux `/proc`).
     pub fn rss(&self, id: u64) -> Option<u64> {
+        self.proc_status_bytes(id, "VmRSS:")
+    }
+
+    /// The most resident memory member `id`'s process has had, in bytes.
+    pub fn peak_rss(&self, id: u64) -> Option<u64> {
+        self.proc_status_bytes(id, "VmHWM:")
+    }
+
+    fn proc_status_bytes(&self, id: u64, field: &str) -> Option<u64> {
         let pid = self.pid(id)?;
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024)
     }

@@ -59,7 +59,11 @@ impl StateMachine for NoData {
         Vec::new()
     }
 
-    fn restore(&mut self, index: LogIndex, _data: &[u8]) -> Result<(), StorageError> {
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        _data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
         self.applied = index;
         Ok(())
     }
@@ -92,8 +96,12 @@ pub async fn run(checked: Checked) -> Result<(), RunError> {
         .map_err(|e| err(&format!("data_dir {}", file.data_dir.display()), e))?;
     // The WAL first: its lock refuses a second process on this directory before
     // anything else is touched.
-    let wal = Wal::open(file.data_dir.join("wal"), WalConfig::default())
-        .map_err(|e| err("the write-ahead log", e))?;
+    let retention = file.wal.retention().map_err(|e| RunError(e.to_string()))?;
+    let wal = Wal::open(
+        file.data_dir.join("wal"),
+        WalConfig::default().with_retention(retention),
+    )
+    .map_err(|e| err("the write-ahead log", e))?;
     let identity = Identity::load(&file.tls.ca, &file.tls.cert, &file.tls.key)
         .map_err(|e| err("the certificates (tls.*)", e))?;
     let witness = file.role == Role::Witness;

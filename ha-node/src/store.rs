@@ -35,9 +35,9 @@ use parking_lot::Mutex;
 use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::kv::{Item, KvAnswer, KvCommand, KvOutput, KvQuery, MAX_LIST_LIMIT};
+use crate::snapshot::{Decoder, Encoder};
 
 /// key → (mod_index, value).
 const DATA: TableDefinition<&[u8], (u64, &[u8])> = TableDefinition::new("kv");
@@ -45,6 +45,10 @@ const DATA: TableDefinition<&[u8], (u64, &[u8])> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPLIED: &str = "applied";
 
+/// redb's page cache.
+const CACHE_BYTES: usize = 16 << 20;
+/// A restore commits a transaction every this many bytes of keys and values.
+const RESTORE_BATCH_BYTES: usize = 8 << 20;
 /// How often the writer makes what it committed durable.
 pub const DURABLE_EVERY: Duration = Duration::from_millis(100);
 /// The most writes queued for the writer before `apply` waits for it.
@@ -122,7 +126,12 @@ impl StoreHandle {
 impl KvStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<KvStore, StorageError> {
-        let db = Database::create(path).map_err(io)?;
+        // A bounded page cache (redb's default is 1 GiB): the store's resident
+        // memory stays small whatever the data set's size.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(io)?;
         let applied = {
             let txn = db.begin_write().map_err(io)?;
             let applied = {
@@ -198,6 +207,55 @@ impl KvStore {
         let txn = self.shared.db.begin_read().map_err(io)?;
         drop(overlay);
         read_one(&txn, key)
+    }
+
+    /// Replaces the whole state with a streamed snapshot at `index`, in
+    /// transactions of at most [`RESTORE_BATCH_BYTES`] (memory stays bounded
+    /// whatever the snapshot's size). The first empties the store and records
+    /// applied index 0, durably; the last records `index`: a crash in between
+    /// leaves a store that a restart restores again from the log's snapshot.
+    fn restore_stream(
+        &mut self,
+        index: u64,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
+        let (mut dec, applied) = Decoder::new(data)?;
+        if applied != index {
+            return Err(StorageError::Corrupt(format!(
+                "kv snapshot of index {applied} offered as index {index}"
+            )));
+        }
+        self.replace(0, &[])?;
+        let mut done = false;
+        while !done {
+            let mut txn = self.shared.db.begin_write().map_err(io)?;
+            txn.set_durability(Durability::None).map_err(io)?;
+            {
+                let mut table = txn.open_table(DATA).map_err(io)?;
+                let mut bytes = 0usize;
+                while bytes < RESTORE_BATCH_BYTES {
+                    let Some(it) = dec.next_item()? else {
+                        done = true;
+                        break;
+                    };
+                    bytes += it.key.len() + it.value.len();
+                    table
+                        .insert(it.key.as_slice(), (it.mod_index, it.value.as_slice()))
+                        .map_err(io)?;
+                }
+            }
+            txn.commit().map_err(io)?;
+        }
+        let mut txn = self.shared.db.begin_write().map_err(io)?;
+        txn.set_durability(Durability::Immediate).map_err(io)?;
+        {
+            let mut meta = txn.open_table(META).map_err(io)?;
+            meta.insert(APPLIED, index).map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        self.shared.durable.store(index, Ordering::Release);
+        self.applied = LogIndex(index);
+        Ok(())
     }
 
     /// Replaces the whole state with `items` at `applied`, durably.
@@ -277,6 +335,27 @@ fn merged(
     pending: &[(Vec<u8>, Pending)],
     limit: usize,
 ) -> Result<(Vec<Item>, bool), StorageError> {
+    let mut items = Vec::new();
+    let more = merge_each(txn, prefix, from, pending, |item| {
+        if items.len() == limit {
+            return Ok(false);
+        }
+        items.push(item);
+        Ok(true)
+    })?;
+    Ok((items, more))
+}
+
+/// Visits the database's items from `from` with `prefix`, merged with the
+/// pending overlay (sorted by key), in key order; `visit` answers whether to go
+/// on. True if it stopped before the end.
+fn merge_each(
+    txn: &ReadTransaction,
+    prefix: &[u8],
+    from: &Bound<Vec<u8>>,
+    pending: &[(Vec<u8>, Pending)],
+    mut visit: impl FnMut(Item) -> Result<bool, StorageError>,
+) -> Result<bool, StorageError> {
     let table = txn.open_table(DATA).map_err(io)?;
     let bounds: (Bound<&[u8]>, Bound<&[u8]>) = match from {
         Bound::Included(k) => (Bound::Included(k.as_slice()), Bound::Unbounded),
@@ -285,7 +364,6 @@ fn merged(
     };
     let mut db = table.range::<&[u8]>(bounds).map_err(io)?.peekable();
     let mut ov = pending.iter().peekable();
-    let mut items = Vec::new();
     loop {
         let db_key: Option<Vec<u8>> = match db.peek() {
             Some(Ok((k, _))) => Some(k.value().to_vec()),
@@ -328,13 +406,12 @@ fn merged(
             (Some(_), None) => break,
         };
         if let Some(item) = next {
-            if items.len() == limit {
-                return Ok((items, true));
+            if !visit(item)? {
+                return Ok(true);
             }
-            items.push(item);
         }
     }
-    Ok((items, false))
+    Ok(false)
 }
 
 /// The writer thread: one transaction per batch of queued writes, durable every
@@ -470,13 +547,6 @@ impl Drop for KvStore {
     }
 }
 
-/// A snapshot's serialized form.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    applied: u64,
-    items: Vec<Item>,
-}
-
 /// A consistent capture of the store: a read transaction and the overlay at the
 /// moment of capture.
 pub struct KvCapture {
@@ -486,14 +556,16 @@ pub struct KvCapture {
 }
 
 impl StateCapture for KvCapture {
-    fn serialize(self) -> Result<Vec<u8>, StorageError> {
+    /// Streams the read transaction's items merged with the overlay captured
+    /// with it, one at a time (see [`crate::snapshot`]).
+    fn write_to(self, out: &mut dyn std::io::Write) -> Result<(), StorageError> {
         let txn = self.txn.map_err(io)?;
-        let (items, _) = merged(&txn, &[], &Bound::Unbounded, &self.pending, usize::MAX)?;
-        postcard::to_allocvec(&SnapshotData {
-            applied: self.applied,
-            items,
-        })
-        .map_err(|e| StorageError::Invalid(format!("kv snapshot: {e}")))
+        let mut enc = Encoder::new(out, self.applied)?;
+        merge_each(&txn, &[], &Bound::Unbounded, &self.pending, |it| {
+            enc.item(&it.key, it.mod_index, &it.value)?;
+            Ok(true)
+        })?;
+        enc.finish()
     }
 }
 
@@ -581,16 +653,12 @@ impl StateMachine for KvStore {
         }
     }
 
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
-        let snap: SnapshotData = postcard::from_bytes(data)
-            .map_err(|e| StorageError::Corrupt(format!("kv snapshot: {e}")))?;
-        if snap.applied != index.0 {
-            return Err(StorageError::Corrupt(format!(
-                "kv snapshot of index {} offered as index {index}",
-                snap.applied
-            )));
-        }
-        self.replace(index.0, &snap.items)
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
+        self.restore_stream(index.0, data)
     }
 
     fn reset(&mut self) {

@@ -169,3 +169,23 @@ fn replication_checks_name_the_file_key() {
         "replication.max_lag_on_failover",
     );
 }
+
+/// The WAL's retention is read from `[wal]`, and a minimum above its maximum
+/// is refused under its key.
+#[test]
+fn wal_retention_is_read_and_checked() {
+    let checked = check(&example_text().replace("keep_entries = 10000", "keep_entries = 7"))
+        .expect("a valid retention");
+    let r = checked.file.wal.retention().expect("retention");
+    assert_eq!((r.keep_entries, r.max_entries), (7, 1_000_000));
+    refused(
+        &example_text().replace("keep_entries = 10000", "keep_entries = 2000000"),
+        "wal.keep_entries",
+    );
+    refused(
+        &example_text().replace("max_bytes = 4294967296", "max_bytes = 1024"),
+        "wal.keep_bytes",
+    );
+    let e = check(&example_text().replace("keep_entries = 10000", "keep_entrys = 1")).unwrap_err();
+    assert!(e.reason.contains("keep_entrys"), "{e}");
+}

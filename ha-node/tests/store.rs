@@ -150,13 +150,14 @@ fn a_snapshot_restores_the_same_state_elsewhere_and_reset_empties_it() {
         a.apply(at(i), &put(&format!("k{i:03}"), &i.to_string(), None));
     }
     a.apply(at(51), &del("k007", None));
-    let data = a.capture().serialize().expect("serialize");
+    let mut data = Vec::new();
+    a.capture().write_to(&mut data).expect("serialize");
     // Writes after the capture are not in it.
     a.apply(at(52), &put("late", "x", None));
 
     let mut b = KvStore::open(&dir.path().join("b.redb")).expect("open");
     b.apply(at(1), &put("stale", "x", None));
-    b.restore(LogIndex(51), &data).expect("restore");
+    b.restore(LogIndex(51), &mut &data[..]).expect("restore");
     assert_eq!(b.applied_index(), LogIndex(51));
     assert_eq!(get(&b, "stale"), None);
     assert_eq!(get(&b, "late"), None);
@@ -164,7 +165,21 @@ fn a_snapshot_restores_the_same_state_elsewhere_and_reset_empties_it() {
     assert_eq!(get(&b, "k050").map(|i| i.mod_index), Some(50));
     assert_eq!(list(&b, "k", None, 1000).0.len(), 49);
     // A snapshot offered under another index is refused.
-    assert!(b.restore(LogIndex(9), &data).is_err());
+    assert!(b.restore(LogIndex(9), &mut &data[..]).is_err());
+    // The restore is durable.
+    drop(b);
+    let mut b = KvStore::open(&dir.path().join("b.redb")).expect("reopen");
+    assert_eq!(b.applied_index(), LogIndex(51));
+    assert_eq!(list(&b, "k", None, 1000).0.len(), 49);
+
+    // A stream cut short fails, and leaves a store a restart restores again
+    // (applied index 0, below any snapshot), never a mix under the old index.
+    assert!(b
+        .restore(LogIndex(51), &mut &data[..data.len() - 3])
+        .is_err());
+    drop(b);
+    let mut b = KvStore::open(&dir.path().join("b.redb")).expect("reopen");
+    assert_eq!(b.applied_index(), LogIndex(0));
 
     b.reset();
     assert_eq!(b.applied_index(), LogIndex(0));

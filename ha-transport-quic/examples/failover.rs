@@ -75,8 +75,13 @@ impl StateMachine for Notes {
         out.into_bytes()
     }
 
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
-        let text = std::str::from_utf8(data)
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
+        let data = ha_core::state_machine::read_all(data)?;
+        let text = std::str::from_utf8(&data)
             .map_err(|e| StorageError::Corrupt(format!("notes snapshot: {e}")))?;
         let mut notes = BTreeMap::new();
         for line in text.lines() {

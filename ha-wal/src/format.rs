@@ -38,7 +38,6 @@
 //! group (written with one fdatasync that never completed, so its sectors may land
 //! in any order) from damage followed by a later, acknowledged group.
 
-use ha_core::log_store::Snapshot;
 use ha_core::types::{LogIndex, NodeId, Position, Term, WalEntry};
 use ha_core::StorageError;
 use serde::{Deserialize, Serialize};
@@ -275,7 +274,7 @@ pub fn decode_record(buf: &[u8]) -> RecordDecode {
 
 /// The magic of the hard-state file.
 pub const HARD_STATE_MAGIC: [u8; 8] = *b"HAWALHST";
-/// The magic of the snapshot file.
+/// The magic of the snapshot pointer file (`crate::snapfiles`).
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"HAWALSNP";
 /// The magic of the log metadata file.
 pub const META_MAGIC: [u8; 8] = *b"HAWALMET";
@@ -331,30 +330,6 @@ pub fn decode_small_file(magic: [u8; 8], buf: &[u8]) -> Result<&[u8], String> {
         return Err("checksum mismatch".to_string());
     }
     Ok(payload)
-}
-
-/// The serialized form of a [`Snapshot`] (which has no serde form of its own).
-#[derive(Serialize, Deserialize)]
-pub(crate) struct SnapshotRecord {
-    pub(crate) last_included: Position,
-    pub(crate) data: Vec<u8>,
-}
-
-/// [`SnapshotRecord`] borrowing its data, for writing (the same encoding: postcard
-/// writes a byte slice and a byte vector alike).
-#[derive(Serialize)]
-pub(crate) struct SnapshotRecordRef<'a> {
-    pub(crate) last_included: Position,
-    pub(crate) data: &'a [u8],
-}
-
-impl SnapshotRecord {
-    pub(crate) fn into_snapshot(self) -> Snapshot {
-        Snapshot {
-            last_included: self.last_included,
-            data: self.data,
-        }
-    }
 }
 
 /// The log metadata: where the log logically starts, which segments are obsolete,

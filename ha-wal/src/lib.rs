@@ -10,9 +10,14 @@
 //! - **Group commit.** A dedicated writer thread takes every queued operation,
 //!   writes all queued appends with one write and one `fdatasync`, then tells each
 //!   appender its entries are durable. [`Wal::metrics`] counts entries per fsync.
-//! - **Atomic small files.** The hard state, the snapshot and the log metadata are
-//!   replaced by writing a temporary file, fsyncing it, renaming it over the old one
-//!   and fsyncing the directory.
+//! - **Atomic small files.** The hard state, the snapshot pointer and the log
+//!   metadata are replaced by writing a temporary file, fsyncing it, renaming it
+//!   over the old one and fsyncing the directory.
+//! - **Streamed snapshots.** A snapshot is a data file of its own (`snap-<gen>.snap`)
+//!   written through a `SnapshotWriter` (fsynced, then renamed into place) and
+//!   read back as a CRC-checked stream or in chunks for a peer; the pointer names
+//!   the log's snapshot and the one kept before it. No snapshot is ever held in
+//!   memory whole.
 //! - **Recovery.** [`Wal::open`] verifies every record. A torn record at the very
 //!   tail of the last segment (a write that was never acknowledged) is truncated;
 //!   any other damage refuses to open with an error naming the file and byte offset.
@@ -31,6 +36,7 @@ mod lock;
 mod metrics;
 mod recovery;
 mod retention;
+mod snapfiles;
 mod state;
 mod streamer;
 #[cfg(test)]

@@ -12,14 +12,15 @@ use ha_core::types::{HardState, Position};
 use ha_core::StorageError;
 
 use crate::format::{
-    decode_record, parse_segment_file_name, LogMeta, RecordDecode, SegmentHeader, SnapshotRecord,
-    HARD_STATE_MAGIC, META_MAGIC, SEGMENT_HEADER_LEN, SNAPSHOT_MAGIC,
+    decode_record, parse_segment_file_name, LogMeta, RecordDecode, SegmentHeader, HARD_STATE_MAGIC,
+    META_MAGIC, SEGMENT_HEADER_LEN,
 };
 use crate::fsutil::{
     corrupt, decode_payload, io_err, read_small_file, remove_file, sync_dir, TMP_SUFFIX,
 };
+use crate::snapfiles::SnapFiles;
 use crate::state::{Loc, Segment};
-use crate::writer::{HARD_STATE_FILE, META_FILE, SNAPSHOT_FILE};
+use crate::writer::{HARD_STATE_FILE, META_FILE};
 
 /// What recovery found in a data directory.
 pub(crate) struct Recovered {
@@ -29,6 +30,8 @@ pub(crate) struct Recovered {
     pub(crate) hard_state: Option<HardState>,
     /// The saved snapshot, if any.
     pub(crate) snapshot: Option<Snapshot>,
+    /// The snapshot files.
+    pub(crate) files: SnapFiles,
     /// The live segments, in sequence order, verified.
     pub(crate) segments: Vec<Segment>,
     /// Where each entry after the log's start is.
@@ -75,12 +78,8 @@ pub(crate) fn recover(dir: &Path, sync: bool) -> Result<Recovered, StorageError>
             Some(p) => Some(decode_payload(&dir.join(HARD_STATE_FILE), &p)?),
             None => None,
         };
-    let snapshot: Option<Snapshot> = match read_small_file(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC)? {
-        Some(p) => {
-            Some(decode_payload::<SnapshotRecord>(&dir.join(SNAPSHOT_FILE), &p)?.into_snapshot())
-        }
-        None => None,
-    };
+    let files = SnapFiles::recover(dir, sync)?;
+    let snapshot = files.current();
 
     // Segments below `min_seq` were being deleted by a purge or install.
     let (obsolete, live): (Vec<_>, Vec<_>) =
@@ -103,6 +102,7 @@ pub(crate) fn recover(dir: &Path, sync: bool) -> Result<Recovered, StorageError>
         meta,
         hard_state,
         snapshot,
+        files,
         segments: scanned.segments,
         locs: scanned.locs,
         next_seq,

@@ -127,7 +127,7 @@ impl State {
         };
         Ok(StoredState {
             hard_state: self.hard_state.clone(),
-            snapshot: self.snapshot.clone(),
+            snapshot: self.snapshot,
             entries,
         })
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use ha_core::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
+use ha_core::log_store::{CatchUpBatch, LogStore, Snapshot, SnapshotWriter, StoredState};
 use ha_core::types::{HardState, LogIndex, Position, WalEntry};
 use ha_core::StorageError;
 use parking_lot::{Mutex, RwLock};
@@ -22,9 +22,10 @@ use crate::lock::lock_dir;
 use crate::metrics::{Counters, WalMetrics};
 use crate::recovery::{recover, Recovered};
 use crate::retention::RetainedLog;
+use crate::snapfiles::SnapFiles;
 use crate::state::State;
 use crate::streamer::WalStreamer;
-use crate::writer::{EncodedBatch, GatherSignal, Op, Writer};
+use crate::writer::{EncodedBatch, GatherSignal, Op, Shared, Writer};
 
 /// The sending side of the writer's queue, with the count of operations sent.
 struct Submitter {
@@ -39,7 +40,8 @@ struct Submitter {
 /// - `NNNNNNNNNNNNNNNNNNNN.wal`: segments (see [`crate::format`]), in sequence order;
 /// - `hard_state`, `snapshot`, `log_meta`: replaced atomically (temporary file,
 ///   fsync, rename, directory fsync); `log_meta` holds where the log starts after
-///   `purge_prefix` / `install_snapshot`;
+///   `purge_prefix` / `install_snapshot`; `snapshot` names the snapshot data files
+///   kept (`snap-<gen>.snap`, streamed in and out: see `snapfiles`);
 /// - `LOCK`: held (`flock`) while the log is open; a second open fails.
 ///
 /// # Ordering and durability
@@ -63,6 +65,7 @@ pub struct Wal {
     submit: Mutex<Submitter>,
     published: watch::Receiver<u64>,
     signal: Arc<GatherSignal>,
+    files: Arc<SnapFiles>,
     writer: Option<JoinHandle<()>>,
     _lock: File,
 }
@@ -114,10 +117,12 @@ impl Wal {
             meta,
             hard_state,
             snapshot,
+            files,
             segments,
             locs,
             next_seq,
         } = recover(&dir, cfg.sync)?;
+        let files = Arc::new(files);
         let state = Arc::new(RwLock::new(State {
             base: meta.base,
             min_seq: meta.min_seq,
@@ -133,10 +138,13 @@ impl Wal {
         let mut writer = Writer::new(
             dir.clone(),
             cfg.clone(),
-            state.clone(),
-            counters.clone(),
-            published_tx,
-            signal.clone(),
+            Shared {
+                state: state.clone(),
+                counters: counters.clone(),
+                published: published_tx,
+                signal: signal.clone(),
+                files: Arc::clone(&files),
+            },
             next_seq,
         );
         if let Some(at) = meta.installing {
@@ -165,6 +173,7 @@ impl Wal {
             }),
             published,
             signal,
+            files,
             writer: Some(handle),
             _lock: lock,
         })
@@ -375,14 +384,45 @@ impl LogStore for Wal {
         &self,
         snapshot: Snapshot,
     ) -> impl Future<Output = Result<(), StorageError>> + Send {
-        self.submit(|reply| Op::SaveSnapshot(snapshot, reply))
+        self.submit(move |reply| Op::SaveSnapshot(snapshot, reply))
     }
 
     fn install_snapshot(
         &self,
         snapshot: Snapshot,
     ) -> impl Future<Output = Result<(), StorageError>> + Send {
-        self.submit(|reply| Op::InstallSnapshot(snapshot, reply))
+        self.submit(move |reply| Op::InstallSnapshot(snapshot, reply))
+    }
+
+    fn snapshot_writer(&self, at: Position) -> Result<Box<dyn SnapshotWriter>, StorageError> {
+        self.files.writer(at)
+    }
+
+    fn snapshot_reader(
+        &self,
+        snapshot: Snapshot,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError> {
+        self.files.reader(snapshot)
+    }
+
+    /// On a blocking thread of the tokio runtime (inline without one): the
+    /// chunk is read from disk while the engine goes on.
+    fn read_snapshot(
+        &self,
+        snapshot: Snapshot,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StorageError>> + Send {
+        let files = Arc::clone(&self.files);
+        async move {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => rt
+                    .spawn_blocking(move || files.read_at(snapshot, offset, max_bytes))
+                    .await
+                    .map_err(|e| StorageError::Io(format!("a snapshot read failed: {e}")))?,
+                Err(_) => files.read_at(snapshot, offset, max_bytes),
+            }
+        }
     }
 
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send {
@@ -408,10 +448,10 @@ impl RetainedLog for Wal {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::format::{LogMeta, SnapshotRecord, SNAPSHOT_MAGIC};
+    use crate::format::{LogMeta, SNAPSHOT_MAGIC};
     use crate::fsutil::{encode_payload, write_small_file};
+    use crate::snapfiles::{done_name, Kept, SnapRef, SNAPSHOT_FILE};
     use crate::testutil::{block_on, cfg, entry, six, term, write_meta};
-    use crate::writer::SNAPSHOT_FILE;
 
     /// After the writer failed (what is on disk is unknown), reads refuse too,
     /// naming the failure, until the log is reopened.
@@ -457,15 +497,21 @@ mod tests {
             installing: Some(installing),
         };
         write_meta(dir, &meta);
-        let snap = SnapshotRecord {
-            last_included: snapshot_at,
-            data: b"snap".to_vec(),
+        std::fs::write(dir.join(done_name(1)), b"snap").unwrap();
+        let kept = Kept {
+            current: Some(SnapRef {
+                last_included: snapshot_at,
+                size: 4,
+                gen: 1,
+                crc: crc32fast::hash(b"snap"),
+            }),
+            previous: None,
         };
         write_small_file(
             dir,
             SNAPSHOT_FILE,
             SNAPSHOT_MAGIC,
-            &encode_payload("s", &snap).unwrap(),
+            &encode_payload("s", &kept).unwrap(),
             true,
         )
         .unwrap();

@@ -21,11 +21,12 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::WalConfig;
 use crate::format::{
-    segment_file_name, set_group_start, LogMeta, SegmentHeader, SnapshotRecordRef,
-    HARD_STATE_MAGIC, META_MAGIC, SEGMENT_HEADER_LEN, SNAPSHOT_MAGIC,
+    segment_file_name, set_group_start, LogMeta, SegmentHeader, HARD_STATE_MAGIC, META_MAGIC,
+    SEGMENT_HEADER_LEN,
 };
 use crate::fsutil::{encode_payload, io_err, remove_file, sync_dir, write_small_file, TMP_SUFFIX};
 use crate::metrics::Counters;
+use crate::snapfiles::SnapFiles;
 use crate::state::{Loc, Segment, State};
 
 /// Preallocation writes zeros in pieces of at most this size.
@@ -33,8 +34,6 @@ const ZERO_CHUNK: usize = 1 << 20;
 
 /// The hard-state file's name.
 pub(crate) const HARD_STATE_FILE: &str = "hard_state";
-/// The snapshot file's name.
-pub(crate) const SNAPSHOT_FILE: &str = "snapshot";
 /// The log metadata file's name.
 pub(crate) const META_FILE: &str = "log_meta";
 
@@ -136,25 +135,33 @@ pub(crate) struct Writer {
     taken: u64,
     /// Appends in the previous group.
     last_group: usize,
-    /// A snapshot save running on its own thread (it may write many megabytes:
-    /// appends must not wait behind it), with the outcome it reports.
-    saving: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    /// The snapshot files (their data was streamed in and fsynced by their
+    /// writers; a save here only rewrites the small pointer file).
+    files: Arc<SnapFiles>,
 }
 
 fn invalid(msg: String) -> StorageError {
     StorageError::Invalid(msg)
 }
 
+/// What the writer shares with the [`crate::Wal`].
+pub(crate) struct Shared {
+    pub(crate) state: Arc<RwLock<State>>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) published: watch::Sender<u64>,
+    pub(crate) signal: Arc<GatherSignal>,
+    pub(crate) files: Arc<SnapFiles>,
+}
+
 impl Writer {
-    pub(crate) fn new(
-        dir: PathBuf,
-        cfg: WalConfig,
-        state: Arc<RwLock<State>>,
-        counters: Arc<Counters>,
-        published: watch::Sender<u64>,
-        signal: Arc<GatherSignal>,
-        next_seq: u64,
-    ) -> Writer {
+    pub(crate) fn new(dir: PathBuf, cfg: WalConfig, shared: Shared, next_seq: u64) -> Writer {
+        let Shared {
+            state,
+            counters,
+            published,
+            signal,
+            files,
+        } = shared;
         let (tail, active) = {
             let st = state.read();
             let active = st.segments.last().map(|s| Active {
@@ -183,7 +190,7 @@ impl Writer {
             failed: None,
             taken: 0,
             last_group: 0,
-            saving: None,
+            files,
         }
     }
 
@@ -205,9 +212,6 @@ impl Writer {
             self.flush_or_fail();
             self.publish();
         }
-        // The last handle is gone: a save in progress still finishes (its
-        // caller may be waiting for it).
-        let _ = self.finish_saving();
     }
 
     /// Takes every queued operation (up to the group byte limit), and waits briefly
@@ -303,22 +307,9 @@ impl Writer {
             op.reply(Err(e));
             return;
         }
-        // Whatever reads or writes the snapshot waits for a save in progress.
-        if matches!(
-            op,
-            Op::Purge(..) | Op::SaveSnapshot(..) | Op::InstallSnapshot(..)
-        ) {
-            if let Err(e) = self.finish_saving() {
-                op.reply(Err(e));
-                return;
-            }
-        }
-        if let Op::SaveSnapshot(snapshot, reply) = op {
-            self.start_save(snapshot, reply);
-            return;
-        }
         let result = match &op {
-            Op::Append(..) | Op::SaveSnapshot(..) => Ok(()),
+            Op::Append(..) => Ok(()),
+            Op::SaveSnapshot(s, _) => self.save_snapshot(*s),
             Op::Truncate(from, _) => self.truncate_suffix(*from),
             Op::Purge(upto, _) => self.purge_prefix(*upto),
             Op::HardState(hs, _) => self.save_hard_state(hs),
@@ -689,58 +680,22 @@ impl Writer {
         Ok(())
     }
 
-    fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        write_snapshot_file(&self.dir, self.cfg.sync, snapshot)?;
-        self.state.write().snapshot = Some(snapshot.clone());
-        Ok(())
-    }
-
-    /// Saves a snapshot on a thread of its own: the file may be large, and the
-    /// appends that follow must not wait for it. Its reply is sent when the file
-    /// is durable; operations that touch the snapshot wait for it first
-    /// ([`Self::finish_saving`]).
-    fn start_save(&mut self, snapshot: Snapshot, reply: Reply) {
+    /// Makes a snapshot (its data already durable) the log's snapshot.
+    fn save_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
         let base = self.state.read().base;
         if snapshot.last_included.index < base.index {
-            let _ = reply.send(Err(invalid(format!(
+            return Err(invalid(format!(
                 "snapshot at {} is behind the compacted prefix {base}",
                 snapshot.last_included
-            ))));
-            return;
+            )));
         }
-        let (dir, sync, state) = (self.dir.clone(), self.cfg.sync, Arc::clone(&self.state));
-        let spawned = std::thread::Builder::new()
-            .name("ha-wal-snapshot".into())
-            .spawn(move || {
-                let result = write_snapshot_file(&dir, sync, &snapshot);
-                if result.is_ok() {
-                    state.write().snapshot = Some(snapshot);
-                }
-                let _ = reply.send(result.clone());
-                result
-            });
-        match spawned {
-            Ok(handle) => self.saving = Some(handle),
-            Err(e) => {
-                let e = StorageError::Io(format!("cannot start the snapshot writer: {e}"));
-                self.fail(e);
-            }
-        }
+        self.write_snapshot(snapshot)
     }
 
-    /// Waits for the snapshot save in progress, if any; its failure fails the log
-    /// (as a failure of any other durable write does).
-    pub(crate) fn finish_saving(&mut self) -> Result<(), StorageError> {
-        let Some(handle) = self.saving.take() else {
-            return Ok(());
-        };
-        let result = handle
-            .join()
-            .unwrap_or_else(|_| Err(StorageError::Io("the snapshot writer panicked".into())));
-        if let Err(e) = &result {
-            self.fail(e.clone());
-        }
-        result
+    fn write_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        self.files.save(snapshot)?;
+        self.state.write().snapshot = Some(snapshot);
+        Ok(())
     }
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
@@ -755,7 +710,7 @@ impl Writer {
         };
         // The intent first: if the snapshot then lands, open finishes the install.
         self.write_meta(&meta)?;
-        self.write_snapshot(snapshot)?;
+        self.write_snapshot(*snapshot)?;
         self.finish_install(at)
     }
 
@@ -782,18 +737,4 @@ impl Writer {
         };
         self.write_meta(&meta)
     }
-}
-
-/// Writes the snapshot file atomically (a temporary file, fsynced, renamed).
-fn write_snapshot_file(
-    dir: &std::path::Path,
-    sync: bool,
-    snapshot: &Snapshot,
-) -> Result<(), StorageError> {
-    let record = SnapshotRecordRef {
-        last_included: snapshot.last_included,
-        data: &snapshot.data,
-    };
-    let payload = encode_payload("snapshot", &record)?;
-    write_small_file(dir, SNAPSHOT_FILE, SNAPSHOT_MAGIC, &payload, sync)
 }

@@ -130,7 +130,7 @@ impl Model {
         let after = self.snap_index();
         StoredState {
             hard_state: self.hard_state.clone(),
-            snapshot: self.snapshot.clone(),
+            snapshot: self.snapshot,
             entries: self
                 .entries
                 .iter()
@@ -182,6 +182,23 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..12, 0u8..8).prop_map(|(back, len)| Op::Read { back, len }),
         2 => Just(Op::Reopen),
     ]
+}
+
+/// Writes the same snapshot bytes into both stores (finished, not saved).
+fn both_write(w: &Wal, mem: &MemLogStore, at: Position, data: &[u8]) -> Snapshot {
+    use std::io::Write;
+    let mut snaps = [
+        w.snapshot_writer(at).unwrap(),
+        mem.snapshot_writer(at).unwrap(),
+    ]
+    .into_iter()
+    .map(|mut writer| {
+        writer.write_all(data).unwrap();
+        writer.finish().unwrap()
+    });
+    let (a, b) = (snaps.next().unwrap(), snaps.next().unwrap());
+    assert_eq!(a, b);
+    a
 }
 
 fn kind<T>(r: &Result<T, StorageError>) -> Result<(), &'static str> {
@@ -265,13 +282,11 @@ fn run_ops(ops: &[Op], sync: bool) {
                         .saturating_sub(u64::from(*back))
                         .max(model.base.index.0);
                     let at = model.position(index).unwrap();
-                    let s = Snapshot {
-                        last_included: at,
-                        data: format!("snap {at} at step {step}").into_bytes(),
-                    };
+                    let data = format!("snap {at} at step {step}").into_bytes();
+                    let s = both_write(w, &mem, at, &data);
                     (
-                        kind(&w.save_snapshot(s.clone()).await),
-                        kind(&mem.save_snapshot(s.clone()).await),
+                        kind(&w.save_snapshot(s).await),
+                        kind(&mem.save_snapshot(s).await),
                         model.save_snapshot(s),
                     )
                 }
@@ -306,13 +321,11 @@ fn run_ops(ops: &[Op], sync: bool) {
                             LogIndex(last.index.0 + 1 + u64::from(*back)),
                         ),
                     };
-                    let s = Snapshot {
-                        last_included: at,
-                        data: format!("installed {at} at step {step}").into_bytes(),
-                    };
+                    let data = format!("installed {at} at step {step}").into_bytes();
+                    let s = both_write(w, &mem, at, &data);
                     (
-                        kind(&w.install_snapshot(s.clone()).await),
-                        kind(&mem.install_snapshot(s.clone()).await),
+                        kind(&w.install_snapshot(s).await),
+                        kind(&mem.install_snapshot(s).await),
                         model.install(s),
                     )
                 }

@@ -6,7 +6,7 @@
 use std::fs;
 use std::sync::Arc;
 
-use ha_core::log_store::{LogStore, Snapshot};
+use ha_core::log_store::LogStore;
 use ha_core::types::{Command, LogIndex, NodeId, Payload, Position, Term, WalEntry};
 use ha_core::StorageError;
 use ha_wal::{RetainedLog, Retention, Wal, WalConfig, LOCK_FILE};
@@ -161,11 +161,11 @@ fn purge_deletes_whole_segments_and_truncate_crosses_them() {
 
     // Purge: the whole segments below the snapshot go, the one holding 101 stays.
     let mid = wal.segment_count();
-    rt.block_on(wal.save_snapshot(Snapshot {
-        last_included: Position::new(T1, LogIndex(100)),
-        data: b"state".to_vec(),
-    }))
-    .unwrap();
+    let mut w = wal
+        .snapshot_writer(Position::new(T1, LogIndex(100)))
+        .unwrap();
+    std::io::Write::write_all(&mut w, b"state").unwrap();
+    rt.block_on(wal.save_snapshot(w.finish().unwrap())).unwrap();
     rt.block_on(wal.purge_prefix(LogIndex(100))).unwrap();
     assert!(wal.segment_count() < mid);
     assert_eq!(files(tmp.path()), wal.segment_count());

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use ha_core::log_store::{LogStore, Snapshot};
+use ha_core::log_store::LogStore;
 use ha_core::types::{Command, LogIndex, NodeId, Payload, Position, Term, WalEntry};
 use ha_core::StorageError;
 use ha_wal::{Retention, Wal, WalConfig};
@@ -92,12 +92,9 @@ async fn a_batch_is_bounded_by_bytes_but_holds_at_least_one_entry() {
 async fn purged_entries_are_refused_and_the_purge_point_can_start_a_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let (wal, entries) = filled(tmp.path(), 100, 50).await;
-    wal.save_snapshot(Snapshot {
-        last_included: entries[59].position,
-        data: b"state at 60".to_vec(),
-    })
-    .await
-    .unwrap();
+    let mut w = wal.snapshot_writer(entries[59].position).unwrap();
+    std::io::Write::write_all(&mut w, b"state at 60").unwrap();
+    wal.save_snapshot(w.finish().unwrap()).await.unwrap();
     wal.purge_prefix(LogIndex(40)).await.unwrap();
     // The entry before 41 was purged exactly at the log's base: its position is
     // still known, so 41 can be served.

@@ -440,7 +440,7 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
         // Bring the state machine up to the stored snapshot; a persistent state
         // machine that is further along goes on from where it is (the engine
         // starts applying after its applied index: exactly once across restarts).
-        if let Err(e) = catch_up_state_machine(&mut sm, &stored) {
+        if let Err(e) = catch_up_state_machine(&mut sm, &*inner.store, &stored) {
             *inner.state_machine.lock() = Some(sm);
             return Err(storage(e));
         }
@@ -695,13 +695,15 @@ impl<T: Transport, L: LogStore, S: StateMachine> Replicator for Node<T, L, S> {
 /// Restores the state machine from the stored snapshot if it is behind it, and
 /// refuses one that has applied entries the log does not hold (it belongs to
 /// another data directory, or the log lost entries it had applied).
-fn catch_up_state_machine<S: StateMachine>(
+fn catch_up_state_machine<S: StateMachine, L: LogStore>(
     sm: &mut S,
+    store: &L,
     stored: &StoredState,
 ) -> Result<(), StorageError> {
-    if let Some(snap) = &stored.snapshot {
+    if let Some(snap) = stored.snapshot {
         if sm.applied_index() < snap.last_included.index {
-            sm.restore(snap.last_included.index, &snap.data)?;
+            let mut reader = store.snapshot_reader(snap)?;
+            sm.restore(snap.last_included.index, &mut *reader)?;
         }
     }
     let log_end = stored

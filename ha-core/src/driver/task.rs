@@ -444,10 +444,7 @@ impl<T: Transport> Host for TokioHost<T> {
     /// tokio's blocking threads: a snapshot's serialization must hold up neither
     /// the engine task nor (on a machine with few cores) its timers' share of
     /// the CPU.
-    fn offload(
-        &mut self,
-        job: SnapshotJob,
-    ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>> {
+    fn offload(&mut self, job: SnapshotJob) -> BoxFuture<Result<Snapshot, StorageError>> {
         let running = tokio::task::spawn_blocking(move || serialize_at_low_priority(job));
         Box::pin(async move {
             running.await.unwrap_or_else(|e| {
@@ -563,7 +560,7 @@ const SNAPSHOT_NICENESS: i32 = 10;
 
 /// Runs a snapshot's serialization on a new thread with a lower priority and
 /// waits for it.
-fn serialize_at_low_priority(job: SnapshotJob) -> Result<(Snapshot, Snapshot), StorageError> {
+fn serialize_at_low_priority(job: SnapshotJob) -> Result<Snapshot, StorageError> {
     let thread = std::thread::Builder::new()
         .name("ha-snapshot".into())
         .spawn(move || {

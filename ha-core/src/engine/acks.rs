@@ -9,6 +9,7 @@ use super::log::Log;
 use super::progress::SnapshotNext;
 use super::Engine;
 use crate::config::Config;
+use crate::log_store::Snapshot;
 use crate::message::{AckResult, FloorAck, HeartbeatAck, Response, SnapshotAck, WalAck};
 use crate::types::{Instant, LogIndex, MemberKind, NodeId, Position, Term};
 
@@ -31,8 +32,8 @@ pub(super) enum FollowUp {
     /// Rewrite the witness's floors (it restarted and lost none, but must be told
     /// this term's commit).
     RewriteWitness(NodeId),
-    /// Send the peer the snapshot's chunk from this offset.
-    SnapshotChunk(NodeId, u64),
+    /// Send the peer this snapshot's chunk from this offset.
+    SnapshotChunk(NodeId, Snapshot, u64),
 }
 
 impl Engine {
@@ -63,7 +64,9 @@ impl Engine {
         match follow_up {
             FollowUp::Nothing => {}
             FollowUp::RewriteWitness(w) => self.rewrite_witness(w),
-            FollowUp::SnapshotChunk(peer, offset) => self.send_snapshot_chunk(peer, offset),
+            FollowUp::SnapshotChunk(peer, snapshot, offset) => {
+                self.send_snapshot_chunk(peer, snapshot, offset)
+            }
         }
     }
 }
@@ -126,8 +129,10 @@ impl LeaderState {
         let Some(p) = self.peer.as_mut().filter(|p| p.id == from) else {
             return FollowUp::Nothing;
         };
-        match p.snapshot_answered(rid, &ack, last, ctx.reset_id) {
-            SnapshotNext::Chunk(offset) => FollowUp::SnapshotChunk(from, offset),
+        match p.snapshot_answered(rid, &ack, last, ctx.reset_id, ctx.now) {
+            SnapshotNext::Chunk(snapshot, offset) => {
+                FollowUp::SnapshotChunk(from, snapshot, offset)
+            }
             SnapshotNext::Ignored | SnapshotNext::Finished => FollowUp::Nothing,
         }
     }

@@ -35,6 +35,14 @@ pub enum Event {
         /// The batch, or the failure.
         result: Result<CatchUpBatch, StorageError>,
     },
+    /// The answer to [`Action::ReadSnapshot`] with the same `read_id`: the
+    /// chunk's bytes, or why they could not be read (the snapshot replaced, I/O).
+    SnapshotRead {
+        /// The id the action carried.
+        read_id: u64,
+        /// The chunk, or the failure.
+        result: Result<Vec<u8>, StorageError>,
+    },
 }
 
 /// Operator requests.
@@ -61,7 +69,22 @@ pub enum Action {
     Append(Vec<WalEntry>),
     /// Remove log entries with index `>= from`, durably.
     Truncate(LogIndex),
-    /// Replace log and state machine with a snapshot received from the primary.
+    /// Write a chunk of a snapshot arriving from the primary into the log store:
+    /// the chunks come in order from offset 0 (a chunk at offset 0 starts the
+    /// snapshot over, discarding what was written); the last (`done`) finishes
+    /// it, and [`Action::InstallSnapshot`] follows.
+    StageSnapshot {
+        /// The snapshot the chunk belongs to (its position and whole size).
+        snapshot: Snapshot,
+        /// Where the chunk starts.
+        offset: u64,
+        /// The chunk's bytes.
+        data: Vec<u8>,
+        /// The last chunk.
+        done: bool,
+    },
+    /// Replace log and state machine with the snapshot received from the primary
+    /// (written by [`Action::StageSnapshot`]).
     InstallSnapshot(Snapshot),
     /// Reset the state machine to its empty initial state; the engine then replays
     /// the log with [`Action::Apply`] (async-mode rewind after a failover).
@@ -105,6 +128,19 @@ pub enum Action {
         /// At most this many entries.
         max_entries: usize,
         /// The byte bound (by [`WalEntry::approx_size`]).
+        max_bytes: usize,
+    },
+    /// Read a chunk of a kept snapshot for a peer
+    /// ([`crate::log_store::LogStore::read_snapshot`]) and report it with
+    /// [`Event::SnapshotRead`].
+    ReadSnapshot {
+        /// Echoed in [`Event::SnapshotRead`].
+        read_id: u64,
+        /// The snapshot.
+        snapshot: Snapshot,
+        /// Where the chunk starts.
+        offset: u64,
+        /// At most this many bytes.
         max_bytes: usize,
     },
     /// Send a request to a peer; deliver its response as [`Event::Response`].

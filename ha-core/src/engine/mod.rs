@@ -24,12 +24,17 @@
 //!   later replacement of the state machine superseded it.
 //! - [`Action::ReadEntries`] may complete asynchronously; the driver reports the
 //!   entries (or the failure) with [`Event::EntriesRead`], always, exactly once.
+//!   So may [`Action::ReadSnapshot`], reported with [`Event::SnapshotRead`].
+//! - [`Action::StageSnapshot`] writes its chunk before the next action.
 //!
 //! # Memory and the durable log
 //! The engine keeps in memory only the entries after its latest snapshot. A peer
 //! that needs older entries is served from the durable log: the engine asks for them
 //! with [`Action::ReadEntries`] and sends them when they arrive; if the log no longer
-//! holds them (its retention policy purged them) the peer gets the snapshot.
+//! holds them (its retention policy purged them) the peer gets the snapshot, one
+//! chunk at a time, each read from the log store ([`Action::ReadSnapshot`]) and
+//! written into the peer's ([`Action::StageSnapshot`]): the engine holds a
+//! snapshot's position and size, never its bytes.
 
 mod acks;
 mod commit;
@@ -216,6 +221,7 @@ impl Engine {
             Event::SnapshotTaken(snap) => self.on_snapshot_taken(snap),
             Event::Admin(id, admin) => self.on_admin(id, admin),
             Event::EntriesRead { read_id, result } => self.on_entries_read(read_id, result),
+            Event::SnapshotRead { read_id, result } => self.on_snapshot_read(read_id, result),
         }
         self.stale_reply_term = None;
         self.after_step();
@@ -419,6 +425,20 @@ impl Engine {
         let Some(at) = self.log.position_at(self.applied) else {
             return;
         };
+        let progress_since = Instant(
+            self.now
+                .0
+                .saturating_sub(2 * self.cfg.rpc_timeout.as_nanos() as u64),
+        );
+        if self
+            .leader_state
+            .as_ref()
+            .and_then(|ls| ls.peer.as_ref())
+            .is_some_and(|p| p.snapshot_transfer_active(progress_since))
+        {
+            // Not while a transfer makes progress (`Progress::snapshot_transfer_active`).
+            return;
+        }
         self.snapshot_requested = true;
         self.snapshot_base = self.applied;
         self.emit(Action::TakeSnapshot(at));

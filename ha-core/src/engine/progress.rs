@@ -27,6 +27,7 @@
 
 use std::collections::VecDeque;
 
+use crate::log_store::Snapshot;
 use crate::message::SnapshotAck;
 use crate::types::{Instant, LogIndex, NodeId, Position};
 
@@ -48,12 +49,23 @@ pub(super) enum Flow {
         /// Whether to pipeline again once the read's batch is sent.
         replicating: bool,
     },
+    /// A snapshot chunk is being read from the log store.
+    ReadingSnapshot {
+        /// Echoed by the read's answer.
+        read_id: u64,
+        /// The snapshot.
+        snapshot: Snapshot,
+        /// The chunk's offset.
+        offset: u64,
+        /// When it was issued.
+        since: Instant,
+    },
     /// A snapshot chunk is in flight.
     Snapshot {
         /// The request id of the chunk's `InstallSnapshot`.
         rid: u64,
         /// The snapshot it belongs to.
-        at: Position,
+        snapshot: Snapshot,
         /// When it was sent.
         since: Instant,
     },
@@ -86,6 +98,8 @@ pub(super) struct Progress {
     /// Where the peer's staging of a snapshot stands (the offset it asked for
     /// next): a transfer cut short (a timeout, a lost connection) resumes there.
     snapshot_resume: Option<(Position, u64)>,
+    /// When the peer last asked for a snapshot's next chunk.
+    snapshot_progress: Option<Instant>,
 }
 
 /// What the answer to a snapshot chunk asks for.
@@ -93,8 +107,9 @@ pub(super) struct Progress {
 pub(super) enum SnapshotNext {
     /// Not the answer to the chunk in flight.
     Ignored,
-    /// The peer staged what it has and wants the chunk from this offset.
-    Chunk(u64),
+    /// The peer staged what it has and wants this snapshot's chunk from this
+    /// offset.
+    Chunk(Snapshot, u64),
     /// The transfer ended (installed, held already, or refused).
     Finished,
 }
@@ -111,6 +126,7 @@ impl Progress {
             inflight: VecDeque::new(),
             reset_after: 0,
             snapshot_resume: None,
+            snapshot_progress: None,
         }
     }
 
@@ -127,7 +143,7 @@ impl Progress {
                 self.inflight.is_empty()
                     || (self.inflight.len() < window.max(1) && self.inflight_bytes() < max_bytes)
             }
-            Flow::Reading { .. } | Flow::Snapshot { .. } => false,
+            Flow::Reading { .. } | Flow::ReadingSnapshot { .. } | Flow::Snapshot { .. } => false,
         }
     }
 
@@ -260,13 +276,54 @@ impl Progress {
         }
     }
 
-    /// A chunk of the snapshot at `at` was sent under `rid`.
-    pub(super) fn sent_snapshot(&mut self, rid: u64, at: Position, now: Instant) {
-        self.flow = Flow::Snapshot {
-            rid,
-            at,
+    /// A chunk of `snapshot` from `offset` is being read under `read_id`.
+    pub(super) fn start_snapshot_read(
+        &mut self,
+        read_id: u64,
+        snapshot: Snapshot,
+        offset: u64,
+        now: Instant,
+    ) {
+        self.flow = Flow::ReadingSnapshot {
+            read_id,
+            snapshot,
+            offset,
             since: now,
         };
+    }
+
+    /// The snapshot and offset the read `read_id` is for, if it is the one
+    /// running (the flow stays until the chunk is sent, or expires).
+    pub(super) fn snapshot_read(&self, read_id: u64) -> Option<(Snapshot, u64)> {
+        match self.flow {
+            Flow::ReadingSnapshot {
+                read_id: id,
+                snapshot,
+                offset,
+                ..
+            } if id == read_id => Some((snapshot, offset)),
+            _ => None,
+        }
+    }
+
+    /// A chunk of `snapshot` was sent under `rid`.
+    pub(super) fn sent_snapshot(&mut self, rid: u64, snapshot: Snapshot, now: Instant) {
+        self.flow = Flow::Snapshot {
+            rid,
+            snapshot,
+            since: now,
+        };
+    }
+
+    /// True while a snapshot transfer to the peer makes progress: it asked
+    /// for a chunk since `since` and one is being read or in flight. The
+    /// primary takes no new snapshot meanwhile, or a transfer longer than two
+    /// snapshot intervals would lose the one it sends and start over for ever.
+    pub(super) fn snapshot_transfer_active(&self, since: Instant) -> bool {
+        matches!(
+            self.flow,
+            Flow::ReadingSnapshot { .. } | Flow::Snapshot { .. }
+        ) && self.snapshot_progress.is_some_and(|t| t >= since)
     }
 
     /// The offset to send the snapshot at `at` from: where the peer's staging of
@@ -288,17 +345,22 @@ impl Progress {
         ack: &SnapshotAck,
         own_last: LogIndex,
         reset_id: u64,
+        now: Instant,
     ) -> SnapshotNext {
-        let at = match self.flow {
-            Flow::Snapshot { rid: r, at, .. } if r == rid => at,
+        let snapshot = match self.flow {
+            Flow::Snapshot {
+                rid: r, snapshot, ..
+            } if r == rid => snapshot,
             _ => return SnapshotNext::Ignored,
         };
         let (installed, last) = (ack.installed, ack.last);
         if let (false, Some(offset)) = (installed, ack.next_offset) {
-            self.snapshot_resume = Some((at, offset));
-            return SnapshotNext::Chunk(offset);
+            self.snapshot_resume = Some((snapshot.last_included, offset));
+            self.snapshot_progress = Some(now);
+            return SnapshotNext::Chunk(snapshot, offset);
         }
         self.snapshot_resume = None;
+        self.snapshot_progress = None;
         if installed && last.index > self.matched {
             // Installed durably: the peer's log starts after the snapshot.
             self.matched = last.index;
@@ -315,7 +377,11 @@ impl Progress {
     /// Gives up on a read or snapshot that has not answered since `before`.
     pub(super) fn expire(&mut self, before: Instant) {
         match self.flow {
-            Flow::Reading { since, .. } | Flow::Snapshot { since, .. } if since <= before => {
+            Flow::Reading { since, .. }
+            | Flow::ReadingSnapshot { since, .. }
+            | Flow::Snapshot { since, .. }
+                if since <= before =>
+            {
                 self.flow = Flow::Probe;
             }
             _ => {}
@@ -424,6 +490,13 @@ mod tests {
         assert_eq!(p.flow(), Flow::Probe);
     }
 
+    fn snap(i: u64) -> Snapshot {
+        Snapshot {
+            last_included: pos(i),
+            size: 1 << 20,
+        }
+    }
+
     fn snap_ack(installed: bool, last: u64, next_offset: Option<u64>) -> SnapshotAck {
         SnapshotAck {
             snapshot_term: Term::ZERO,
@@ -436,26 +509,26 @@ mod tests {
     #[test]
     fn only_the_answer_to_the_snapshot_in_flight_moves_the_peer() {
         let mut p = peer();
-        p.sent_snapshot(5, pos(50), ms(0));
+        p.sent_snapshot(5, snap(50), ms(0));
         assert!(!p.may_send(8, 1 << 20));
         // An answer to an older snapshot request is stale.
         let done = snap_ack(true, 50, None);
         assert_eq!(
-            p.snapshot_answered(4, &done, LogIndex(60), 10),
+            p.snapshot_answered(4, &done, LogIndex(60), 10, ms(0)),
             SnapshotNext::Ignored
         );
         assert_eq!(p.matched, LogIndex::ZERO);
         assert_eq!(
-            p.snapshot_answered(5, &done, LogIndex(60), 10),
+            p.snapshot_answered(5, &done, LogIndex(60), 10, ms(0)),
             SnapshotNext::Finished
         );
         assert_eq!(p.matched, LogIndex(50));
         assert_eq!(p.next, LogIndex(51));
         assert_eq!(p.flow(), Flow::Probe);
         // Kept its own newer state: probe from there, without raising the match.
-        p.sent_snapshot(6, pos(50), ms(1));
+        p.sent_snapshot(6, snap(50), ms(1));
         assert_eq!(
-            p.snapshot_answered(6, &snap_ack(false, 55, None), LogIndex(60), 11),
+            p.snapshot_answered(6, &snap_ack(false, 55, None), LogIndex(60), 11, ms(1)),
             SnapshotNext::Finished
         );
         assert_eq!(p.matched, LogIndex(50));
@@ -466,23 +539,26 @@ mod tests {
     fn a_snapshot_transfer_cut_short_resumes_where_the_peer_staging_stood() {
         let mut p = peer();
         assert_eq!(p.snapshot_offset(pos(50)), 0);
-        p.sent_snapshot(5, pos(50), ms(0));
+        p.sent_snapshot(5, snap(50), ms(0));
         let staged = snap_ack(false, 10, Some(4096));
         assert_eq!(
-            p.snapshot_answered(5, &staged, LogIndex(60), 10),
-            SnapshotNext::Chunk(4096)
+            p.snapshot_answered(5, &staged, LogIndex(60), 10, ms(0)),
+            SnapshotNext::Chunk(snap(50), 4096)
         );
         assert_eq!(p.matched, LogIndex::ZERO, "staging raises nothing");
         // The next chunk times out: the transfer starts over from the staging.
-        p.sent_snapshot(6, pos(50), ms(1));
+        p.sent_snapshot(6, snap(50), ms(1));
+        assert!(p.snapshot_transfer_active(ms(0)), "it made progress at 0");
+        assert!(!p.snapshot_transfer_active(ms(1)), "not since 1");
         p.expire(ms(1));
+        assert!(!p.snapshot_transfer_active(ms(0)), "nothing in flight");
         assert_eq!(p.flow(), Flow::Probe);
         assert_eq!(p.snapshot_offset(pos(50)), 4096);
         // Another snapshot starts from its beginning.
         assert_eq!(p.snapshot_offset(pos(70)), 0);
         // The end of a transfer forgets where it stood.
-        p.sent_snapshot(7, pos(50), ms(2));
-        p.snapshot_answered(7, &snap_ack(true, 50, None), LogIndex(60), 12);
+        p.sent_snapshot(7, snap(50), ms(2));
+        p.snapshot_answered(7, &snap_ack(true, 50, None), LogIndex(60), 12, ms(2));
         assert_eq!(p.snapshot_offset(pos(50)), 0);
     }
 

@@ -275,7 +275,7 @@ impl Engine {
     /// Async mode only: entries `from..=applied` are being discarded.
     fn rewind_state_machine(&mut self, from: LogIndex) -> bool {
         let restore_to = match &self.snapshot {
-            Some(s) if s.last_included.index < from => Some(s.clone()),
+            Some(s) if s.last_included.index < from => Some(*s),
             Some(_) => return false,
             None if self.log.snapshot().index == LogIndex::ZERO => None,
             None => return false,
@@ -430,10 +430,32 @@ impl Engine {
                 refuse(self, self.log.last());
                 return;
             }
-            let data = match Staging::take(&mut self.staging, s) {
-                Staged::Complete(data) => data,
+            let snapshot = Snapshot {
+                last_included: snap_pos,
+                size: s.size,
+            };
+            match Staging::take(&mut self.staging, &s) {
+                Staged::Take { done } => {
+                    let (offset, end) = (s.offset, s.offset + s.data.len() as u64);
+                    self.emit(Action::StageSnapshot {
+                        snapshot,
+                        offset,
+                        data: s.data,
+                        done,
+                    });
+                    if !done {
+                        // Installed once its last chunk is.
+                        let ack = SnapshotAck {
+                            snapshot_term: snap_pos.term,
+                            installed: false,
+                            last: self.log.last(),
+                            next_offset: Some(end),
+                        };
+                        self.respond(from, rid, Response::SnapshotAck(ack));
+                        return;
+                    }
+                }
                 Staged::Wants(offset) => {
-                    // Staged; the snapshot is installed once its last chunk is.
                     let ack = SnapshotAck {
                         snapshot_term: snap_pos.term,
                         installed: false,
@@ -448,7 +470,7 @@ impl Engine {
                     refuse(self, self.log.last());
                     return;
                 }
-            };
+            }
             if snap_pos.index < self.applied {
                 // Async mode: the snapshot replaces applied entries a failover
                 // discarded.
@@ -457,15 +479,11 @@ impl Engine {
                     .collect();
                 self.emit(Action::Discarded(discarded));
             }
-            let snapshot = Snapshot {
-                last_included: snap_pos,
-                data,
-            };
             self.log.reset_to(snap_pos);
             self.durable = snap_pos.index;
             self.commit = snap_pos.index;
             self.applied = snap_pos.index;
-            self.snapshot = Some(snapshot.clone());
+            self.snapshot = Some(snapshot);
             self.emit(Action::InstallSnapshot(snapshot));
         } else {
             self.staging = None;

@@ -4,7 +4,7 @@
 
 use super::{Action, Engine};
 use crate::error::StorageError;
-use crate::log_store::CatchUpBatch;
+use crate::log_store::{CatchUpBatch, Snapshot};
 use crate::message::{InstallSnapshot, Request, WalBatch};
 use crate::types::{NodeId, Position, WalEntry};
 
@@ -104,43 +104,85 @@ impl Engine {
     /// it was cut short, else from the start.
     pub(super) fn send_snapshot(&mut self, peer: NodeId) {
         let (Some(snap), Some(p)) = (
-            self.snapshot.as_ref(),
+            self.snapshot,
             self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()),
         ) else {
             return;
         };
         let offset = p.snapshot_offset(snap.last_included);
-        self.send_snapshot_chunk(peer, offset);
+        self.send_snapshot_chunk(peer, snap, offset);
     }
 
-    /// Sends the latest snapshot's chunk from `offset` (from its start if
-    /// `offset` is past its end: the peer asked for another snapshot's).
-    pub(super) fn send_snapshot_chunk(&mut self, peer: NodeId, offset: u64) {
-        let Some(snap) = self.snapshot.as_ref() else {
+    /// Reads `snap`'s chunk from `offset` (from its start if `offset` is past
+    /// its end: the peer asked for another snapshot's), to send once read
+    /// ([`Self::on_snapshot_read`]). A transfer goes on with the snapshot it
+    /// started with while the store keeps it.
+    pub(super) fn send_snapshot_chunk(&mut self, peer: NodeId, snap: Snapshot, offset: u64) {
+        let offset = if offset <= snap.size { offset } else { 0 };
+        let read_id = self.next_request_id();
+        let now = self.now;
+        let Some(p) = self
+            .leader_state
+            .as_mut()
+            .and_then(|ls| ls.peer.as_mut())
+            .filter(|p| p.id == peer)
+        else {
             return;
         };
-        let size = snap.data.len();
-        let start = usize::try_from(offset)
-            .ok()
-            .filter(|o| *o <= size)
-            .unwrap_or(0);
-        let end = start
-            .saturating_add(self.cfg.snapshot_chunk_bytes)
-            .min(size);
-        let at = snap.last_included;
+        p.start_snapshot_read(read_id, snap, offset, now);
+        self.emit(Action::ReadSnapshot {
+            read_id,
+            snapshot: snap,
+            offset,
+            max_bytes: self.cfg.snapshot_chunk_bytes,
+        });
+    }
+
+    /// A snapshot chunk was read for the peer: send it. A failed read (the
+    /// snapshot was replaced meanwhile, or I/O) is retried once the flow
+    /// expires.
+    pub(super) fn on_snapshot_read(&mut self, read_id: u64, result: Result<Vec<u8>, StorageError>) {
+        let Some(p) = self.leader_state.as_ref().and_then(|ls| ls.peer.as_ref()) else {
+            return;
+        };
+        let Some((snap, offset)) = p.snapshot_read(read_id) else {
+            return;
+        };
+        let (peer, at) = (p.id, snap.last_included);
+        let want = usize::try_from(snap.size - offset)
+            .unwrap_or(usize::MAX)
+            .min(self.cfg.snapshot_chunk_bytes);
+        let data = match result {
+            Ok(data) if data.len() == want => data,
+            Ok(data) => {
+                tracing::warn!(node = %self.id, %peer, snapshot = %at, offset, read = data.len(), want, "the log store returned a snapshot chunk of the wrong size");
+                return;
+            }
+            Err(e) => {
+                if let Some(latest) = self.snapshot.filter(|s| *s != snap) {
+                    // The store dropped it for newer ones: send the latest.
+                    tracing::info!(node = %self.id, %peer, snapshot = %at, latest = %latest.last_included, "the snapshot being sent was replaced; sending the latest");
+                    self.send_snapshot_chunk(peer, latest, 0);
+                } else {
+                    tracing::warn!(node = %self.id, %peer, snapshot = %at, offset, error = %e, "cannot read the snapshot for the standby");
+                }
+                return;
+            }
+        };
+        let end = offset + data.len() as u64;
         let req = InstallSnapshot {
             last_included: at,
-            size: size as u64,
-            offset: start as u64,
-            data: snap.data[start..end].to_vec(),
-            done: end == size,
+            size: snap.size,
+            offset,
+            data,
+            done: end == snap.size,
             commit: self.commit,
             leader_last: self.log.last(),
         };
         let rid = self.send(peer, Request::InstallSnapshot(req));
         let now = self.now;
         if let Some(p) = self.leader_state.as_mut().and_then(|ls| ls.peer.as_mut()) {
-            p.sent_snapshot(rid, at, now);
+            p.sent_snapshot(rid, snap, now);
         }
     }
 

@@ -1,25 +1,31 @@
-//! The receiving side of a chunked snapshot transfer: chunks are staged in
-//! order and the snapshot is handed over only once its last chunk arrived
-//! (protocol.md, "Fencing, rejoin, catch-up").
+//! The receiving side of a chunked snapshot transfer: which chunk is next.
+//! Chunks are taken in order (their bytes go to the log store with
+//! [`super::Action::StageSnapshot`], never into the engine's memory) and the
+//! snapshot is installed only once its last chunk arrived (protocol.md,
+//! "Fencing, rejoin, catch-up").
 
 use crate::message::InstallSnapshot;
 use crate::types::Position;
 
-/// A snapshot being received: the chunks staged so far, in order.
+/// A snapshot being received: how much of it was staged, in order.
 #[derive(Debug)]
 pub(super) struct Staging {
     at: Position,
     size: u64,
-    data: Vec<u8>,
+    have: u64,
 }
 
 /// What became of a chunk.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Staged {
-    /// Staged (or not the one expected): the sender should go on from here.
+    /// The chunk follows what was staged: stage it. `done`: it is the last.
+    Take {
+        /// The last chunk: the snapshot is complete once it is written.
+        done: bool,
+    },
+    /// Not the chunk expected (nothing to stage): the sender should go on
+    /// from this offset.
     Wants(u64),
-    /// The last chunk: the whole snapshot.
-    Complete(Vec<u8>),
     /// The chunk contradicts itself (its end past the announced size, or `done`
     /// not at the end); nothing was staged.
     Invalid(&'static str),
@@ -30,7 +36,7 @@ impl Staging {
     /// another size) restarts the staging from its first chunk; a chunk that
     /// does not follow what is staged (a duplicate, or one after a lost one) is
     /// answered with where the staging stands.
-    pub(super) fn take(staging: &mut Option<Staging>, chunk: InstallSnapshot) -> Staged {
+    pub(super) fn take(staging: &mut Option<Staging>, chunk: &InstallSnapshot) -> Staged {
         let len = chunk.data.len() as u64;
         let Some(end) = chunk.offset.checked_add(len).filter(|e| *e <= chunk.size) else {
             return Staged::Invalid("the chunk ends past the snapshot's size");
@@ -50,19 +56,16 @@ impl Staging {
         let s = staging.get_or_insert_with(|| Staging {
             at: chunk.last_included,
             size: chunk.size,
-            data: Vec::new(),
+            have: 0,
         });
-        let have = s.data.len() as u64;
-        if chunk.offset != have {
-            return Staged::Wants(have);
+        if chunk.offset != s.have {
+            return Staged::Wants(s.have);
         }
-        s.data.extend_from_slice(&chunk.data);
+        s.have = end;
         if chunk.done {
-            let data = staging.take().map(|s| s.data).unwrap_or_default();
-            Staged::Complete(data)
-        } else {
-            Staged::Wants(end)
+            *staging = None;
         }
+        Staged::Take { done: chunk.done }
     }
 }
 
@@ -83,75 +86,43 @@ mod tests {
         }
     }
 
+    const TAKE: Staged = Staged::Take { done: false };
+    const LAST: Staged = Staged::Take { done: true };
+
+    fn take(st: &mut Option<Staging>, c: InstallSnapshot) -> Staged {
+        Staging::take(st, &c)
+    }
+
     #[test]
-    fn chunks_in_order_give_the_whole_snapshot() {
+    fn chunks_in_order_are_taken_up_to_the_last() {
         let mut st = None;
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 0, b"ab")),
-            Staged::Wants(2)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 2, b"cd")),
-            Staged::Wants(4)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 4, b"ef")),
-            Staged::Complete(b"abcdef".to_vec())
-        );
-        assert!(st.is_none(), "a completed staging is handed over");
+        assert_eq!(take(&mut st, chunk(9, 6, 0, b"ab")), TAKE);
+        assert_eq!(take(&mut st, chunk(9, 6, 2, b"cd")), TAKE);
+        assert_eq!(take(&mut st, chunk(9, 6, 4, b"ef")), LAST);
+        assert!(st.is_none(), "a completed staging is over");
     }
 
     #[test]
     fn duplicated_lost_and_reordered_chunks_are_answered_with_the_staged_offset() {
         let mut st = None;
         // A later chunk before the first: start from the beginning.
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 2, b"cd")),
-            Staged::Wants(0)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 0, b"ab")),
-            Staged::Wants(2)
-        );
+        assert_eq!(take(&mut st, chunk(9, 6, 2, b"cd")), Staged::Wants(0));
+        assert_eq!(take(&mut st, chunk(9, 6, 0, b"ab")), TAKE);
         // A duplicate of the first: nothing staged twice.
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 0, b"ab")),
-            Staged::Wants(2)
-        );
+        assert_eq!(take(&mut st, chunk(9, 6, 0, b"ab")), Staged::Wants(2));
         // One after a lost chunk: go on from what is staged.
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 4, b"ef")),
-            Staged::Wants(2)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 2, b"cd")),
-            Staged::Wants(4)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 4, b"ef")),
-            Staged::Complete(b"abcdef".to_vec())
-        );
+        assert_eq!(take(&mut st, chunk(9, 6, 4, b"ef")), Staged::Wants(2));
+        assert_eq!(take(&mut st, chunk(9, 6, 2, b"cd")), TAKE);
+        assert_eq!(take(&mut st, chunk(9, 6, 4, b"ef")), LAST);
     }
 
     #[test]
     fn a_chunk_of_another_snapshot_restarts_the_staging() {
         let mut st = None;
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 6, 0, b"ab")),
-            Staged::Wants(2)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(12, 4, 2, b"zz")),
-            Staged::Wants(0)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(12, 4, 0, b"wx")),
-            Staged::Wants(2)
-        );
-        assert_eq!(
-            Staging::take(&mut st, chunk(12, 4, 2, b"yz")),
-            Staged::Complete(b"wxyz".to_vec())
-        );
+        assert_eq!(take(&mut st, chunk(9, 6, 0, b"ab")), TAKE);
+        assert_eq!(take(&mut st, chunk(12, 4, 2, b"zz")), Staged::Wants(0));
+        assert_eq!(take(&mut st, chunk(12, 4, 0, b"wx")), TAKE);
+        assert_eq!(take(&mut st, chunk(12, 4, 2, b"yz")), LAST);
     }
 
     #[test]
@@ -159,27 +130,15 @@ mod tests {
         let mut st = None;
         let mut past_end = chunk(9, 3, 2, b"cd");
         past_end.done = true;
-        assert!(matches!(
-            Staging::take(&mut st, past_end),
-            Staged::Invalid(_)
-        ));
+        assert!(matches!(take(&mut st, past_end), Staged::Invalid(_)));
         let mut early_done = chunk(9, 6, 0, b"ab");
         early_done.done = true;
-        assert!(matches!(
-            Staging::take(&mut st, early_done),
-            Staged::Invalid(_)
-        ));
+        assert!(matches!(take(&mut st, early_done), Staged::Invalid(_)));
         let mut overflow = chunk(9, 6, u64::MAX, b"ab");
         overflow.done = false;
-        assert!(matches!(
-            Staging::take(&mut st, overflow),
-            Staged::Invalid(_)
-        ));
+        assert!(matches!(take(&mut st, overflow), Staged::Invalid(_)));
         assert!(st.is_none(), "nothing staged");
         // An empty snapshot is one empty chunk.
-        assert_eq!(
-            Staging::take(&mut st, chunk(9, 0, 0, b"")),
-            Staged::Complete(Vec::new())
-        );
+        assert_eq!(take(&mut st, chunk(9, 0, 0, b"")), LAST);
     }
 }

@@ -21,15 +21,14 @@ pub(super) struct SnapshotSave<'s> {
 
 /// Where a snapshot save is.
 pub(super) enum SavePhase<'s> {
-    /// Its capture is being serialized; resolves with two copies, one for the
-    /// store and one for the engine.
-    Serializing(BoxFut<'static, Result<(Snapshot, Snapshot), StorageError>>),
-    /// Serialized; its save is issued once every earlier save was (saves reach the
+    /// Its capture is being written into the store's snapshot writer.
+    Serializing(BoxFut<'static, Result<Snapshot, StorageError>>),
+    /// Written; its save is issued once every earlier save was (saves reach the
     /// store in the order they were taken).
-    Serialized { store: Snapshot, engine: Snapshot },
+    Serialized(Snapshot),
     /// The store is saving it.
     Saving {
-        engine: Snapshot,
+        snapshot: Snapshot,
         running: BoxFut<'s, Result<(), StorageError>>,
     },
     /// Finished (or failed, or went stale before its save was issued).
@@ -46,6 +45,12 @@ pub(super) struct PendingRead<'s> {
     pub(super) running: BoxFut<'s, Result<CatchUpBatch, StorageError>>,
 }
 
+/// A read of a snapshot chunk for the engine.
+pub(super) struct PendingSnapshotRead<'s> {
+    pub(super) read_id: u64,
+    pub(super) running: BoxFut<'s, Result<Vec<u8>, StorageError>>,
+}
+
 /// A store operation that finished in the background.
 pub(super) enum Finished {
     /// Appends are durable up to this position.
@@ -59,6 +64,12 @@ pub(super) enum Finished {
         read_id: u64,
         result: Result<CatchUpBatch, StorageError>,
     },
+    /// A snapshot chunk read for the engine finished (its failure, too, is the
+    /// engine's to handle).
+    SnapshotRead {
+        read_id: u64,
+        result: Result<Vec<u8>, StorageError>,
+    },
 }
 
 /// Everything in flight.
@@ -69,6 +80,8 @@ pub(super) struct Background<'s> {
     pub(super) snapshots: VecDeque<SnapshotSave<'s>>,
     /// Reads for the engine; a handful at most (one per peer).
     pub(super) reads: Vec<PendingRead<'s>>,
+    /// Snapshot chunk reads for the engine (one per peer at most).
+    pub(super) snapshot_reads: Vec<PendingSnapshotRead<'s>>,
     /// Purges of the log's compacted prefix: nothing waits for them (the store
     /// orders later operations after them), but their failure fails the node.
     pub(super) purges: Vec<BoxFut<'s, Result<(), StorageError>>>,
@@ -83,6 +96,7 @@ impl<'s> Background<'s> {
             appends: FutureSet::new(),
             snapshots: VecDeque::new(),
             reads: Vec::new(),
+            snapshot_reads: Vec::new(),
             purges: Vec::new(),
             failed: None,
         }
@@ -92,6 +106,7 @@ impl<'s> Background<'s> {
         self.appends.is_empty()
             && self.snapshots.is_empty()
             && self.reads.is_empty()
+            && self.snapshot_reads.is_empty()
             && self.purges.is_empty()
             && self.failed.is_none()
     }
@@ -143,6 +158,12 @@ impl<'s> Background<'s> {
                 return Poll::Ready(Ok(Finished::EntriesRead { read_id, result }));
             }
         }
+        for k in 0..self.snapshot_reads.len() {
+            if let Poll::Ready(result) = self.snapshot_reads[k].running.as_mut().poll(cx) {
+                let read_id = self.snapshot_reads.swap_remove(k).read_id;
+                return Poll::Ready(Ok(Finished::SnapshotRead { read_id, result }));
+            }
+        }
         // Saves are reported in the order they were taken.
         if self
             .snapshots
@@ -184,7 +205,7 @@ fn advance<'s>(
 ) -> SavePhase<'s> {
     let phase = match phase {
         SavePhase::Serializing(mut fut) => match fut.as_mut().poll(cx) {
-            Poll::Ready(Ok((store, engine))) => SavePhase::Serialized { store, engine },
+            Poll::Ready(Ok(snapshot)) => SavePhase::Serialized(snapshot),
             Poll::Ready(Err(e)) => SavePhase::Done(Err(e)),
             Poll::Pending => return SavePhase::Serializing(fut),
         },
@@ -192,20 +213,20 @@ fn advance<'s>(
     };
     let phase = match phase {
         // Superseded before its save was issued: never saved.
-        SavePhase::Serialized { .. } if stale => return SavePhase::Done(Ok(None)),
-        SavePhase::Serialized { store, engine } if earlier_issued => SavePhase::Saving {
-            engine,
-            running: issue_save(store),
+        SavePhase::Serialized(_) if stale => return SavePhase::Done(Ok(None)),
+        SavePhase::Serialized(snapshot) if earlier_issued => SavePhase::Saving {
+            snapshot,
+            running: issue_save(snapshot),
         },
         other => other,
     };
     match phase {
         SavePhase::Saving {
-            engine,
+            snapshot,
             mut running,
         } => match running.as_mut().poll(cx) {
-            Poll::Ready(outcome) => SavePhase::Done(outcome.map(|()| Some(engine))),
-            Poll::Pending => SavePhase::Saving { engine, running },
+            Poll::Ready(outcome) => SavePhase::Done(outcome.map(|()| Some(snapshot))),
+            Poll::Pending => SavePhase::Saving { snapshot, running },
         },
         other => other,
     }

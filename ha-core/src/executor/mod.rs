@@ -50,14 +50,17 @@ pub(crate) use self::mutations::ExecutorMutations;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::poll_fn;
+use std::io::Write;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use self::background::{durable, Background, Finished, PendingRead, SavePhase, SnapshotSave};
+use self::background::{
+    durable, Background, Finished, PendingRead, PendingSnapshotRead, SavePhase, SnapshotSave,
+};
 use self::futures::BoxFut;
 use crate::engine::{Action, Admin, ClientId, Engine, Event};
 use crate::error::{Error, StorageError};
-use crate::log_store::{LogStore, Snapshot};
+use crate::log_store::{LogStore, Snapshot, SnapshotWriter};
 use crate::message::{Envelope, Request, Response};
 use crate::replicator::{ReadConsistency, WriteAck};
 use crate::state_machine::{StateCapture, StateMachine};
@@ -164,15 +167,12 @@ pub trait Host {
     /// Runs `job` away from the executor's task (it may be slow: a snapshot's
     /// serialization) and resolves with its result. The tokio driver runs it on a
     /// blocking thread; the simulator runs it at once.
-    fn offload(
-        &mut self,
-        job: SnapshotJob,
-    ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>>;
+    fn offload(&mut self, job: SnapshotJob) -> BoxFuture<Result<Snapshot, StorageError>>;
 }
 
-/// A snapshot's serialization, handed to [`Host::offload`]: it resolves with two
-/// copies of the snapshot (one for the store, one the engine keeps).
-pub type SnapshotJob = Box<dyn FnOnce() -> Result<(Snapshot, Snapshot), StorageError> + Send>;
+/// A snapshot's serialization, handed to [`Host::offload`]: it streams a capture
+/// into the log store's snapshot writer and resolves with the finished snapshot.
+pub type SnapshotJob = Box<dyn FnOnce() -> Result<Snapshot, StorageError> + Send>;
 
 /// Runs one engine's actions over a log store, a state machine and a host. See
 /// the module docs.
@@ -187,6 +187,10 @@ pub struct Executor<L: LogStore, S: StateMachine, H: Host> {
     reads: HashMap<ClientId, Vec<u8>>,
     /// Outputs of applied commands, until their client is answered.
     outputs: BTreeMap<LogIndex, Vec<u8>>,
+    /// The snapshot arriving from the primary, written chunk by chunk.
+    receiving: Option<(Snapshot, Box<dyn SnapshotWriter>)>,
+    /// The snapshot received whole and finished, until it is installed.
+    received: Option<Snapshot>,
     mutations: ExecutorMutations,
 }
 
@@ -209,6 +213,8 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
             writes: HashSet::new(),
             reads: HashMap::new(),
             outputs: BTreeMap::new(),
+            receiving: None,
+            received: None,
             mutations: ExecutorMutations::default(),
         }
     }
@@ -290,6 +296,10 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 self.host
                     .notice(Notice::CatchUpRead(result.as_ref().map(|_| ())));
                 self.step(store, bg, Event::EntriesRead { read_id, result })
+                    .await
+            }
+            Finished::SnapshotRead { read_id, result } => {
+                self.step(store, bg, Event::SnapshotRead { read_id, result })
                     .await
             }
         }
@@ -376,14 +386,26 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 durable(bg, store.truncate_suffix(from)).await?;
                 self.outputs.split_off(&from);
             }
+            Action::StageSnapshot {
+                snapshot,
+                offset,
+                data,
+                done,
+            } => self.stage_snapshot(store, snapshot, offset, &data, done)?,
             Action::InstallSnapshot(snapshot) => {
+                if self.received.take() != Some(snapshot) {
+                    return Err(StorageError::Invalid(format!(
+                        "the engine installs the snapshot at {} ({} bytes), which was not received whole",
+                        snapshot.last_included, snapshot.size
+                    )));
+                }
                 // Ordered after any pending save, so the store ends up with this one.
                 bg.supersede_snapshots();
-                let (pos, data) = (snapshot.last_included, snapshot.data.clone());
                 durable(bg, store.install_snapshot(snapshot)).await?;
-                self.sm.restore(pos.index, &data)?;
+                self.restore_from(store, snapshot)?;
                 self.outputs.clear();
-                self.host.notice(Notice::SnapshotInstalled(pos));
+                self.host
+                    .notice(Notice::SnapshotInstalled(snapshot.last_included));
             }
             Action::ResetStateMachine => {
                 self.sm.reset();
@@ -392,20 +414,16 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                     // back what the engine rewinds to (no snapshot: the empty state
                     // at position zero), or the store would keep the discarded state
                     // (and refuse to truncate below it).
-                    let empty = Snapshot {
-                        last_included: Position::ZERO,
-                        data: self.sm.capture().serialize()?,
-                    };
+                    let empty = self.write_empty(store)?;
                     durable(bg, store.save_snapshot(empty)).await?;
                 }
                 self.outputs.clear();
             }
             Action::RestoreStateMachine(snapshot) => {
-                let pos = snapshot.last_included;
-                self.sm.restore(pos.index, &snapshot.data)?;
+                self.restore_from(store, snapshot)?;
                 if bg.supersede_snapshots() {
                     // As above: the store's snapshot goes back to the one the engine
-                    // rewinds to.
+                    // rewinds to (the store keeps it: it is the one before).
                     durable(bg, store.save_snapshot(snapshot)).await?;
                 }
                 self.outputs.clear();
@@ -416,10 +434,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 // entry goes: the store holds an empty log. The state machine was
                 // just reset ([`Action::ResetStateMachine`] always comes first), so
                 // its snapshot is the empty state.
-                let empty = Snapshot {
-                    last_included: Position::ZERO,
-                    data: self.sm.capture().serialize()?,
-                };
+                let empty = self.write_empty(store)?;
                 durable(bg, store.install_snapshot(empty)).await?;
                 durable(bg, store.truncate_suffix(LogIndex(1))).await?;
                 self.outputs.clear();
@@ -434,7 +449,16 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                     bg.purges.push(Box::pin(store.purge_prefix(to)));
                 }
             }
-            Action::TakeSnapshot(at) => self.take_snapshot(bg, at)?,
+            Action::TakeSnapshot(at) => self.take_snapshot(store, bg, at)?,
+            Action::ReadSnapshot {
+                read_id,
+                snapshot,
+                offset,
+                max_bytes,
+            } => bg.snapshot_reads.push(PendingSnapshotRead {
+                read_id,
+                running: Box::pin(store.read_snapshot(snapshot, offset, max_bytes)),
+            }),
             Action::ReadEntries {
                 read_id,
                 next,
@@ -475,6 +499,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
     /// saving it; the save is reported once durable.
     fn take_snapshot<'s>(
         &mut self,
+        store: &'s L,
         bg: &mut Background<'s>,
         at: Position,
     ) -> Result<(), StorageError> {
@@ -484,22 +509,75 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
                 "the engine asked for a snapshot at {at} but the state machine applied up to {applied}"
             )));
         }
-        // The capture is cheap (the state machine's contract); serializing it and
-        // the copy the engine keeps happen off this task, so no tick, heartbeat
-        // or ack waits behind a snapshot.
+        // The capture is cheap (the state machine's contract); streaming it into
+        // the store happens off this task, so no tick, heartbeat or ack waits
+        // behind a snapshot.
+        let mut writer = store.snapshot_writer(at)?;
         let capture = self.sm.capture();
         let serializing = self.host.offload(Box::new(move || {
-            let data = capture.serialize()?;
-            let snapshot = Snapshot {
-                last_included: at,
-                data,
-            };
-            Ok((snapshot.clone(), snapshot))
+            capture.write_to(&mut *writer)?;
+            writer.finish()
         }));
         bg.snapshots.push_back(SnapshotSave {
             stale: false,
             phase: SavePhase::Serializing(serializing),
         });
+        Ok(())
+    }
+
+    /// Writes the (just reset, empty) state machine as the snapshot at position
+    /// zero. Small: it runs here.
+    fn write_empty(&mut self, store: &L) -> Result<Snapshot, StorageError> {
+        let mut writer = store.snapshot_writer(Position::ZERO)?;
+        self.sm.capture().write_to(&mut *writer)?;
+        writer.finish()
+    }
+
+    /// Restores the state machine from a snapshot the store keeps, streamed.
+    fn restore_from(&mut self, store: &L, snapshot: Snapshot) -> Result<(), StorageError> {
+        let mut reader = store.snapshot_reader(snapshot)?;
+        self.sm.restore(snapshot.last_included.index, &mut *reader)
+    }
+
+    /// Writes a chunk of the snapshot arriving from the primary; the engine sends
+    /// them in order, from offset 0 (which starts the snapshot over).
+    fn stage_snapshot(
+        &mut self,
+        store: &L,
+        snapshot: Snapshot,
+        offset: u64,
+        data: &[u8],
+        done: bool,
+    ) -> Result<(), StorageError> {
+        if offset == 0 {
+            self.received = None;
+            self.receiving = Some((snapshot, store.snapshot_writer(snapshot.last_included)?));
+        }
+        let Some((_, writer)) = self
+            .receiving
+            .as_mut()
+            .filter(|(s, w)| *s == snapshot && w.written() == offset)
+        else {
+            return Err(StorageError::Invalid(format!(
+                "a chunk at offset {offset} of the snapshot at {} does not follow what was written",
+                snapshot.last_included
+            )));
+        };
+        writer
+            .write_all(data)
+            .map_err(|e| StorageError::Io(format!("writing a received snapshot: {e}")))?;
+        if done {
+            if let Some((_, writer)) = self.receiving.take() {
+                let finished = writer.finish()?;
+                if finished != snapshot {
+                    return Err(StorageError::Invalid(format!(
+                        "the received snapshot at {} has {} bytes, announced {}",
+                        snapshot.last_included, finished.size, snapshot.size
+                    )));
+                }
+                self.received = Some(finished);
+            }
+        }
         Ok(())
     }
 

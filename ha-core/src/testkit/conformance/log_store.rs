@@ -2,6 +2,7 @@
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::io::{Read, Write};
 
 use crate::error::StorageError;
 use crate::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
@@ -39,6 +40,9 @@ pub async fn log_store_suite<S: LogStore>(
     check_install_snapshot_conflicting(&make()).await;
     check_install_snapshot_beyond_log(&make()).await;
     check_install_snapshot_on_empty(&make()).await;
+    check_snapshot_streams(&make()).await;
+    check_snapshots_kept(&make()).await;
+    check_unfinished_snapshot_discarded(&make()).await;
     if let Some(reopen) = reopen {
         check_reopen(make(), reopen).await;
     }
@@ -68,11 +72,55 @@ fn entries(t: u64, from: u64, to: u64) -> Vec<WalEntry> {
     (from..=to).map(|i| entry(t, i)).collect()
 }
 
-fn snapshot(at: Position) -> Snapshot {
-    Snapshot {
-        last_included: at,
-        data: format!("state at {at}").into_bytes(),
+/// The bytes of the suite's snapshot at `at`.
+fn state_at(at: Position) -> Vec<u8> {
+    format!("state at {at}").into_bytes()
+}
+
+/// Writes the suite's snapshot at `at` into `store` (finished, not saved).
+fn snapshot<S: LogStore>(store: &S, at: Position) -> Snapshot {
+    write_snapshot(store, at, &state_at(at))
+}
+
+/// Writes `data` as a snapshot at `at`, in pieces (finished, not saved).
+fn write_snapshot<S: LogStore>(store: &S, at: Position, data: &[u8]) -> Snapshot {
+    let mut w = match store.snapshot_writer(at) {
+        Ok(w) => w,
+        Err(e) => panic!("[log_store_suite] snapshot_writer at {at} failed: {e}"),
+    };
+    for piece in data.chunks(4096) {
+        if let Err(e) = w.write_all(piece) {
+            panic!("[log_store_suite] writing the snapshot at {at} failed: {e}");
+        }
     }
+    assert_eq!(
+        w.written(),
+        data.len() as u64,
+        "[log_store_suite] a snapshot writer counts what it wrote"
+    );
+    match w.finish() {
+        Ok(s) => {
+            assert_eq!(
+                s,
+                Snapshot {
+                    last_included: at,
+                    size: data.len() as u64
+                },
+                "[log_store_suite] a finished snapshot names its position and size"
+            );
+            s
+        }
+        Err(e) => panic!("[log_store_suite] finishing the snapshot at {at} failed: {e}"),
+    }
+}
+
+/// Reads a snapshot whole, with `snapshot_reader`.
+fn read_whole<S: LogStore>(store: &S, snap: Snapshot) -> Result<Vec<u8>, StorageError> {
+    let mut r = store.snapshot_reader(snap)?;
+    let mut out = Vec::new();
+    r.read_to_end(&mut out)
+        .map_err(|e| StorageError::Io(e.to_string()))?;
+    Ok(out)
 }
 
 /// Awaits a store operation that must succeed.
@@ -331,8 +379,8 @@ pub async fn check_truncate_then_append<S: LogStore>(store: &S) {
 pub async fn check_purge_prefix<S: LogStore>(store: &S) {
     const C: &str = "purge_prefix";
     ok(C, "append 1..=10", store.append(entries(1, 1, 10))).await;
-    let snap = snapshot(pos(1, 5));
-    ok(C, "save_snapshot at 5", store.save_snapshot(snap.clone())).await;
+    let snap = snapshot(store, pos(1, 5));
+    ok(C, "save_snapshot at 5", store.save_snapshot(snap)).await;
     ok(C, "purge_prefix(5)", store.purge_prefix(LogIndex(5))).await;
     invalid(
         C,
@@ -423,7 +471,7 @@ pub async fn check_read_batch<S: LogStore>(store: &S) {
     ok(
         C,
         "save_snapshot at 8",
-        store.save_snapshot(snapshot(pos(1, 8))),
+        store.save_snapshot(snapshot(store, pos(1, 8))),
     )
     .await;
     ok(C, "purge_prefix(6)", store.purge_prefix(LogIndex(6))).await;
@@ -491,8 +539,8 @@ pub async fn check_hard_state<S: LogStore>(store: &S) {
 pub async fn check_snapshot_save_load<S: LogStore>(store: &S) {
     const C: &str = "snapshot_save_load";
     ok(C, "append 1..=4", store.append(entries(1, 1, 4))).await;
-    let first = snapshot(pos(1, 2));
-    ok(C, "save_snapshot at 2", store.save_snapshot(first.clone())).await;
+    let first = snapshot(store, pos(1, 2));
+    ok(C, "save_snapshot at 2", store.save_snapshot(first)).await;
     let want = StoredState {
         hard_state: None,
         snapshot: Some(first),
@@ -501,8 +549,8 @@ pub async fn check_snapshot_save_load<S: LogStore>(store: &S) {
     expect_load(C, "after a snapshot at 2", store, &want).await;
     expect_last(C, "after a snapshot without purge", store, pos(1, 4)).await;
     expect_read(C, store, 1, 5, &entries(1, 1, 4)).await;
-    let second = snapshot(pos(1, 3));
-    ok(C, "save_snapshot at 3", store.save_snapshot(second.clone())).await;
+    let second = snapshot(store, pos(1, 3));
+    ok(C, "save_snapshot at 3", store.save_snapshot(second)).await;
     let want = StoredState {
         hard_state: None,
         snapshot: Some(second),
@@ -515,11 +563,11 @@ pub async fn check_snapshot_save_load<S: LogStore>(store: &S) {
 pub async fn check_install_snapshot_matching_suffix<S: LogStore>(store: &S) {
     const C: &str = "install_snapshot_matching_suffix";
     ok(C, "append 1..=6", store.append(entries(1, 1, 6))).await;
-    let snap = snapshot(pos(1, 4));
+    let snap = snapshot(store, pos(1, 4));
     ok(
         C,
         "install_snapshot at (1, 4)",
-        store.install_snapshot(snap.clone()),
+        store.install_snapshot(snap),
     )
     .await;
     expect_last(
@@ -551,11 +599,11 @@ pub async fn check_install_snapshot_matching_suffix<S: LogStore>(store: &S) {
 pub async fn check_install_snapshot_conflicting<S: LogStore>(store: &S) {
     const C: &str = "install_snapshot_conflicting";
     ok(C, "append 1..=6 in term 1", store.append(entries(1, 1, 6))).await;
-    let snap = snapshot(pos(2, 4));
+    let snap = snapshot(store, pos(2, 4));
     ok(
         C,
         "install_snapshot at (2, 4)",
-        store.install_snapshot(snap.clone()),
+        store.install_snapshot(snap),
     )
     .await;
     expect_last(
@@ -592,11 +640,11 @@ pub async fn check_install_snapshot_conflicting<S: LogStore>(store: &S) {
 pub async fn check_install_snapshot_beyond_log<S: LogStore>(store: &S) {
     const C: &str = "install_snapshot_beyond_log";
     ok(C, "append 1..=3", store.append(entries(1, 1, 3))).await;
-    let snap = snapshot(pos(1, 8));
+    let snap = snapshot(store, pos(1, 8));
     ok(
         C,
         "install_snapshot at (1, 8)",
-        store.install_snapshot(snap.clone()),
+        store.install_snapshot(snap),
     )
     .await;
     expect_last(
@@ -619,11 +667,11 @@ pub async fn check_install_snapshot_beyond_log<S: LogStore>(store: &S) {
 /// `install_snapshot` on a fresh store.
 pub async fn check_install_snapshot_on_empty<S: LogStore>(store: &S) {
     const C: &str = "install_snapshot_on_empty";
-    let snap = snapshot(pos(3, 5));
+    let snap = snapshot(store, pos(3, 5));
     ok(
         C,
         "install_snapshot at (3, 5)",
-        store.install_snapshot(snap.clone()),
+        store.install_snapshot(snap),
     )
     .await;
     expect_last(C, "after installing on an empty store", store, pos(3, 5)).await;
@@ -635,6 +683,141 @@ pub async fn check_install_snapshot_on_empty<S: LogStore>(store: &S) {
     expect_load(C, "after install_snapshot", store, &want).await;
     ok(C, "append 6 in term 3", store.append(vec![entry(3, 6)])).await;
     expect_last(C, "after append", store, pos(3, 6)).await;
+}
+
+/// A snapshot streams in and out: written in pieces, it reads back whole and
+/// in chunks (before and after its save), and a read past its end fails.
+pub async fn check_snapshot_streams<S: LogStore>(store: &S) {
+    const C: &str = "snapshot_streams";
+    ok(C, "append 1..=4", store.append(entries(1, 1, 4))).await;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let snap = write_snapshot(store, pos(1, 3), &data);
+    let whole = read_whole(store, snap);
+    assert!(
+        whole.as_deref() == Ok(&data[..]),
+        "[log_store_suite::{C}] a finished snapshot reads back whole before its save"
+    );
+    ok(C, "save_snapshot at 3", store.save_snapshot(snap)).await;
+    let whole = read_whole(store, snap);
+    assert!(
+        whole.as_deref() == Ok(&data[..]),
+        "[log_store_suite::{C}] the saved snapshot reads back whole"
+    );
+    let mut chunks = Vec::new();
+    let mut offset = 0u64;
+    while offset < snap.size {
+        let chunk = ok(
+            C,
+            "read_snapshot",
+            store.read_snapshot(snap, offset, 65_536),
+        )
+        .await;
+        assert!(
+            !chunk.is_empty() && chunk.len() <= 65_536,
+            "[log_store_suite::{C}] a chunk is at most max_bytes, and not empty before the end"
+        );
+        offset += chunk.len() as u64;
+        chunks.extend_from_slice(&chunk);
+    }
+    assert!(
+        chunks == data,
+        "[log_store_suite::{C}] the chunks put together are the snapshot"
+    );
+    let at_end = ok(
+        C,
+        "read_snapshot at its end",
+        store.read_snapshot(snap, snap.size, 1024),
+    )
+    .await;
+    assert!(
+        at_end.is_empty(),
+        "[log_store_suite::{C}] a read at the snapshot's end is empty"
+    );
+    assert!(
+        store
+            .read_snapshot(snap, snap.size + 1, 1024)
+            .await
+            .is_err(),
+        "[log_store_suite::{C}] a read past the snapshot's end fails"
+    );
+    let loaded = ok(C, "load", store.load()).await;
+    assert_eq!(
+        loaded.snapshot,
+        Some(snap),
+        "[log_store_suite::{C}] load names the saved snapshot"
+    );
+}
+
+/// The store keeps its snapshot and the one before; saving the one before
+/// makes it the store's again; an older one is gone.
+pub async fn check_snapshots_kept<S: LogStore>(store: &S) {
+    const C: &str = "snapshots_kept";
+    ok(C, "append 1..=6", store.append(entries(1, 1, 6))).await;
+    let s2 = snapshot(store, pos(1, 2));
+    ok(C, "save_snapshot at 2", store.save_snapshot(s2)).await;
+    let s4 = snapshot(store, pos(1, 4));
+    ok(C, "save_snapshot at 4", store.save_snapshot(s4)).await;
+    assert!(
+        read_whole(store, s2).is_ok_and(|b| b == state_at(pos(1, 2))),
+        "[log_store_suite::{C}] the snapshot before the store's is kept"
+    );
+    // An async-mode rewind: back to the one before.
+    ok(C, "save_snapshot at 2 again", store.save_snapshot(s2)).await;
+    let loaded = ok(C, "load after saving the kept one", store.load()).await;
+    assert_eq!(
+        loaded.snapshot,
+        Some(s2),
+        "[log_store_suite::{C}] saving a kept snapshot makes it the store's"
+    );
+    let s5 = snapshot(store, pos(1, 5));
+    ok(C, "save_snapshot at 5", store.save_snapshot(s5)).await;
+    let s6 = snapshot(store, pos(1, 6));
+    ok(C, "save_snapshot at 6", store.save_snapshot(s6)).await;
+    assert!(
+        read_whole(store, s2).is_err(),
+        "[log_store_suite::{C}] a snapshot two saves old is not kept"
+    );
+    assert!(
+        store.save_snapshot(s2).await.is_err(),
+        "[log_store_suite::{C}] a snapshot that is not kept cannot be saved"
+    );
+    assert!(
+        read_whole(store, s5).is_ok_and(|b| b == state_at(pos(1, 5)))
+            && read_whole(store, s6).is_ok_and(|b| b == state_at(pos(1, 6))),
+        "[log_store_suite::{C}] the store's snapshot and the one before read back"
+    );
+}
+
+/// A writer dropped unfinished leaves nothing to save.
+pub async fn check_unfinished_snapshot_discarded<S: LogStore>(store: &S) {
+    const C: &str = "unfinished_snapshot_discarded";
+    ok(C, "append 1..=3", store.append(entries(1, 1, 3))).await;
+    let done = snapshot(store, pos(1, 2));
+    ok(C, "save_snapshot at 2", store.save_snapshot(done)).await;
+    {
+        let mut w = match store.snapshot_writer(pos(1, 3)) {
+            Ok(w) => w,
+            Err(e) => panic!("[log_store_suite::{C}] snapshot_writer failed: {e}"),
+        };
+        assert!(
+            w.write_all(b"half a state").is_ok(),
+            "[log_store_suite::{C}] writing"
+        );
+    }
+    let never = Snapshot {
+        last_included: pos(1, 3),
+        size: 12,
+    };
+    assert!(
+        store.save_snapshot(never).await.is_err(),
+        "[log_store_suite::{C}] an unfinished snapshot cannot be saved"
+    );
+    let loaded = ok(C, "load", store.load()).await;
+    assert_eq!(
+        loaded.snapshot,
+        Some(done),
+        "[log_store_suite::{C}] the store's snapshot is unchanged"
+    );
 }
 
 /// A reopened store loads the same state (hard state, snapshot, purged prefix,
@@ -650,7 +833,7 @@ pub async fn check_reopen<S: LogStore>(store: S, reopen: &(dyn Fn(S) -> S + Sync
     ok(
         C,
         "save_snapshot at 3",
-        store.save_snapshot(snapshot(pos(1, 3))),
+        store.save_snapshot(snapshot(&store, pos(1, 3))),
     )
     .await;
     ok(C, "purge_prefix(2)", store.purge_prefix(LogIndex(2))).await;
@@ -666,6 +849,12 @@ pub async fn check_reopen<S: LogStore>(store: S, reopen: &(dyn Fn(S) -> S + Sync
 
     let store = reopen(store);
     expect_load(C, "after reopening", &store, &before).await;
+    if let Some(snap) = before.snapshot {
+        assert!(
+            read_whole(&store, snap).is_ok_and(|b| b == state_at(pos(1, 3))),
+            "[log_store_suite::{C}] the snapshot's bytes survive reopening"
+        );
+    }
     expect_last(C, "after reopening", &store, last).await;
     expect_read(
         C,

@@ -129,14 +129,15 @@ struct KvSnapshot {
 pub type KvMap = imbl::OrdMap<Vec<u8>, Vec<u8>>;
 
 /// A [`KvStateMachine`]'s state captured for a snapshot (an O(1) clone of its
-/// map); [`StateCapture::serialize`] encodes it.
+/// map); [`StateCapture::write_to`] encodes it.
 #[derive(Clone, Debug)]
 pub struct KvCapture(KvSnapshot);
 
 impl StateCapture for KvCapture {
-    fn serialize(self) -> Result<Vec<u8>, StorageError> {
+    fn write_to(self, out: &mut dyn std::io::Write) -> Result<(), StorageError> {
         postcard::to_allocvec(&self.0)
-            .map_err(|e| StorageError::Io(format!("encode kv snapshot: {e}")))
+            .map_err(|e| StorageError::Io(format!("encode kv snapshot: {e}")))?
+            .write_to(out)
     }
 }
 
@@ -227,7 +228,12 @@ impl StateMachine for KvStateMachine {
         })
     }
 
-    fn restore(&mut self, index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
+    fn restore(
+        &mut self,
+        index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
+        let data = &crate::state_machine::read_all(data)?[..];
         if data.is_empty() {
             self.data.clear();
             self.applied = index;

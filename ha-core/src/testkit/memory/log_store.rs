@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::SnapshotFiles;
 use crate::error::StorageError;
-use crate::log_store::{LogStore, Snapshot, StoredState};
+use crate::log_store::{LogStore, Snapshot, SnapshotWriter, StoredState};
 use crate::types::{HardState, LogIndex, Position, WalEntry};
 
 /// An in-memory [`LogStore`].
@@ -45,7 +46,7 @@ pub const DEFAULT_RETAIN_MAX: u64 = 1_000_000;
 #[derive(Debug, Default)]
 struct Inner {
     hard_state: Option<HardState>,
-    snapshot: Option<Snapshot>,
+    snapshots: SnapshotFiles,
     /// The position just before `entries[0]`: the last compacted entry (or the
     /// snapshot an install left the log at), `Position::ZERO` for a fresh log.
     base: Position,
@@ -81,6 +82,13 @@ impl MemLogStore {
         self.inner.lock().last()
     }
 
+    /// The bytes of the store's snapshot, read synchronously (for tests).
+    pub fn snapshot_bytes(&self) -> Option<Vec<u8>> {
+        let inner = self.inner.lock();
+        let s = inner.snapshots.current()?;
+        inner.snapshots.bytes(s).ok().map(|b| b.to_vec())
+    }
+
     /// Every retained entry, including any that a snapshot covers but that were
     /// not purged yet.
     pub fn entries(&self) -> Vec<WalEntry> {
@@ -107,8 +115,8 @@ impl Inner {
     }
 
     fn snapshot_index(&self) -> LogIndex {
-        self.snapshot
-            .as_ref()
+        self.snapshots
+            .current()
             .map(|s| s.last_included.index)
             .unwrap_or(LogIndex::ZERO)
     }
@@ -117,7 +125,7 @@ impl Inner {
         let after = self.snapshot_index();
         StoredState {
             hard_state: self.hard_state.clone(),
-            snapshot: self.snapshot.clone(),
+            snapshot: self.snapshots.current(),
             entries: self
                 .entries
                 .iter()
@@ -205,8 +213,8 @@ impl Inner {
             return Ok(());
         }
         let Some(snapshot) = self
-            .snapshot
-            .as_ref()
+            .snapshots
+            .current()
             .filter(|s| s.last_included.index >= upto)
         else {
             return Err(invalid(format!(
@@ -234,11 +242,12 @@ impl Inner {
                 snapshot.last_included, self.base
             )));
         }
-        self.snapshot = Some(snapshot);
-        Ok(())
+        self.snapshots.save(snapshot)
     }
 
-    fn install_snapshot(&mut self, snapshot: Snapshot) {
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StorageError> {
+        // The snapshot must be there before the log changes.
+        self.snapshots.bytes(snapshot)?;
         let at = snapshot.last_included;
         let keep_suffix = at.index >= self.base.index
             && (at == self.base
@@ -253,7 +262,7 @@ impl Inner {
             self.entries.clear();
         }
         self.base = at;
-        self.snapshot = Some(snapshot);
+        self.snapshots.save(snapshot)
     }
 }
 
@@ -311,8 +320,32 @@ impl LogStore for MemLogStore {
         &self,
         snapshot: Snapshot,
     ) -> impl Future<Output = Result<(), StorageError>> + Send {
-        self.inner.lock().install_snapshot(snapshot);
-        ready(Ok(()))
+        ready(self.inner.lock().install_snapshot(snapshot))
+    }
+
+    fn snapshot_writer(&self, at: Position) -> Result<Box<dyn SnapshotWriter>, StorageError> {
+        Ok(self.inner.lock().snapshots.writer(at))
+    }
+
+    fn snapshot_reader(
+        &self,
+        snapshot: Snapshot,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError> {
+        self.inner.lock().snapshots.reader(snapshot)
+    }
+
+    fn read_snapshot(
+        &self,
+        snapshot: Snapshot,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StorageError>> + Send {
+        ready(
+            self.inner
+                .lock()
+                .snapshots
+                .read(snapshot, offset, max_bytes),
+        )
     }
 
     fn last_position(&self) -> impl Future<Output = Result<Position, StorageError>> + Send {

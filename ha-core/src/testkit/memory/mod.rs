@@ -2,6 +2,7 @@
 //!
 //! - [`MemLogStore`]: a [`LogStore`](crate::log_store::LogStore) that is durable at
 //!   once; clones share the log.
+//! - [`SnapshotFiles`]: snapshot bytes in memory, kept as the contract says.
 //! - [`KvStateMachine`]: a key-value [`StateMachine`](crate::state_machine::StateMachine)
 //!   driven by postcard-encoded [`KvCommand`]s.
 //! - [`MemNetwork`], [`MemTransport`], [`MemConnection`]: an in-process
@@ -12,8 +13,10 @@
 mod kv;
 mod log_store;
 mod network;
+mod snapshots;
 
 pub use kv::{KvCapture, KvCommand, KvError, KvMap, KvStateMachine, KV_ERROR_TAG};
 pub(crate) use log_store::retention_point;
 pub use log_store::{MemLogStore, DEFAULT_RETAIN_MAX};
 pub use network::{MemConnection, MemHarness, MemNetwork, MemTransport, MAX_FRAME_BYTES};
+pub use snapshots::SnapshotFiles;

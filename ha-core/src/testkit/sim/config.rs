@@ -193,7 +193,7 @@ impl SimConfig {
             // Retention: none (snapshots only), a short tail, a long one.
             retain_entries: [0, 48, 256][((seed / 6) % 3) as usize],
             persistent_state_machine: (seed / 18) % 2 == 1,
-            snapshot_chunk_bytes: [64, 16, 1 << 20][((seed / 36) % 3) as usize],
+            snapshot_chunk_bytes: [64, 256, 1 << 20][((seed / 36) % 3) as usize],
             ..SimConfig::default()
         };
         match seed % 6 {

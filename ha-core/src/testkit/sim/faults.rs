@@ -44,12 +44,7 @@ impl World {
         // only brought up to the snapshot if behind it); the engine must go on after
         // it, never applying an entry twice (`SimMachine::apply` refuses).
         if !persistent || n.sm.applied_index() < snapshot_index {
-            n.sm = n
-                .disk
-                .snapshot
-                .as_ref()
-                .and_then(|s| SimMachine::decode(&s.data))
-                .unwrap_or_default();
+            n.sm = n.disk.snapshot_machine().unwrap_or_default();
         }
         let init = InitialState {
             hard_state: n
@@ -57,7 +52,7 @@ impl World {
                 .hard_state
                 .clone()
                 .unwrap_or_else(HardState::bootstrap),
-            snapshot: n.disk.snapshot.clone(),
+            snapshot: n.disk.snapshot,
             entries: n.disk.entries.clone(),
             applied: n.sm.applied_index(),
         };

@@ -18,7 +18,7 @@ use super::world::{idx, Ev, World};
 use crate::engine::{ClientId, Engine};
 use crate::error::{Error, StorageError};
 use crate::executor::{Host, Input, Notice, SnapshotJob};
-use crate::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
+use crate::log_store::{CatchUpBatch, LogStore, Snapshot, SnapshotWriter, StoredState};
 use crate::message::{Envelope, Request, Response};
 use crate::replicator::WriteAck;
 use crate::state_machine::StateMachine;
@@ -104,10 +104,7 @@ impl Host for SimHost {
     }
 
     /// At once: the simulated state machine's capture is already its encoding.
-    fn offload(
-        &mut self,
-        job: SnapshotJob,
-    ) -> BoxFuture<Result<(Snapshot, Snapshot), StorageError>> {
+    fn offload(&mut self, job: SnapshotJob) -> BoxFuture<Result<Snapshot, StorageError>> {
         Box::pin(std::future::ready(job()))
     }
 
@@ -142,7 +139,9 @@ impl Future for DiskWait {
             if disk.done < seq {
                 return None;
             }
-            if read {
+            if let Some(e) = disk.failures.remove(&seq) {
+                Some(Err(e))
+            } else if read {
                 let result = disk.read_results.remove(&seq).unwrap_or_else(|| {
                     Err(StorageError::Invalid("simulated read result lost".into()))
                 });
@@ -190,7 +189,7 @@ impl LogStore for SimStore {
                 let d = &w.node(self.0.id).disk;
                 StoredState {
                     hard_state: d.hard_state.clone(),
-                    snapshot: d.snapshot.clone(),
+                    snapshot: d.snapshot,
                     entries: d.entries.clone(),
                 }
             })
@@ -288,6 +287,44 @@ impl LogStore for SimStore {
         }
     }
 
+    fn snapshot_writer(&self, at: Position) -> Result<Box<dyn SnapshotWriter>, StorageError> {
+        self.0
+            .with(|w| w.node(self.0.id).disk.files.writer(at))
+            .ok_or_else(|| StorageError::Io("the node is down".into()))
+    }
+
+    fn snapshot_reader(
+        &self,
+        snapshot: Snapshot,
+    ) -> Result<Box<dyn std::io::Read + Send>, StorageError> {
+        self.0
+            .with(|w| w.node(self.0.id).disk.files.reader(snapshot))
+            .unwrap_or_else(|| Err(StorageError::Io("the node is down".into())))
+    }
+
+    /// At once, failing (an I/O error) a fifth as often as catch-up reads do.
+    fn read_snapshot(
+        &self,
+        snapshot: Snapshot,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StorageError>> + Send {
+        let result = self
+            .0
+            .with(|w| {
+                let p = w.cfg.read_failure / 5.0;
+                if w.rng.random_bool(p) {
+                    return Err(StorageError::Io("simulated snapshot read error".into()));
+                }
+                w.node(self.0.id)
+                    .disk
+                    .files
+                    .read(snapshot, offset, max_bytes)
+            })
+            .unwrap_or_else(|| Err(StorageError::Io("the node is down".into())));
+        std::future::ready(result)
+    }
+
     fn purge_point(&self, snapshot: LogIndex, keep_from: Option<LogIndex>) -> LogIndex {
         let retain = self.0.with(|w| w.cfg.retain_entries).unwrap_or(0);
         retention_point(snapshot, keep_from, retain)
@@ -348,8 +385,13 @@ impl StateMachine for SimSm {
             .unwrap_or_default()
     }
 
-    fn restore(&mut self, _index: LogIndex, data: &[u8]) -> Result<(), StorageError> {
-        let Some(m) = SimMachine::decode(data) else {
+    fn restore(
+        &mut self,
+        _index: LogIndex,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StorageError> {
+        let data = crate::state_machine::read_all(data)?;
+        let Some(m) = SimMachine::decode(&data) else {
             return Err(StorageError::Invalid(
                 "undecodable simulated snapshot".into(),
             ));

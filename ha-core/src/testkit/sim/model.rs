@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StorageError;
 use crate::log_store::{CatchUpBatch, Snapshot};
+use crate::testkit::memory::SnapshotFiles;
 use crate::types::{Command, HardState, LogIndex, Payload, Position, Term, WalEntry};
 
 /// A client command in the simulation: write `value` (the write's unique id) to
@@ -128,6 +129,10 @@ pub(crate) struct SimDisk {
     pub(crate) done: u64,
     /// Results of finished reads, until their caller takes them.
     pub(crate) read_results: HashMap<u64, Result<CatchUpBatch, StorageError>>,
+    /// Failures of finished operations, until their caller takes them.
+    pub(crate) failures: HashMap<u64, StorageError>,
+    /// The snapshot files (`snapshot` is the current one's position and size).
+    pub(crate) files: SnapshotFiles,
 }
 
 impl SimDisk {
@@ -159,8 +164,16 @@ impl SimDisk {
             DiskOp::HardState(hs) => self.hard_state = Some(hs.clone()),
             DiskOp::Truncate(from) => self.truncate(*from),
             DiskOp::Purge(upto) => self.compact(*upto),
-            DiskOp::SaveSnapshot(s) => self.save_snapshot(s.clone()),
-            DiskOp::Install(s) => self.install(s.clone()),
+            DiskOp::SaveSnapshot(s) => {
+                if let Err(e) = self.save_snapshot(*s) {
+                    self.failures.insert(seq, e);
+                }
+            }
+            DiskOp::Install(s) => {
+                if let Err(e) = self.install(*s) {
+                    self.failures.insert(seq, e);
+                }
+            }
             DiskOp::Read {
                 next,
                 max_entries,
@@ -190,6 +203,9 @@ impl SimDisk {
         }
         self.pending.clear();
         self.read_results.clear();
+        self.failures.clear();
+        // Finished snapshots nobody saved are cleaned up at the restart.
+        self.files.forget_finished();
         made_it
     }
 
@@ -274,14 +290,28 @@ impl SimDisk {
         self.entries.retain(|e| e.index() > upto);
     }
 
-    pub(crate) fn save_snapshot(&mut self, snap: Snapshot) {
-        self.snapshot_terms = SimMachine::decode(&snap.data)
+    pub(crate) fn save_snapshot(&mut self, snap: Snapshot) -> Result<(), StorageError> {
+        self.files.save(snap)?;
+        self.snapshot_terms = self
+            .files
+            .bytes(snap)
+            .ok()
+            .and_then(|b| SimMachine::decode(&b))
             .map(|m| m.applied)
             .unwrap_or_default();
         self.snapshot = Some(snap);
+        Ok(())
     }
 
-    pub(crate) fn install(&mut self, snap: Snapshot) {
+    /// The state machine the current snapshot holds.
+    pub(crate) fn snapshot_machine(&self) -> Option<SimMachine> {
+        let snap = self.snapshot?;
+        SimMachine::decode(&self.files.bytes(snap).ok()?)
+    }
+
+    pub(crate) fn install(&mut self, snap: Snapshot) -> Result<(), StorageError> {
+        // The snapshot must be there before the log changes.
+        self.files.bytes(snap)?;
         let keep = self
             .entries
             .iter()
@@ -292,6 +322,6 @@ impl SimDisk {
         } else {
             self.entries.clear();
         }
-        self.save_snapshot(snap);
+        self.save_snapshot(snap)
     }
 }
