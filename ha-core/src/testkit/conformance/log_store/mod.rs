@@ -8,6 +8,10 @@ use crate::error::StorageError;
 use crate::log_store::{CatchUpBatch, LogStore, Snapshot, StoredState};
 use crate::types::{Command, HardState, LogIndex, NodeId, Payload, Position, Term, WalEntry};
 
+mod snapshots;
+
+pub use snapshots::*;
+
 /// Runs every log-store check, each on a fresh store from `make`.
 ///
 /// `reopen` stands for closing a store and opening its directory again (for an
@@ -48,19 +52,19 @@ pub async fn log_store_suite<S: LogStore>(
     }
 }
 
-fn term(number: u64) -> Term {
+pub(super) fn term(number: u64) -> Term {
     Term {
         number,
         node: NodeId(number % 2 + 1),
     }
 }
 
-fn pos(t: u64, index: u64) -> Position {
+pub(super) fn pos(t: u64, index: u64) -> Position {
     Position::new(term(t), LogIndex(index))
 }
 
 /// A command entry in term `t` at `index`, with a payload naming both.
-fn entry(t: u64, index: u64) -> WalEntry {
+pub(super) fn entry(t: u64, index: u64) -> WalEntry {
     WalEntry::new(
         pos(t, index),
         Payload::Command(Command(format!("entry {t}/{index}").into_bytes())),
@@ -68,22 +72,22 @@ fn entry(t: u64, index: u64) -> WalEntry {
 }
 
 /// Entries `from..=to`, all in term `t`.
-fn entries(t: u64, from: u64, to: u64) -> Vec<WalEntry> {
+pub(super) fn entries(t: u64, from: u64, to: u64) -> Vec<WalEntry> {
     (from..=to).map(|i| entry(t, i)).collect()
 }
 
 /// The bytes of the suite's snapshot at `at`.
-fn state_at(at: Position) -> Vec<u8> {
+pub(super) fn state_at(at: Position) -> Vec<u8> {
     format!("state at {at}").into_bytes()
 }
 
 /// Writes the suite's snapshot at `at` into `store` (finished, not saved).
-fn snapshot<S: LogStore>(store: &S, at: Position) -> Snapshot {
+pub(super) fn snapshot<S: LogStore>(store: &S, at: Position) -> Snapshot {
     write_snapshot(store, at, &state_at(at))
 }
 
 /// Writes `data` as a snapshot at `at`, in pieces (finished, not saved).
-fn write_snapshot<S: LogStore>(store: &S, at: Position, data: &[u8]) -> Snapshot {
+pub(super) fn write_snapshot<S: LogStore>(store: &S, at: Position, data: &[u8]) -> Snapshot {
     let mut w = match store.snapshot_writer(at) {
         Ok(w) => w,
         Err(e) => panic!("[log_store_suite] snapshot_writer at {at} failed: {e}"),
@@ -115,7 +119,7 @@ fn write_snapshot<S: LogStore>(store: &S, at: Position, data: &[u8]) -> Snapshot
 }
 
 /// Reads a snapshot whole, with `snapshot_reader`.
-fn read_whole<S: LogStore>(store: &S, snap: Snapshot) -> Result<Vec<u8>, StorageError> {
+pub(super) fn read_whole<S: LogStore>(store: &S, snap: Snapshot) -> Result<Vec<u8>, StorageError> {
     let mut r = store.snapshot_reader(snap)?;
     let mut out = Vec::new();
     r.read_to_end(&mut out)
@@ -124,7 +128,11 @@ fn read_whole<S: LogStore>(store: &S, snap: Snapshot) -> Result<Vec<u8>, Storage
 }
 
 /// Awaits a store operation that must succeed.
-async fn ok<T>(check: &str, what: &str, f: impl Future<Output = Result<T, StorageError>>) -> T {
+pub(super) async fn ok<T>(
+    check: &str,
+    what: &str,
+    f: impl Future<Output = Result<T, StorageError>>,
+) -> T {
     match f.await {
         Ok(v) => v,
         Err(e) => panic!("[log_store_suite::{check}] {what}: unexpected error {e}"),
@@ -132,7 +140,7 @@ async fn ok<T>(check: &str, what: &str, f: impl Future<Output = Result<T, Storag
 }
 
 /// Awaits a store operation that must fail with [`StorageError::Invalid`].
-async fn invalid<T: Debug>(
+pub(super) async fn invalid<T: Debug>(
     check: &str,
     what: &str,
     f: impl Future<Output = Result<T, StorageError>>,
@@ -148,7 +156,7 @@ async fn invalid<T: Debug>(
     }
 }
 
-async fn expect_last<S: LogStore>(check: &str, what: &str, store: &S, want: Position) {
+pub(super) async fn expect_last<S: LogStore>(check: &str, what: &str, store: &S, want: Position) {
     let last = ok(check, "last_position", store.last_position()).await;
     assert_eq!(
         last, want,
@@ -156,7 +164,13 @@ async fn expect_last<S: LogStore>(check: &str, what: &str, store: &S, want: Posi
     );
 }
 
-async fn expect_read<S: LogStore>(check: &str, store: &S, from: u64, to: u64, want: &[WalEntry]) {
+pub(super) async fn expect_read<S: LogStore>(
+    check: &str,
+    store: &S,
+    from: u64,
+    to: u64,
+    want: &[WalEntry],
+) {
     let what = format!("read [{from}, {to})");
     let got = ok(
         check,
@@ -170,7 +184,12 @@ async fn expect_read<S: LogStore>(check: &str, store: &S, from: u64, to: u64, wa
     );
 }
 
-async fn expect_load<S: LogStore>(check: &str, what: &str, store: &S, want: &StoredState) {
+pub(super) async fn expect_load<S: LogStore>(
+    check: &str,
+    what: &str,
+    store: &S,
+    want: &StoredState,
+) {
     let got = ok(check, "load", store.load()).await;
     assert_eq!(&got, want, "[log_store_suite::{check}] load {what}");
 }
@@ -531,292 +550,6 @@ pub async fn check_hard_state<S: LogStore>(store: &S) {
         loaded.entries,
         entries(1, 1, 2),
         "[log_store_suite::{C}] saving hard state must not touch entries"
-    );
-}
-
-/// A saved snapshot loads back and a later one replaces it; entries it covers are
-/// not returned by `load` but stay readable until purged.
-pub async fn check_snapshot_save_load<S: LogStore>(store: &S) {
-    const C: &str = "snapshot_save_load";
-    ok(C, "append 1..=4", store.append(entries(1, 1, 4))).await;
-    let first = snapshot(store, pos(1, 2));
-    ok(C, "save_snapshot at 2", store.save_snapshot(first)).await;
-    let want = StoredState {
-        hard_state: None,
-        snapshot: Some(first),
-        entries: entries(1, 3, 4),
-    };
-    expect_load(C, "after a snapshot at 2", store, &want).await;
-    expect_last(C, "after a snapshot without purge", store, pos(1, 4)).await;
-    expect_read(C, store, 1, 5, &entries(1, 1, 4)).await;
-    let second = snapshot(store, pos(1, 3));
-    ok(C, "save_snapshot at 3", store.save_snapshot(second)).await;
-    let want = StoredState {
-        hard_state: None,
-        snapshot: Some(second),
-        entries: entries(1, 4, 4),
-    };
-    expect_load(C, "after a second snapshot at 3", store, &want).await;
-}
-
-/// `install_snapshot` at a position the log holds keeps the suffix after it.
-pub async fn check_install_snapshot_matching_suffix<S: LogStore>(store: &S) {
-    const C: &str = "install_snapshot_matching_suffix";
-    ok(C, "append 1..=6", store.append(entries(1, 1, 6))).await;
-    let snap = snapshot(store, pos(1, 4));
-    ok(
-        C,
-        "install_snapshot at (1, 4)",
-        store.install_snapshot(snap),
-    )
-    .await;
-    expect_last(
-        C,
-        "after installing a snapshot inside the log",
-        store,
-        pos(1, 6),
-    )
-    .await;
-    expect_read(C, store, 5, 7, &entries(1, 5, 6)).await;
-    invalid(
-        C,
-        "read [4, 5) under the installed snapshot",
-        store.read(LogIndex(4), LogIndex(5), usize::MAX),
-    )
-    .await;
-    let want = StoredState {
-        hard_state: None,
-        snapshot: Some(snap),
-        entries: entries(1, 5, 6),
-    };
-    expect_load(C, "after install_snapshot", store, &want).await;
-    ok(C, "append 7", store.append(vec![entry(1, 7)])).await;
-    expect_last(C, "after append", store, pos(1, 7)).await;
-}
-
-/// `install_snapshot` at a position whose term conflicts with the log drops the
-/// whole log.
-pub async fn check_install_snapshot_conflicting<S: LogStore>(store: &S) {
-    const C: &str = "install_snapshot_conflicting";
-    ok(C, "append 1..=6 in term 1", store.append(entries(1, 1, 6))).await;
-    let snap = snapshot(store, pos(2, 4));
-    ok(
-        C,
-        "install_snapshot at (2, 4)",
-        store.install_snapshot(snap),
-    )
-    .await;
-    expect_last(
-        C,
-        "after installing a conflicting snapshot",
-        store,
-        pos(2, 4),
-    )
-    .await;
-    let want = StoredState {
-        hard_state: None,
-        snapshot: Some(snap),
-        entries: Vec::new(),
-    };
-    expect_load(C, "after install_snapshot", store, &want).await;
-    invalid(
-        C,
-        "read [1, 7) after install",
-        store.read(LogIndex(1), LogIndex(7), usize::MAX),
-    )
-    .await;
-    invalid(
-        C,
-        "append at 7 (a gap after the snapshot)",
-        store.append(vec![entry(2, 7)]),
-    )
-    .await;
-    ok(C, "append 5 in term 2", store.append(vec![entry(2, 5)])).await;
-    expect_last(C, "after append", store, pos(2, 5)).await;
-    expect_read(C, store, 5, 6, &[entry(2, 5)]).await;
-}
-
-/// `install_snapshot` past the end of the log drops the whole log.
-pub async fn check_install_snapshot_beyond_log<S: LogStore>(store: &S) {
-    const C: &str = "install_snapshot_beyond_log";
-    ok(C, "append 1..=3", store.append(entries(1, 1, 3))).await;
-    let snap = snapshot(store, pos(1, 8));
-    ok(
-        C,
-        "install_snapshot at (1, 8)",
-        store.install_snapshot(snap),
-    )
-    .await;
-    expect_last(
-        C,
-        "after installing a snapshot past the log",
-        store,
-        pos(1, 8),
-    )
-    .await;
-    let want = StoredState {
-        hard_state: None,
-        snapshot: Some(snap),
-        entries: Vec::new(),
-    };
-    expect_load(C, "after install_snapshot", store, &want).await;
-    ok(C, "append 9", store.append(vec![entry(1, 9)])).await;
-    expect_read(C, store, 9, 10, &[entry(1, 9)]).await;
-}
-
-/// `install_snapshot` on a fresh store.
-pub async fn check_install_snapshot_on_empty<S: LogStore>(store: &S) {
-    const C: &str = "install_snapshot_on_empty";
-    let snap = snapshot(store, pos(3, 5));
-    ok(
-        C,
-        "install_snapshot at (3, 5)",
-        store.install_snapshot(snap),
-    )
-    .await;
-    expect_last(C, "after installing on an empty store", store, pos(3, 5)).await;
-    let want = StoredState {
-        hard_state: None,
-        snapshot: Some(snap),
-        entries: Vec::new(),
-    };
-    expect_load(C, "after install_snapshot", store, &want).await;
-    ok(C, "append 6 in term 3", store.append(vec![entry(3, 6)])).await;
-    expect_last(C, "after append", store, pos(3, 6)).await;
-}
-
-/// A snapshot streams in and out: written in pieces, it reads back whole and
-/// in chunks (before and after its save), and a read past its end fails.
-pub async fn check_snapshot_streams<S: LogStore>(store: &S) {
-    const C: &str = "snapshot_streams";
-    ok(C, "append 1..=4", store.append(entries(1, 1, 4))).await;
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let snap = write_snapshot(store, pos(1, 3), &data);
-    let whole = read_whole(store, snap);
-    assert!(
-        whole.as_deref() == Ok(&data[..]),
-        "[log_store_suite::{C}] a finished snapshot reads back whole before its save"
-    );
-    ok(C, "save_snapshot at 3", store.save_snapshot(snap)).await;
-    let whole = read_whole(store, snap);
-    assert!(
-        whole.as_deref() == Ok(&data[..]),
-        "[log_store_suite::{C}] the saved snapshot reads back whole"
-    );
-    let mut chunks = Vec::new();
-    let mut offset = 0u64;
-    while offset < snap.size {
-        let chunk = ok(
-            C,
-            "read_snapshot",
-            store.read_snapshot(snap, offset, 65_536),
-        )
-        .await;
-        assert!(
-            !chunk.is_empty() && chunk.len() <= 65_536,
-            "[log_store_suite::{C}] a chunk is at most max_bytes, and not empty before the end"
-        );
-        offset += chunk.len() as u64;
-        chunks.extend_from_slice(&chunk);
-    }
-    assert!(
-        chunks == data,
-        "[log_store_suite::{C}] the chunks put together are the snapshot"
-    );
-    let at_end = ok(
-        C,
-        "read_snapshot at its end",
-        store.read_snapshot(snap, snap.size, 1024),
-    )
-    .await;
-    assert!(
-        at_end.is_empty(),
-        "[log_store_suite::{C}] a read at the snapshot's end is empty"
-    );
-    assert!(
-        store
-            .read_snapshot(snap, snap.size + 1, 1024)
-            .await
-            .is_err(),
-        "[log_store_suite::{C}] a read past the snapshot's end fails"
-    );
-    let loaded = ok(C, "load", store.load()).await;
-    assert_eq!(
-        loaded.snapshot,
-        Some(snap),
-        "[log_store_suite::{C}] load names the saved snapshot"
-    );
-}
-
-/// The store keeps its snapshot and the one before; saving the one before
-/// makes it the store's again; an older one is gone.
-pub async fn check_snapshots_kept<S: LogStore>(store: &S) {
-    const C: &str = "snapshots_kept";
-    ok(C, "append 1..=6", store.append(entries(1, 1, 6))).await;
-    let s2 = snapshot(store, pos(1, 2));
-    ok(C, "save_snapshot at 2", store.save_snapshot(s2)).await;
-    let s4 = snapshot(store, pos(1, 4));
-    ok(C, "save_snapshot at 4", store.save_snapshot(s4)).await;
-    assert!(
-        read_whole(store, s2).is_ok_and(|b| b == state_at(pos(1, 2))),
-        "[log_store_suite::{C}] the snapshot before the store's is kept"
-    );
-    // An async-mode rewind: back to the one before.
-    ok(C, "save_snapshot at 2 again", store.save_snapshot(s2)).await;
-    let loaded = ok(C, "load after saving the kept one", store.load()).await;
-    assert_eq!(
-        loaded.snapshot,
-        Some(s2),
-        "[log_store_suite::{C}] saving a kept snapshot makes it the store's"
-    );
-    let s5 = snapshot(store, pos(1, 5));
-    ok(C, "save_snapshot at 5", store.save_snapshot(s5)).await;
-    let s6 = snapshot(store, pos(1, 6));
-    ok(C, "save_snapshot at 6", store.save_snapshot(s6)).await;
-    assert!(
-        read_whole(store, s2).is_err(),
-        "[log_store_suite::{C}] a snapshot two saves old is not kept"
-    );
-    assert!(
-        store.save_snapshot(s2).await.is_err(),
-        "[log_store_suite::{C}] a snapshot that is not kept cannot be saved"
-    );
-    assert!(
-        read_whole(store, s5).is_ok_and(|b| b == state_at(pos(1, 5)))
-            && read_whole(store, s6).is_ok_and(|b| b == state_at(pos(1, 6))),
-        "[log_store_suite::{C}] the store's snapshot and the one before read back"
-    );
-}
-
-/// A writer dropped unfinished leaves nothing to save.
-pub async fn check_unfinished_snapshot_discarded<S: LogStore>(store: &S) {
-    const C: &str = "unfinished_snapshot_discarded";
-    ok(C, "append 1..=3", store.append(entries(1, 1, 3))).await;
-    let done = snapshot(store, pos(1, 2));
-    ok(C, "save_snapshot at 2", store.save_snapshot(done)).await;
-    {
-        let mut w = match store.snapshot_writer(pos(1, 3)) {
-            Ok(w) => w,
-            Err(e) => panic!("[log_store_suite::{C}] snapshot_writer failed: {e}"),
-        };
-        assert!(
-            w.write_all(b"half a state").is_ok(),
-            "[log_store_suite::{C}] writing"
-        );
-    }
-    let never = Snapshot {
-        last_included: pos(1, 3),
-        size: 12,
-    };
-    assert!(
-        store.save_snapshot(never).await.is_err(),
-        "[log_store_suite::{C}] an unfinished snapshot cannot be saved"
-    );
-    let loaded = ok(C, "load", store.load()).await;
-    assert_eq!(
-        loaded.snapshot,
-        Some(done),
-        "[log_store_suite::{C}] the store's snapshot is unchanged"
     );
 }
 
