@@ -40,6 +40,10 @@ pub struct HealthStatus {
     /// True if this node is the primary and holds a lease: writes and linearizable
     /// reads are served here now.
     pub writable: bool,
+    /// On the primary holding a lease: how long the lease still runs, on this
+    /// node's clock, as of when this status was taken (published at least once
+    /// per tick). `None` without a lease.
+    pub lease_remaining: Option<Duration>,
     /// The configured commit mode.
     pub commit_mode: CommitMode,
     /// The last position in its log.

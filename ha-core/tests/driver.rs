@@ -304,6 +304,15 @@ async fn elects_a_primary_and_a_write_is_readable_on_both_data_nodes() {
     let health = p.health();
     assert_eq!(health.role, Role::Primary);
     assert!(health.writable, "{health:?}");
+    // A writable primary reports its lease, which never outlasts the failover
+    // timeout; the standby holds none.
+    assert!(
+        health
+            .lease_remaining
+            .is_some_and(|d| !d.is_zero() && d < p.config().failover_timeout),
+        "{health:?}"
+    );
+    assert_eq!(s.health().lease_remaining, None);
     assert!(health.peers.iter().all(|peer| peer.healthy), "{health:?}");
     assert_eq!(c.get(WITNESS).health().role, Role::Witness);
 

@@ -155,6 +155,9 @@ impl ApiState {
             leader_id: s.leader.map(|l| l.0),
             leader_api: self.api_of(s.leader),
             writable: s.writable,
+            lease_remaining_ms: s
+                .lease_remaining
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             commit_index: s.commit_index.0,
             applied_index: s.applied_index.0,
             last_index: s.last_position.index.0,

@@ -21,6 +21,10 @@ pub struct StatusJson {
     pub leader_api: Option<String>,
     /// True on the primary while it holds its lease (writes are served).
     pub writable: bool,
+    /// On the primary holding its lease: milliseconds the lease still runs (as of
+    /// the node's last published status, at most one tick old); `null` otherwise.
+    #[serde(default)]
+    pub lease_remaining_ms: Option<u64>,
     /// The highest index known committed.
     pub commit_index: u64,
     /// The highest index applied to the store.

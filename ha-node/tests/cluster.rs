@@ -184,6 +184,18 @@ fn scenario(transport: TransportKind) {
     );
     let st = json(&call(&anon, "GET", &format!("{sa}/v1/status"), None));
     assert_eq!(st["role"], "standby");
+    assert!(
+        st["lease_remaining_ms"].is_null(),
+        "a standby holds no lease"
+    );
+    // The primary's lease is shorter than the failover timeout (500 ms here).
+    let lease = c
+        .wait_for(&[p], STEP, "the primary's lease", |x| {
+            x.writable && x.lease_remaining_ms.is_some()
+        })
+        .expect("lease")
+        .lease_remaining_ms;
+    assert!(lease.is_some_and(|ms| ms < 500), "lease {lease:?}");
     assert_eq!(st["leader_api"].as_str(), Some(pa.as_str()));
     assert_eq!(st["peers"].as_array().map(Vec::len), Some(2));
 

@@ -17,6 +17,7 @@ pub(super) fn initial_health(cfg: &Config) -> HealthStatus {
         term: Term::ZERO,
         leader: None,
         writable: false,
+        lease_remaining: None,
         commit_mode: cfg.commit_mode,
         last_position: Position::ZERO,
         commit_index: LogIndex::ZERO,
@@ -46,6 +47,7 @@ pub(super) fn stopped_health(cfg: &Config, last: &HealthStatus) -> HealthStatus 
     h.role = member_role(cfg, last.role != Role::Learner);
     h.leader = None;
     h.writable = false;
+    h.lease_remaining = None;
     h.degraded = false;
     for p in &mut h.peers {
         p.healthy = false;

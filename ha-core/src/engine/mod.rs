@@ -372,6 +372,10 @@ impl Engine {
             term: self.hs.current_term,
             leader: self.leader,
             writable: self.writable(now),
+            lease_remaining: self
+                .lease_expiry()
+                .filter(|end| now < *end)
+                .map(|end| end.since(now)),
             commit_mode: self.cfg.commit_mode,
             last_position: self.log.last(),
             commit_index: self.commit,
