@@ -133,9 +133,9 @@ fn steps(c: &mut LocalCluster, opts: &DemoOptions) -> Result<(), String> {
         "{} writes acknowledged ({rate:.0}/s, one at a time)",
         opts.keys
     ));
-    let rss_before: Vec<(u64, Option<u64>)> = crate::local::MEMBERS
+    let rss_before: Vec<(u64, Option<u64>, Option<u64>)> = crate::local::MEMBERS
         .iter()
-        .map(|id| (*id, c.rss(*id)))
+        .map(|id| (*id, c.rss(*id), c.private_rss(*id)))
         .collect();
 
     // Kill the primary; the first acknowledged write on the standby ends the gap.
@@ -208,14 +208,21 @@ fn steps(c: &mut LocalCluster, opts: &DemoOptions) -> Result<(), String> {
         acked.len()
     );
     println!("  resident memory before the kill:");
-    for (id, rss) in rss_before {
+    for (id, rss, private) in rss_before {
         let what = if id == WITNESS {
             "witness, target 10 MB"
         } else {
             "data node, target 30 MB"
         };
         match rss {
-            Some(b) => println!("    node {id}: {:.1} MB ({what})", b as f64 / 1e6),
+            Some(b) => match private {
+                Some(p) => println!(
+                    "    node {id}: {:.1} MB, {:.1} MB of it private, the rest shared code ({what})",
+                    b as f64 / 1e6,
+                    p as f64 / 1e6
+                ),
+                None => println!("    node {id}: {:.1} MB ({what})", b as f64 / 1e6),
+            },
             None => println!("    node {id}: unknown"),
         }
     }

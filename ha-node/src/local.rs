@@ -310,6 +310,13 @@ impl LocalCluster {
         self.proc_status_bytes(id, "VmRSS:")
     }
 
+    /// The part of member `id`'s resident memory that is its own (anonymous
+    /// pages: heap and stacks), in bytes; the rest is file pages such as the
+    /// binary's code, shared by every process of it.
+    pub fn private_rss(&self, id: u64) -> Option<u64> {
+        self.proc_status_bytes(id, "RssAnon:")
+    }
+
     /// The most resident memory member `id`'s process has had, in bytes.
     pub fn peak_rss(&self, id: u64) -> Option<u64> {
         self.proc_status_bytes(id, "VmHWM:")
