@@ -111,7 +111,7 @@ pub struct Outcome {
 }
 
 /// One reading of a data node's counters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct NodeSample {
     metrics: Metrics,
     wal: Option<WalMetrics>,

@@ -52,6 +52,8 @@ pub struct HealthStatus {
     pub commit_index: LogIndex,
     /// The highest index it applied.
     pub applied_index: LogIndex,
+    /// The highest index durable in its own log.
+    pub durable_index: LogIndex,
     /// Entries between the primary's last index and this node's (0 on the primary).
     pub lag: u64,
     /// True if the primary commits without the standby (degraded sync).

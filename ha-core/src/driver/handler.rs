@@ -96,6 +96,7 @@ mod tests {
             cfg,
             status,
             counters: Counters::default(),
+            observations: tokio::sync::broadcast::channel(1).0,
             failure: Mutex::new(None),
             engine_alive: watch::channel(false).0,
         });

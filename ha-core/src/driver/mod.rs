@@ -63,6 +63,7 @@
 mod builder;
 mod handler;
 mod metrics;
+mod observing;
 mod peers;
 mod status;
 mod task;
@@ -73,14 +74,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
 pub use self::builder::{Missing, NodeBuilder};
 use self::handler::Handler;
 use self::metrics::Counters;
-pub use self::metrics::{Metrics, TickLateness};
+pub use self::metrics::{ClusterCounters, Metrics, TickLateness};
 use self::status::{initial_health, stopped_health};
 use self::task::{run_engine, HostParts, TokioHost};
 use crate::config::Config;
@@ -90,6 +91,7 @@ use crate::executor::Executor;
 use crate::health::HealthStatus;
 use crate::log_store::{LogStore, StoredState};
 use crate::message::{Envelope, Request, Response};
+use crate::observe::Observed;
 use crate::replicator::{PromoteOptions, ReadConsistency, ReplicationMode, Replicator, WriteAck};
 use crate::state_machine::StateMachine;
 use crate::transport::Transport;
@@ -98,6 +100,9 @@ use crate::types::{Command, HardState, Instant, LogIndex, NodeId, Role, Term};
 /// Capacity of the engine task's input channel; callers wait (within their own
 /// deadlines) when it is full.
 const INPUT_QUEUE: usize = 4096;
+
+/// Observations a slow subscriber may fall behind by before it misses some.
+const OBSERVATION_QUEUE: usize = 1024;
 
 /// How a node with an empty data directory enters the cluster (as etcd's
 /// `initial-cluster-state`). A stored hard state is always used as it is.
@@ -115,6 +120,8 @@ struct Shared {
     cfg: Config,
     status: watch::Sender<HealthStatus>,
     counters: Counters,
+    /// Every observation, for [`Node::subscribe_observations`].
+    observations: broadcast::Sender<Observed>,
     /// Set once a storage failure stopped the engine task.
     failure: Mutex<Option<String>>,
     /// True while an engine task exists: set before it is spawned, cleared when it
@@ -224,10 +231,12 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
     ) -> Result<Self, Error> {
         config.validate()?;
         let (status, _) = watch::channel(initial_health(&config));
+        let counters = Counters::new(config.peers.iter().map(|m| m.id));
         let shared = Arc::new(Shared {
             cfg: config,
             status,
-            counters: Counters::default(),
+            counters,
+            observations: broadcast::channel(OBSERVATION_QUEUE).0,
             failure: Mutex::new(None),
             engine_alive: watch::channel(false).0,
         });
@@ -264,6 +273,14 @@ impl<T: Transport, L: LogStore, S: StateMachine> Node<T, L, S> {
     /// The node's counters.
     pub fn metrics(&self) -> Metrics {
         self.inner.shared.counters.read()
+    }
+
+    /// A receiver of every cluster event from now on ([`Observed`]: elections
+    /// with their votes, fences, degraded sync, switchovers, snapshots, role
+    /// changes). A receiver more than 1,024 events behind misses the oldest
+    /// (`RecvError::Lagged` says how many).
+    pub fn subscribe_observations(&self) -> broadcast::Receiver<Observed> {
+        self.inner.shared.observations.subscribe()
     }
 
     /// The role as last published.

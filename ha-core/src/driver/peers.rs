@@ -111,17 +111,41 @@ impl<T: Transport> PeerLink<T> {
         }
     }
 
-    /// Sends one request on `conn` with the RPC deadline.
+    /// Sends one request on `conn` with the RPC deadline; counts the bytes of
+    /// WAL entries and snapshot chunks it carries, and times answered heartbeats.
     async fn call(
         &self,
         conn: &T::Conn,
         request: Envelope<Request>,
     ) -> Result<Envelope<Response>, TransportError> {
         let peer = self.member.id;
-        match tokio::time::timeout(self.rpc_timeout, conn.call(request, self.rpc_timeout)).await {
+        let counters = &self.shared.counters;
+        let heartbeat = match &request.body {
+            Request::WalBatch(b) => {
+                counters.add_wal_bytes_sent(b.entries.iter().map(|e| e.approx_size() as u64).sum());
+                false
+            }
+            Request::InstallSnapshot(s) => {
+                counters.add_snapshot_chunk_sent(s.data.len() as u64, s.done);
+                false
+            }
+            Request::Heartbeat(_) => true,
+            _ => false,
+        };
+        let sent = TokioInstant::now();
+        let result = match tokio::time::timeout(
+            self.rpc_timeout,
+            conn.call(request, self.rpc_timeout),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(TransportError::Timeout(peer)),
+        };
+        if heartbeat && result.is_ok() {
+            counters.record_heartbeat_rtt(peer, sent.elapsed());
         }
+        result
     }
 
     /// Logs a failed call. Returns true if the connection under it was lost

@@ -22,6 +22,7 @@ pub(super) fn initial_health(cfg: &Config) -> HealthStatus {
         last_position: Position::ZERO,
         commit_index: LogIndex::ZERO,
         applied_index: LogIndex::ZERO,
+        durable_index: LogIndex::ZERO,
         lag: 0,
         degraded: false,
         failover_paused: !cfg.auto_failover_enabled(),

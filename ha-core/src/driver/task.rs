@@ -26,6 +26,7 @@ use crate::error::{Error, StorageError};
 use crate::executor::{self, Executor, Host, Notice, SnapshotJob};
 use crate::log_store::{LogStore, Snapshot};
 use crate::message::{Channel, Envelope, Request, Response};
+use crate::observe::{Observation, Observed};
 use crate::replicator::{ReadConsistency, WriteAck};
 use crate::state_machine::StateMachine;
 use crate::transport::{BoxFuture, Transport};
@@ -104,6 +105,8 @@ pub(super) struct TokioHost<T: Transport> {
     /// Set by every tick: the next step publishes the whole status (positions,
     /// peers' contact) even if the headline did not change.
     status_due: bool,
+    /// The primary last reported by a role change (leader changes are counted).
+    last_leader: Option<NodeId>,
 }
 
 /// The part of a node's status that callers wait on (a new primary, a lost
@@ -198,6 +201,7 @@ impl<T: Transport> TokioHost<T> {
             ticks: 0,
             headline: None,
             status_due: true,
+            last_leader: None,
         }
     }
 
@@ -279,12 +283,39 @@ impl<T: Transport> TokioHost<T> {
         }
     }
 
+    /// Counts `o`, logs it (if `log`) and hands it to the subscribers.
+    fn observe(&mut self, o: Observation, log: bool) {
+        if log {
+            super::observing::log(self.shared.cfg.node_id, &o);
+        }
+        self.shared.counters.observed(&o);
+        // Nobody listening is fine.
+        let _ = self.shared.observations.send(Observed::now(o));
+    }
+
     /// Publishes the health snapshot if its headline changed or a tick passed.
     fn publish(&mut self, engine: &Engine) {
         let now = self.now();
         let headline = Headline::of(engine, now);
         if !self.status_due && self.headline == Some(headline) {
             return;
+        }
+        if let Some(before) = self.headline {
+            if before.degraded != headline.degraded {
+                let term = headline.term;
+                self.observe(
+                    if headline.degraded {
+                        Observation::DegradedEntered { term }
+                    } else {
+                        Observation::DegradedExited { term }
+                    },
+                    true,
+                );
+            }
+            if before.failover_paused != headline.failover_paused {
+                let paused = headline.failover_paused;
+                self.observe(Observation::FailoverPaused { paused }, true);
+            }
         }
         self.status_due = false;
         self.headline = Some(headline);
@@ -411,9 +442,14 @@ impl<T: Transport> Host for TokioHost<T> {
         let node = self.shared.cfg.node_id;
         match notice {
             Notice::RoleChanged { role, term, leader } => {
-                tracing::info!(%node, %role, %term, ?leader, "role changed");
                 self.shared.counters.bump_role_change();
+                if leader.is_some() && leader != self.last_leader {
+                    self.shared.counters.leader_changed();
+                }
+                self.last_leader = leader;
+                self.observe(Observation::RoleChanged { role, term, leader }, true);
             }
+            Notice::Observed(o) => self.observe(o.clone(), true),
             Notice::Discarded(positions) => {
                 tracing::warn!(
                     %node,
@@ -423,6 +459,8 @@ impl<T: Transport> Host for TokioHost<T> {
                     "acknowledged writes were discarded by a failover (async commit mode)"
                 );
                 self.shared.counters.add_discarded(positions.len() as u64);
+                let count = positions.len() as u64;
+                self.observe(Observation::WritesDiscarded { count }, false);
             }
             Notice::SnapshotSaved(pos) => {
                 tracing::debug!(%node, position = %pos, "snapshot saved");

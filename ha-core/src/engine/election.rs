@@ -7,6 +7,7 @@ use super::replica::{Meta, Standing};
 use super::{Action, Campaign, ClientId, Engine};
 use crate::error::Error;
 use crate::message::{Promote, PromoteAck, Request, Response, VoteRequest, VoteResponse};
+use crate::observe::{ElectionCause, Observation};
 use crate::types::{MemberKind, NodeId, Role, Term};
 
 /// Which round of an election a campaign runs.
@@ -70,6 +71,12 @@ impl Engine {
         }
         // The deadline passed: the campaign (if any) is over either way.
         if let Some(c) = self.campaign.take() {
+            self.emit(Action::Observe(Observation::ElectionLost {
+                term: c.term,
+                pre_vote: c.pre_vote,
+                granted: c.granted.iter().copied().collect(),
+                responded: c.responded.iter().copied().collect(),
+            }));
             if let Some(id) = c.admin {
                 self.emit(Action::AdminDone(id, Err(Error::Timeout)));
             }
@@ -104,6 +111,15 @@ impl Engine {
             Cause::Timer | Cause::Handover => None,
         };
         let term = self.hs.current_term.next_for(self.id);
+        self.emit(Action::Observe(Observation::ElectionStarted {
+            term,
+            pre_vote,
+            cause: match cause {
+                Cause::Timer => ElectionCause::Timer,
+                Cause::Handover => ElectionCause::Handover,
+                Cause::Operator(_) => ElectionCause::Operator,
+            },
+        }));
         if !pre_vote {
             self.hs.current_term = term;
             self.hs.voted_for = Some(self.id);
@@ -149,6 +165,12 @@ impl Engine {
         } else {
             self.decide_vote(meta, &v)
         };
+        self.emit(Action::Observe(Observation::VoteCast {
+            term: v.campaign_term,
+            candidate: from,
+            pre_vote: v.pre_vote,
+            granted,
+        }));
         self.respond(
             from,
             rid,
@@ -255,7 +277,21 @@ impl Engine {
             return;
         }
         c.responded.insert(from);
-        if v.pre_vote != c.pre_vote || !v.granted {
+        if v.pre_vote != c.pre_vote {
+            return;
+        }
+        let (term, pre_vote) = (c.term, c.pre_vote);
+        let counts = v.granted && (pre_vote || from_term == term);
+        self.emit(Action::Observe(Observation::VoteReceived {
+            term,
+            from,
+            pre_vote,
+            granted: counts,
+        }));
+        let Some(c) = self.campaign.as_mut() else {
+            return;
+        };
+        if !v.granted {
             return;
         }
         if !c.pre_vote && from_term != c.term {
@@ -288,7 +324,12 @@ impl Engine {
             };
             self.start_campaign(Round::Vote, cause);
         } else {
+            let votes = c.granted.iter().copied().collect();
             self.campaign = None;
+            self.emit(Action::Observe(Observation::ElectionWon {
+                term: self.hs.current_term,
+                votes,
+            }));
             let standby = if peer_answered {
                 StandbySeen::Answered
             } else {
@@ -389,6 +430,9 @@ impl Engine {
         self.hs.current_term = self.hs.current_term.next_for(self.id);
         self.hs.voted_for = Some(self.id);
         self.persist_hard_state();
+        self.emit(Action::Observe(Observation::ForcedPromotion {
+            term: self.hs.current_term,
+        }));
         self.become_leader(Mandate::Forced, StandbySeen::Silent);
     }
 }

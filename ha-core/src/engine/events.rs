@@ -161,6 +161,9 @@ pub enum Action {
     /// position stands for the discarded entries it holds (their count is then a
     /// lower bound).
     Discarded(Vec<Position>),
+    /// A cluster event worth counting, logging and keeping in a history
+    /// (elections and votes, fences, switchovers, snapshots).
+    Observe(crate::observe::Observation),
     /// The node's role, term or known primary changed.
     RoleChanged {
         /// The new role.

@@ -11,6 +11,7 @@ use super::{Action, ClientId, Engine, Mutations};
 use crate::config::Config;
 use crate::error::Error;
 use crate::message::{Fence, Heartbeat, Request};
+use crate::observe::Observation;
 use crate::types::{
     Command, CommitMode, Instant, LogIndex, NodeId, Payload, Position, Role, WalEntry,
 };
@@ -183,6 +184,10 @@ impl Engine {
         tracing::info!(node = %self.id, term = %self.hs.current_term, forced, "became primary");
         self.set_role(Role::Primary, Some(self.id));
         if let Some(peer) = self.cfg.data_peer().map(|m| m.id) {
+            self.emit(Action::Observe(Observation::FenceSent {
+                to: peer,
+                term: self.hs.current_term,
+            }));
             self.send(
                 peer,
                 Request::Fence(Fence {

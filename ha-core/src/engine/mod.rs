@@ -127,6 +127,9 @@ pub struct Engine {
     snapshot: Option<Snapshot>,
     /// A snapshot being received, chunk by chunk.
     staging: Option<staging::Staging>,
+    /// When the snapshot being staged got its first chunk (for the transfer's
+    /// duration).
+    staging_began: Option<(Position, Instant)>,
     /// The applied index when the last snapshot was asked for (or the state
     /// machine replaced): the next is due `snapshot_every` entries later.
     snapshot_base: LogIndex,
@@ -179,6 +182,7 @@ impl Engine {
             leader_state: None,
             snapshot: init.snapshot,
             staging: None,
+            staging_began: None,
             snapshot_base: applied,
             snapshot_requested: false,
             last_peer_contact: Vec::new(),
@@ -380,6 +384,7 @@ impl Engine {
             last_position: self.log.last(),
             commit_index: self.commit,
             applied_index: self.applied,
+            durable_index: self.durable,
             lag,
             degraded: ls.is_some_and(|l| l.degraded),
             failover_paused: self.failover_paused(),

@@ -9,6 +9,7 @@ use crate::message::{
     AckResult, Fence, FenceAck, FloorAck, Heartbeat, HeartbeatAck, InstallSnapshot, RaiseFloor,
     Response, RpcError, SnapshotAck, WalAck, WalBatch,
 };
+use crate::observe::Observation;
 use crate::types::{CommitMode, LogIndex, MemberKind, NodeId, Position, Role, Term};
 
 /// What became of a conflicting suffix.
@@ -371,6 +372,7 @@ impl Engine {
         let fenced = meta.standing == Standing::Current;
         if fenced {
             tracing::info!(node = %self.id, by = %from, %term, reason = %f.reason, "fenced");
+            self.emit(Action::Observe(Observation::FenceReceived { from, term }));
             self.accept_leader(from);
         }
         self.respond(from, rid, Response::FenceAck(FenceAck { fenced }));
@@ -437,6 +439,21 @@ impl Engine {
             match Staging::take(&mut self.staging, &s) {
                 Staged::Take { done } => {
                     let (offset, end) = (s.offset, s.offset + s.data.len() as u64);
+                    if offset == 0 {
+                        self.staging_began = Some((snap_pos, self.now));
+                    }
+                    if done {
+                        let took = match self.staging_began.take() {
+                            Some((at, began)) if at == snap_pos => self.now.since(began),
+                            _ => std::time::Duration::ZERO,
+                        };
+                        self.emit(Action::Observe(Observation::SnapshotInstalled {
+                            from,
+                            last_included: snap_pos,
+                            size: s.size,
+                            took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                        }));
+                    }
                     self.emit(Action::StageSnapshot {
                         snapshot,
                         offset,

@@ -5,6 +5,7 @@ use super::leader::Transfer;
 use super::{Action, ClientId, Engine};
 use crate::error::Error;
 use crate::message::{Promote, Request};
+use crate::observe::Observation;
 
 impl Engine {
     pub(super) fn admin_switchover(&mut self, id: ClientId) {
@@ -30,6 +31,11 @@ impl Engine {
             return;
         }
         // Stop writes and lease reads for the rest of this term.
+        self.actions
+            .push(Action::Observe(Observation::SwitchoverStarted {
+                term: self.hs.current_term,
+                target,
+            }));
         ls.transfer = Some(Transfer {
             target,
             admin: id,

@@ -107,6 +107,8 @@ pub enum Notice<'a> {
     },
     /// Acknowledged writes were discarded by a failover (async mode).
     Discarded(&'a [Position]),
+    /// A cluster event the engine reported.
+    Observed(&'a crate::observe::Observation),
     /// A snapshot of the local state machine is durable.
     SnapshotSaved(Position),
     /// A snapshot received from the primary was installed.
@@ -360,7 +362,12 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
             send_before_durable(&mut actions);
         }
         for action in actions {
-            poll_fn(|cx| self.host.poll_resume(cx)).await;
+            // An observation only tells the host: a pause before it is the same
+            // as one after it, so it is no suspension point (and adding one
+            // leaves the simulator's schedules as they were).
+            if !matches!(action, Action::Observe(_)) {
+                poll_fn(|cx| self.host.poll_resume(cx)).await;
+            }
             self.execute(store, bg, action).await?;
         }
         Ok(())
@@ -488,6 +495,7 @@ impl<L: LogStore, S: StateMachine, H: Host> Executor<L, S, H> {
             }
             Action::AdminDone(id, result) => self.host.admin_done(id, result),
             Action::Discarded(positions) => self.host.notice(Notice::Discarded(&positions)),
+            Action::Observe(o) => self.host.notice(Notice::Observed(&o)),
             Action::RoleChanged { role, term, leader } => {
                 self.host.notice(Notice::RoleChanged { role, term, leader })
             }

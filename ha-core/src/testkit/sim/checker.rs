@@ -423,6 +423,15 @@ impl World {
                 self.state_restored(id);
                 self.check_snapshot_prefix(id);
             }
+            Notice::Observed(o) => {
+                self.trace(|| format!("{id} observed {o:?}"));
+                if let crate::observe::Observation::ElectionWon { term, votes } = o {
+                    // Two of the three voters (the winner included).
+                    if votes.len() < 2 || !votes.contains(&id) {
+                        self.violation(format!("{id} won term {term} with the votes of {votes:?}"));
+                    }
+                }
+            }
             Notice::CatchUpRead(Ok(())) => self.stats.catch_up_reads += 1,
             Notice::CatchUpRead(Err(_)) | Notice::SnapshotSaved(_) | Notice::Appended(_) => {}
         }
