@@ -21,4 +21,4 @@ pub mod testkit;
 
 pub use certs::{CertError, CertificateAuthority, Identity, NodeCertSpec};
 pub use config::{client_config, server_config, Clock, Members};
-pub use refusals::RefusalLog;
+pub use refusals::{Reason as RefusalReason, RefusalLog};

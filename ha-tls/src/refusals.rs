@@ -9,34 +9,52 @@ use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ha_core::ratelimit::Burst;
+pub use ha_core::ratelimit::Verdict;
 use parking_lot::Mutex;
 
-/// What [`RefusalLog::admit`] decided for one refusal.
+/// Why a connection was refused, as counted for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Log it at WARN, with the count of refusals suppressed before it.
-    Log {
-        /// Refusals not logged at WARN since the last one that was.
-        suppressed: u64,
-    },
-    /// Over the rate: count it only.
-    Suppress,
+pub enum Reason {
+    /// The TLS handshake failed (a certificate not from the cluster CA,
+    /// expired, not a member's, no certificate, a protocol error).
+    Handshake,
+    /// It authenticated but names no member (or no node at all).
+    Identity,
+    /// The handshake did not finish in time.
+    Timeout,
+    /// Too many handshakes in progress, or the address did not validate.
+    Overload,
 }
 
-#[derive(Debug)]
-struct Window {
-    start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
+impl Reason {
+    /// Every reason, in the order [`RefusalLog::by_reason`] reports them.
+    pub const ALL: [Reason; 4] = [
+        Reason::Handshake,
+        Reason::Identity,
+        Reason::Timeout,
+        Reason::Overload,
+    ];
+
+    /// Its name as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Handshake => "handshake",
+            Reason::Identity => "identity",
+            Reason::Timeout => "timeout",
+            Reason::Overload => "overload",
+        }
+    }
 }
 
 /// A rate limit on the WARN lines of refused connections.
 #[derive(Debug)]
 pub struct RefusalLog {
-    interval: Duration,
-    burst: u32,
-    window: Mutex<Window>,
+    burst: Burst,
+    /// Guards nothing but [`wait_for`](Self::wait_for)'s condition variable.
+    waiters: Mutex<()>,
     refused: AtomicU64,
+    by_reason: [AtomicU64; 4],
     suppressed: AtomicU64,
     /// Woken on every refusal (for [`wait_for`](Self::wait_for)).
     counted: parking_lot::Condvar,
@@ -53,14 +71,10 @@ impl RefusalLog {
     /// At most `burst` WARN lines per `interval`.
     pub fn new(interval: Duration, burst: u32) -> Self {
         RefusalLog {
-            interval,
-            burst: burst.max(1),
-            window: Mutex::new(Window {
-                start: None,
-                logged: 0,
-                suppressed: 0,
-            }),
+            burst: Burst::new(interval, burst),
+            waiters: Mutex::new(()),
             refused: AtomicU64::new(0),
+            by_reason: Default::default(),
             suppressed: AtomicU64::new(0),
             counted: parking_lot::Condvar::new(),
         }
@@ -68,30 +82,23 @@ impl RefusalLog {
 
     /// Counts one refusal at `now` and says whether to log it.
     pub fn admit(&self, now: Instant) -> Verdict {
-        let mut w = self.window.lock();
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        self.counted.notify_all();
-        let fresh = w
-            .start
-            .is_none_or(|s| now.saturating_duration_since(s) >= self.interval);
-        if fresh {
-            w.start = Some(now);
-            w.logged = 0;
-        }
-        if w.logged < self.burst {
-            w.logged += 1;
-            Verdict::Log {
-                suppressed: std::mem::take(&mut w.suppressed),
-            }
-        } else {
-            w.suppressed += 1;
+        let verdict = self.burst.admit(now);
+        if verdict == Verdict::Suppress {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
-            Verdict::Suppress
         }
+        {
+            let _w = self.waiters.lock();
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counted.notify_all();
+        verdict
     }
 
-    /// Logs one refused connection from `remote` (rate-limited).
-    pub fn refused(&self, remote: &dyn Display, why: &dyn Display) {
+    /// Logs one refused connection from `remote` (rate-limited) and counts it
+    /// under `reason`.
+    pub fn refused(&self, remote: &dyn Display, reason: Reason, why: &dyn Display) {
+        let k = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.by_reason[k].fetch_add(1, Ordering::Relaxed);
         match self.admit(Instant::now()) {
             Verdict::Log { suppressed: 0 } => {
                 tracing::warn!(%remote, "refused a connection: {why}");
@@ -103,6 +110,12 @@ impl RefusalLog {
         }
     }
 
+    /// Refusals by reason since start (those counted through
+    /// [`refused`](Self::refused)).
+    pub fn by_reason(&self) -> [(Reason, u64); 4] {
+        std::array::from_fn(|k| (Reason::ALL[k], self.by_reason[k].load(Ordering::Relaxed)))
+    }
+
     /// Refusals counted since start.
     pub fn total(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
@@ -112,7 +125,7 @@ impl RefusalLog {
     /// true in the first case (for tests: an explicit signal, no polling).
     pub fn wait_for(&self, n: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut w = self.window.lock();
+        let mut w = self.waiters.lock();
         while self.refused.load(Ordering::Relaxed) < n {
             if self.counted.wait_until(&mut w, deadline).timed_out() {
                 return self.refused.load(Ordering::Relaxed) >= n;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use ha_core::latch::Latch;
 use ha_core::message::{Envelope, Request};
+use ha_core::ratelimit::{Burst, Verdict};
 use ha_core::transport::inbound::{encode_response, Dispatched};
 use ha_core::types::NodeId;
 use ha_core::wire::{self, BudgetPermit, FrameError, ReadBudget};
@@ -243,6 +244,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         all: Arc::new(Semaphore::new(shared.opts.max_handshakes.max(1))),
         per_source: Mutex::new(HashMap::new()),
     });
+    let accept_lines = Burst::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -252,7 +254,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: try again shortly.
-                tracing::warn!("accept failed: {e}");
+                match accept_lines.admit_now() {
+                    Verdict::Log { suppressed } => tracing::warn!(suppressed, "accept failed: {e}"),
+                    Verdict::Suppress => tracing::debug!("accept failed: {e}"),
+                }
                 tokio::select! {
                     () = tokio::time::sleep(shared.opts.net.reconnect_interval) => continue,
                     () = shared.closed.wait() => return,
@@ -260,9 +265,11 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             }
         };
         let Some(slot) = handshakes.admit(remote.ip()) else {
-            shared
-                .refusals
-                .refused(&remote, &"too many handshakes in progress");
+            shared.refusals.refused(
+                &remote,
+                ha_tls::RefusalReason::Overload,
+                &"too many handshakes in progress",
+            );
             continue;
         };
         let shared = shared.clone();
@@ -293,11 +300,17 @@ async fn handshake(
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            shared.refusals.refused(&remote, &e);
+            shared
+                .refusals
+                .refused(&remote, ha_tls::RefusalReason::Handshake, &e);
             return None;
         }
         Err(_) => {
-            shared.refusals.refused(&remote, &"handshake timed out");
+            shared.refusals.refused(
+                &remote,
+                ha_tls::RefusalReason::Timeout,
+                &"handshake timed out",
+            );
             return None;
         }
     };
@@ -310,7 +323,9 @@ async fn handshake(
     match peer {
         Ok(p) => Some((tls, p)),
         Err(e) => {
-            shared.refusals.refused(&remote, &e);
+            shared
+                .refusals
+                .refused(&remote, ha_tls::RefusalReason::Identity, &e);
             None
         }
     }

@@ -47,7 +47,7 @@ mod writer;
 
 pub use config::WalConfig;
 pub use lock::LOCK_FILE;
-pub use metrics::WalMetrics;
+pub use metrics::{FsyncHistograms, WalMetrics};
 pub use retention::{RetainedLog, Retention};
 pub use streamer::WalStreamer;
-pub use wal::Wal;
+pub use wal::{Wal, WalGauges};

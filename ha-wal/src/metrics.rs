@@ -1,17 +1,57 @@
 //! [`WalMetrics`]: counters of the group-commit writer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ha_core::histogram::{Histogram, HistogramReading};
 
 /// The writer's counters, shared with the [`Wal`](crate::Wal) handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counters {
     appends: AtomicU64,
     fsyncs: AtomicU64,
     entries: AtomicU64,
     bytes: AtomicU64,
+    fsync_seconds: Histogram,
+    entries_per_fsync: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            appends: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            fsync_seconds: Histogram::durations(),
+            entries_per_fsync: Histogram::counts(),
+        }
+    }
+}
+
+/// Histograms of the group-commit writer's fsyncs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FsyncHistograms {
+    /// How long each `fdatasync` of a group commit took, in seconds.
+    pub duration: HistogramReading,
+    /// Entries made durable by each.
+    pub entries: HistogramReading,
 }
 
 impl Counters {
+    /// Records one `fdatasync` of a group of `entries`.
+    pub(crate) fn fsynced(&self, took: Duration, entries: u64) {
+        self.fsync_seconds.record_duration(took);
+        self.entries_per_fsync.record(entries as f64);
+    }
+
+    pub(crate) fn histograms(&self) -> FsyncHistograms {
+        FsyncHistograms {
+            duration: self.fsync_seconds.read(),
+            entries: self.entries_per_fsync.read(),
+        }
+    }
+
     /// Records one group commit.
     pub(crate) fn group(&self, appends: u64, entries: u64, bytes: u64) {
         self.appends.fetch_add(appends, Ordering::Relaxed);

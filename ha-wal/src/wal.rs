@@ -194,6 +194,11 @@ impl Wal {
         self.counters.snapshot()
     }
 
+    /// Histograms of the writer's fsyncs: their durations and entries per fsync.
+    pub fn fsync_histograms(&self) -> crate::FsyncHistograms {
+        self.counters.histograms()
+    }
+
     /// A reader of catch-up batches and entry ranges that does not hold up the
     /// writer (see [`WalStreamer`]). [`LogStore::read`] and
     /// [`LogStore::read_batch`] use one.
@@ -204,6 +209,21 @@ impl Wal {
     /// The number of segment files.
     pub fn segment_count(&self) -> usize {
         self.state.read().segments.len()
+    }
+
+    /// The durable bytes of the segment files' records (headers included; the
+    /// zeros written ahead are not counted).
+    pub fn segment_bytes(&self) -> u64 {
+        self.gauges().segment_bytes()
+    }
+
+    /// A handle that reads this log's counters and sizes after the `Wal` itself
+    /// moved into a node (for a metrics exporter).
+    pub fn gauges(&self) -> WalGauges {
+        WalGauges {
+            state: Arc::clone(&self.state),
+            counters: Arc::clone(&self.counters),
+        }
     }
 
     /// Queues an operation built around a reply channel; the returned future
@@ -444,6 +464,47 @@ impl RetainedLog for Wal {
     }
 }
 
+/// Reads a [`Wal`]'s counters and sizes; cheap to clone ([`Wal::gauges`]).
+#[derive(Clone)]
+pub struct WalGauges {
+    state: Arc<RwLock<State>>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for WalGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalGauges").finish_non_exhaustive()
+    }
+}
+
+impl WalGauges {
+    /// As [`Wal::metrics`].
+    pub fn metrics(&self) -> WalMetrics {
+        self.counters.snapshot()
+    }
+
+    /// As [`Wal::fsync_histograms`].
+    pub fn fsync_histograms(&self) -> crate::FsyncHistograms {
+        self.counters.histograms()
+    }
+
+    /// As [`Wal::segment_count`].
+    pub fn segment_count(&self) -> usize {
+        self.state.read().segments.len()
+    }
+
+    /// As [`Wal::segment_bytes`].
+    pub fn segment_bytes(&self) -> u64 {
+        self.state.read().segments.iter().map(|s| s.len).sum()
+    }
+
+    /// The durable record bytes of the entries after `index` (0 if the log
+    /// holds none after it): how far, in bytes, a peer at `index` lags.
+    pub fn bytes_after(&self, index: LogIndex) -> u64 {
+        self.state.read().bytes_after(index)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -486,6 +547,28 @@ mod tests {
                 .len(),
             6
         );
+    }
+
+    #[test]
+    fn every_fsync_is_timed_and_its_entries_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wal = Wal::open(
+            tmp.path(),
+            WalConfig {
+                sync: true,
+                ..cfg()
+            },
+        )
+        .unwrap();
+        block_on(wal.append(vec![entry(1, 1), entry(1, 2)])).unwrap();
+        block_on(wal.append(vec![entry(1, 3)])).unwrap();
+        let h = wal.fsync_histograms();
+        let fsyncs = wal.metrics().fsyncs;
+        assert!(fsyncs >= 1);
+        assert_eq!(h.duration.count(), fsyncs, "one duration per fsync");
+        assert_eq!(h.entries.count(), fsyncs);
+        assert_eq!(h.entries.sum, 3.0, "every entry in some fsync");
+        assert!(wal.segment_bytes() > 0);
     }
 
     /// What an install left on disk when it crashed after saving its snapshot (or

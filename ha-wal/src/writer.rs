@@ -452,10 +452,13 @@ impl Writer {
                 )
             })?;
             if self.cfg.sync {
+                let began = std::time::Instant::now();
                 active
                     .file
                     .sync_data()
                     .map_err(|e| io_err("fdatasync", &active.path, e))?;
+                self.counters
+                    .fsynced(began.elapsed(), self.staged.len() as u64);
             }
             let seq = active.seq;
             let len = active.len;

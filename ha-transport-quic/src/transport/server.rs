@@ -38,17 +38,21 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
             && incoming.may_retry()
         {
             if incoming.retry().is_err() {
-                shared
-                    .refusals
-                    .refused(&remote, &"address validation failed");
+                shared.refusals.refused(
+                    &remote,
+                    ha_tls::RefusalReason::Overload,
+                    &"address validation failed",
+                );
             }
             continue;
         }
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             incoming.refuse();
-            shared
-                .refusals
-                .refused(&remote, &"too many handshakes in progress");
+            shared.refusals.refused(
+                &remote,
+                ha_tls::RefusalReason::Overload,
+                &"too many handshakes in progress",
+            );
             continue;
         };
         let shared = shared.clone();
@@ -57,18 +61,26 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
             let conn = match tokio::time::timeout(shared.opts.net.connect_timeout, incoming).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
-                    shared.refusals.refused(&remote, &e);
+                    shared
+                        .refusals
+                        .refused(&remote, ha_tls::RefusalReason::Handshake, &e);
                     return;
                 }
                 Err(_) => {
-                    shared.refusals.refused(&remote, &"handshake timed out");
+                    shared.refusals.refused(
+                        &remote,
+                        ha_tls::RefusalReason::Timeout,
+                        &"handshake timed out",
+                    );
                     return;
                 }
             };
             let peer = match peer_id(&conn) {
                 Ok(p) => p,
                 Err(e) => {
-                    shared.refusals.refused(&remote, &e);
+                    shared
+                        .refusals
+                        .refused(&remote, ha_tls::RefusalReason::Identity, &e);
                     conn.close(VarInt::from_u32(CODE_PROTOCOL), b"no identity");
                     return;
                 }
