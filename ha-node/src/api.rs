@@ -24,12 +24,14 @@ use ha_core::{
 };
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
+use crate::admin;
+use crate::events::EventLog;
 use crate::json::{ItemJson, ListJson, PeerJson, StatusJson, WriteJson};
 use crate::kv::{
     Item, KvAnswer, KvCommand, KvOutput, KvQuery, MAX_KEY_BYTES, MAX_LIST_LIMIT, MAX_VALUE_BYTES,
 };
+use crate::metrics::{ApiMetrics, Exporter};
 
 /// A boxed future, for the object-safe [`NodeApi`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -53,6 +55,12 @@ pub trait NodeApi: Send + Sync + 'static {
     fn switchover(&self, timeout: Duration) -> BoxFuture<'_, Result<(), Error>>;
     /// Pauses (true) or resumes automatic failover on this node.
     fn set_failover_paused(&self, paused: bool);
+    /// The node's counters and histograms.
+    fn metrics(&self) -> ha_core::driver::Metrics;
+    /// Every cluster event from now on.
+    fn subscribe_observations(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<ha_core::observe::Observed>;
 }
 
 impl<T: Transport, L: LogStore, S: StateMachine> NodeApi for Node<T, L, S> {
@@ -86,6 +94,16 @@ impl<T: Transport, L: LogStore, S: StateMachine> NodeApi for Node<T, L, S> {
         Box::pin(Replicator::switchover(self, timeout))
     }
 
+    fn metrics(&self) -> ha_core::driver::Metrics {
+        Node::metrics(self)
+    }
+
+    fn subscribe_observations(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<ha_core::observe::Observed> {
+        Node::subscribe_observations(self)
+    }
+
     fn set_failover_paused(&self, paused: bool) {
         if paused {
             self.pause_auto_failover()
@@ -116,10 +134,19 @@ pub struct ApiState {
     pub request_timeout: Duration,
     /// Calls the other members' APIs (pause/resume fan-out).
     pub client: crate::client::Client,
+    /// The API's own metrics.
+    pub metrics: Arc<ApiMetrics>,
+    /// `GET /metrics`.
+    pub exporter: Exporter,
+    /// The event history.
+    pub events: Arc<EventLog>,
+    /// The rate of WARN lines for refused admin calls (a client retrying with
+    /// a wrong token must not flood the log).
+    pub refusal_lines: ha_core::ratelimit::Burst,
 }
 
 impl ApiState {
-    fn me(&self) -> NodeId {
+    pub(crate) fn me(&self) -> NodeId {
         self.node.status().node_id
     }
 
@@ -129,7 +156,7 @@ impl ApiState {
             .is_some_and(|m| m.kind == MemberKind::Witness)
     }
 
-    fn api_of(&self, id: Option<NodeId>) -> Option<String> {
+    pub(crate) fn api_of(&self, id: Option<NodeId>) -> Option<String> {
         id.and_then(|id| self.members.get(&id))
             .map(|m| m.api.clone())
     }
@@ -185,7 +212,7 @@ impl ApiState {
     }
 }
 
-type Shared = Arc<ApiState>;
+pub(crate) type Shared = Arc<ApiState>;
 
 /// The API's routes.
 pub fn router(state: Shared) -> Router {
@@ -194,16 +221,18 @@ pub fn router(state: Shared) -> Router {
         .route("/primary", get(primary))
         .route("/standby", get(standby))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/v1/events", get(events))
         .route("/v1/kv", get(list))
         .route("/v1/kv/", get(list))
         .route(
             "/v1/kv/{*key}",
             put(put_key).get(get_key).delete(delete_key),
         )
-        .route("/v1/admin/promote", post(promote))
-        .route("/v1/admin/switchover", post(switchover))
-        .route("/v1/admin/pause-failover", post(pause))
-        .route("/v1/admin/resume-failover", post(resume))
+        .route("/v1/admin/promote", post(admin::promote))
+        .route("/v1/admin/switchover", post(admin::switchover))
+        .route("/v1/admin/pause-failover", post(admin::pause))
+        .route("/v1/admin/resume-failover", post(admin::resume))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         // The value limit: by the announced length before reading anything, and
         // while reading a body that announced none.
@@ -229,11 +258,11 @@ async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::N
     next.run(req).await
 }
 
-fn error(code: StatusCode, error: &str, detail: impl Into<String>) -> Response {
+pub(crate) fn error(code: StatusCode, error: &str, detail: impl Into<String>) -> Response {
     (code, Json(json!({"error": error, "detail": detail.into()}))).into_response()
 }
 
-fn not_primary(state: &ApiState, leader: Option<NodeId>) -> Response {
+pub(crate) fn not_primary(state: &ApiState, leader: Option<NodeId>) -> Response {
     let leader = leader.or(state.node.status().leader);
     // A witness or a standby never names itself.
     let leader = leader.filter(|l| *l != state.me());
@@ -251,6 +280,20 @@ fn not_primary(state: &ApiState, leader: Option<NodeId>) -> Response {
 /// A failed write or linearizable read, mapped to its answer. `taken`: the
 /// request may have reached the log (a write), so a timeout or step-down leaves
 /// its outcome unknown.
+/// The `error` code [`failure`] answers `e` with (the outcome label of the
+/// metrics).
+fn error_code(e: &Error, taken: bool) -> &'static str {
+    match e {
+        Error::NotLeader { .. } | Error::StandbyMode | Error::NotReady => "not_primary",
+        Error::Busy { .. } => "busy",
+        Error::Timeout | Error::Fenced { .. } | Error::Closed if taken => "indeterminate",
+        Error::Timeout => "timeout",
+        Error::Fenced { .. } => "not_primary",
+        Error::Closed => "shutting_down",
+        _ => "internal",
+    }
+}
+
 fn failure(state: &ApiState, e: Error, taken: bool) -> Response {
     match e {
         Error::NotLeader { leader, .. } => not_primary(state, leader),
@@ -341,6 +384,72 @@ async fn status(State(s): State<Shared>) -> Response {
     Json(s.status_json()).into_response()
 }
 
+async fn metrics(State(s): State<Shared>) -> Response {
+    match s.exporter.render() {
+        Ok(text) => (
+            StatusCode::OK,
+            [("content-type", crate::metrics::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the metrics could not be encoded",
+        ),
+    }
+}
+
+/// At most this many events per answer.
+const MAX_EVENTS: usize = 1000;
+
+#[derive(Deserialize)]
+struct EventParams {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+    /// With nothing after `since`: wait up to this long for the next event.
+    wait_ms: Option<u64>,
+}
+
+/// The longest an events request may wait for the next event (well within the
+/// HTTP server's 30 s request bound). A stopping node records its stop, which
+/// ends every wait before the server drains.
+const MAX_EVENTS_WAIT: Duration = Duration::from_secs(4);
+
+async fn events(State(s): State<Shared>, Query(p): Query<EventParams>) -> Response {
+    let limit = p.limit.unwrap_or(MAX_EVENTS);
+    if limit == 0 || limit > MAX_EVENTS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("limit is 1 to {MAX_EVENTS}"),
+        );
+    }
+    let wait = Duration::from_millis(p.wait_ms.unwrap_or(0));
+    if wait > MAX_EVENTS_WAIT {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_wait",
+            format!("wait_ms is at most {}", MAX_EVENTS_WAIT.as_millis()),
+        );
+    }
+    if !wait.is_zero() {
+        // Subscribed before looking, so an event between the two is not missed.
+        let mut newest = s.events.subscribe();
+        let since = p.since;
+        let _ = tokio::time::timeout(wait, newest.wait_for(|n| *n > since)).await;
+    }
+    let events = s.events.since(p.since, limit);
+    let next = events.last().map_or(p.since, |e| e.seq);
+    Json(json!({
+        "events": events,
+        "next_since": next,
+        "oldest": s.events.oldest(),
+    }))
+    .into_response()
+}
+
 #[derive(Deserialize)]
 struct WriteParams {
     if_mod_index: Option<u64>,
@@ -366,35 +475,54 @@ fn check_key(key: &str) -> Option<Response> {
 }
 
 async fn write(s: Shared, cmd: KvCommand) -> Response {
+    let began = std::time::Instant::now();
+    let (outcome, response) = write_answer(&s, cmd).await;
+    s.metrics.write_done(outcome, began.elapsed());
+    response
+}
+
+/// A write's answer and its outcome label.
+async fn write_answer(s: &ApiState, cmd: KvCommand) -> (&'static str, Response) {
     if s.is_witness() {
-        return not_primary(&s, None);
+        return ("not_primary", not_primary(s, None));
     }
     let st = s.node.status();
     if !st.writable {
-        return not_primary(&s, st.leader);
+        return ("not_primary", not_primary(s, st.leader));
     }
     match s.node.write(cmd.encode(), s.request_timeout).await {
-        Err(e) => failure(&s, e, true),
+        Err(e) => (error_code(&e, true), failure(s, e, true)),
         Ok(ack) => match KvOutput::decode(&ack.output) {
-            Ok(KvOutput::Done { .. }) => Json(WriteJson {
-                index: ack.position.index.0,
-                term: ack.term.number,
-            })
-            .into_response(),
-            Ok(KvOutput::Mismatch { current }) => (
-                StatusCode::PRECONDITION_FAILED,
-                Json(json!({
-                    "error": "mod_index_mismatch",
-                    "mod_index": current,
-                    "index": ack.position.index.0,
-                })),
-            )
+            Ok(KvOutput::Done { .. }) => (
+                "acked",
+                Json(WriteJson {
+                    index: ack.position.index.0,
+                    term: ack.term.number,
+                })
                 .into_response(),
-            Ok(KvOutput::Invalid(why)) => error(StatusCode::BAD_REQUEST, "invalid", why),
-            Err(e) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            Ok(KvOutput::Mismatch { current }) => (
+                "mismatch",
+                (
+                    StatusCode::PRECONDITION_FAILED,
+                    Json(json!({
+                        "error": "mod_index_mismatch",
+                        "mod_index": current,
+                        "index": ack.position.index.0,
+                    })),
+                )
+                    .into_response(),
+            ),
+            Ok(KvOutput::Invalid(why)) => {
+                ("invalid", error(StatusCode::BAD_REQUEST, "invalid", why))
+            }
+            Err(e) => (
                 "internal",
-                format!("undecodable output: {e}"),
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("undecodable output: {e}"),
+                ),
             ),
         },
     }
@@ -438,17 +566,42 @@ struct ReadParams {
     stale: bool,
 }
 
-/// Runs a query with the asked-for consistency.
+/// Runs a query with the asked-for consistency, counted by outcome.
 async fn query(
     s: &ApiState,
     q: KvQuery,
     stale: bool,
 ) -> Result<(KvAnswer, HealthStatus), Response> {
+    let (outcome, result) = query_answer(s, q, stale).await;
+    let consistency = if stale { "stale" } else { "linearizable" };
+    s.metrics.read_done(consistency, outcome);
+    result
+}
+
+async fn query_answer(
+    s: &ApiState,
+    q: KvQuery,
+    stale: bool,
+) -> (&'static str, Result<(KvAnswer, HealthStatus), Response>) {
+    match query_inner(s, q, stale).await {
+        Ok(a) => ("ok", Ok(a)),
+        Err((outcome, r)) => (outcome, Err(r)),
+    }
+}
+
+async fn query_inner(
+    s: &ApiState,
+    q: KvQuery,
+    stale: bool,
+) -> Result<(KvAnswer, HealthStatus), (&'static str, Response)> {
     if s.is_witness() {
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return Err((
             "witness",
-            "this node is a witness: it holds no data",
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "witness",
+                "this node is a witness: it holds no data",
+            ),
         ));
     }
     let consistency = if stale {
@@ -456,7 +609,7 @@ async fn query(
     } else {
         let st = s.node.status();
         if st.role != Role::Primary {
-            return Err(not_primary(s, st.leader));
+            return Err(("not_primary", not_primary(s, st.leader)));
         }
         ReadConsistency::Linearizable
     };
@@ -464,19 +617,21 @@ async fn query(
         .node
         .read(q.encode(), consistency, s.request_timeout)
         .await
-        .map_err(|e| failure(s, e, false))?;
+        .map_err(|e| (error_code(&e, false), failure(s, e, false)))?;
     let answer = KvAnswer::decode(&bytes).map_err(|e| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
+        (
             "internal",
-            format!("undecodable answer: {e}"),
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("undecodable answer: {e}"),
+            ),
         )
     })?;
     if let KvAnswer::Invalid(why) = &answer {
-        return Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
+        return Err((
             "store",
-            why.clone(),
+            error(StatusCode::INTERNAL_SERVER_ERROR, "store", why.clone()),
         ));
     }
     Ok((answer, s.node.status()))
@@ -603,131 +758,4 @@ async fn list(State(s): State<Shared>, Query(p): Query<ListParams>) -> Response 
             "wrong answer kind",
         ),
     }
-}
-
-/// The refusal, if any: `401` without a bearer token, `403` with a wrong one (compared in constant
-/// time).
-fn authorize(s: &ApiState, headers: &HeaderMap, what: &str) -> Option<Response> {
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        None => {
-            tracing::warn!(request = what, "refused an admin request without a token");
-            Some(error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "admin calls need `Authorization: Bearer <admin token>`",
-            ))
-        }
-        Some(t) if bool::from(t.as_bytes().ct_eq(s.admin_token.as_bytes())) => None,
-        Some(_) => {
-            tracing::warn!(
-                request = what,
-                "refused an admin request with a wrong token"
-            );
-            Some(error(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "wrong admin token",
-            ))
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct PromoteParams {
-    #[serde(default)]
-    force: bool,
-}
-
-async fn promote(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    Query(p): Query<PromoteParams>,
-) -> Response {
-    if let Some(r) = authorize(&s, &headers, "promote") {
-        return r;
-    }
-    tracing::warn!(force = p.force, "promote requested by an operator");
-    match s.node.promote(p.force).await {
-        Ok(()) => {
-            let mut body = json!({"promoted": true, "forced": p.force});
-            if p.force {
-                body["warning"] = json!(
-                    "forced promotion without a quorum: writes the old primary acknowledged may be lost"
-                );
-            }
-            Json(body).into_response()
-        }
-        Err(e) => error(StatusCode::CONFLICT, "promote_failed", e.to_string()),
-    }
-}
-
-async fn switchover(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = authorize(&s, &headers, "switchover") {
-        return r;
-    }
-    let st = s.node.status();
-    if st.role != Role::Primary {
-        return not_primary(&s, st.leader);
-    }
-    tracing::info!("switchover requested by an operator");
-    match s.node.switchover(s.request_timeout).await {
-        Ok(()) => {
-            let st = s.node.status();
-            Json(json!({"switched": true, "primary": s.api_of(st.leader), "primary_id": st.leader.map(|l| l.0)}))
-                .into_response()
-        }
-        Err(Error::Timeout) => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            "the switchover did not finish in time; check /v1/status",
-        ),
-        Err(e) => error(StatusCode::CONFLICT, "switchover_failed", e.to_string()),
-    }
-}
-
-/// Pauses or resumes failover here and, unless the call was itself forwarded,
-/// on every other member (a paused primary alone would not stop its standby).
-async fn set_paused(s: Shared, headers: HeaderMap, paused: bool) -> Response {
-    let what = if paused {
-        "pause-failover"
-    } else {
-        "resume-failover"
-    };
-    if let Some(r) = authorize(&s, &headers, what) {
-        return r;
-    }
-    s.node.set_failover_paused(paused);
-    tracing::info!(
-        paused,
-        "failover {} by an operator",
-        if paused { "paused" } else { "resumed" }
-    );
-    let me = s.me();
-    let mut done = vec![me.0];
-    let mut unreachable = Vec::new();
-    if headers.get("x-ha-forwarded").is_none() {
-        for (id, m) in s.members.iter().filter(|(id, _)| **id != me) {
-            let url = format!("{}/v1/admin/{what}", m.api.trim_end_matches('/'));
-            let client = s.client.clone();
-            let reply = tokio::task::spawn_blocking(move || client.forward_admin(&url)).await;
-            match reply {
-                Ok(Ok(200)) => done.push(id.0),
-                _ => unreachable.push(id.0),
-            }
-        }
-    }
-    Json(json!({"failover_paused": paused, "nodes": done, "unreachable": unreachable}))
-        .into_response()
-}
-
-async fn pause(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    set_paused(s, headers, true).await
-}
-
-async fn resume(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    set_paused(s, headers, false).await
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use ha_core::ratelimit::{Burst, Verdict};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -119,6 +120,7 @@ async fn accept_loop(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut conns = JoinSet::new();
+    let accept_lines = Burst::default();
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -132,7 +134,12 @@ async fn accept_loop(
                 Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly.
-                    tracing::warn!(error = %e, "API accept failed");
+                    match accept_lines.admit_now() {
+                        Verdict::Log { suppressed } => {
+                            tracing::warn!(error = %e, suppressed, "API accept failed");
+                        }
+                        Verdict::Suppress => tracing::debug!(error = %e, "API accept failed"),
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

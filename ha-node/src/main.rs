@@ -1,7 +1,7 @@
 //! `ha-node`: the HA replication node binary.
 //!
 //! `ha-node run` is the service; `certs` and `check-config` prepare it;
-//! `status`, `kv`, `promote`, `switchover`, `pause-failover` and
+//! `status [--watch]`, `events [--follow]`, `kv`, `promote`, `switchover`, `pause-failover` and
 //! `resume-failover` are its client; `demo` shows it all on one machine.
 
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ha_node::certs::{self, NodeArg};
 use ha_node::cli::{self, DEFAULT_API};
 use ha_node::config::{Checked, ConfigFileError, NodeFile, TransportKind};
+use ha_node::watch;
 
 /// The HA replication node.
 #[derive(Parser, Debug)]
@@ -62,6 +63,27 @@ enum Command {
         #[arg(long, default_value = DEFAULT_API)]
         api: String,
         /// Print the members' status JSON instead of a table.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Redraw the table in place once a second, with a lag bar per
+        /// standby, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Print a member's event history: role changes, elections and their
+    /// votes, fences, degraded-sync periods, switchovers, snapshots, operator
+    /// requests, starts and stops (kept across restarts).
+    Events {
+        /// The member's API.
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Then print each new event as it happens, until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -420,7 +442,29 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => run(&config),
-        Command::Status { api, json } => {
+        Command::Status {
+            api, watch: true, ..
+        } => watch::watch_status(&cli::client(None), &api),
+        Command::Events {
+            api,
+            since,
+            follow,
+            json,
+        } => {
+            let opts = watch::EventsOptions {
+                since,
+                follow,
+                json,
+            };
+            match watch::print_events(&cli::client(None), &api, opts, &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { api, json, .. } => {
             let c = cli::client(None);
             match cli::cluster(&c, &api) {
                 Ok(rows) => {

@@ -18,10 +18,12 @@ use ha_transport_quic::{QuicOptions, QuicTransport};
 use ha_transport_tcp::{TcpOptions, TcpTransport};
 use ha_wal::{Wal, WalConfig};
 
-use crate::api::{self, ApiState, MemberApi};
+use crate::api::{self, ApiState, MemberApi, NodeApi};
 use crate::client::Client;
 use crate::config::{Checked, ClusterState, Kind, Role, TransportKind};
+use crate::events::{EventLog, NodeEvent};
 use crate::http::{HttpLimits, HttpServer};
+use crate::metrics::{ApiMetrics, Exporter, NodeInfo, RefusalSource, Sources};
 use crate::store::{KvStore, StoreHandle};
 
 /// How long a write or a linearizable read may wait before the API answers.
@@ -109,20 +111,24 @@ pub async fn run(checked: Checked) -> Result<(), RunError> {
         (TransportKind::Quic, false) => {
             let (sm, handle) = open_store(&checked)?;
             let t = quic(&identity, &checked)?;
-            serve(&checked, t, wal, sm, Some(handle)).await
+            let r = quic_refusals(&t);
+            serve(&checked, t, r, wal, sm, Some(handle)).await
         }
         (TransportKind::Quic, true) => {
             let t = quic(&identity, &checked)?;
-            serve(&checked, t, wal, NoData::default(), None).await
+            let r = quic_refusals(&t);
+            serve(&checked, t, r, wal, NoData::default(), None).await
         }
         (TransportKind::Tcp, false) => {
             let (sm, handle) = open_store(&checked)?;
             let t = tcp(&identity, &checked)?;
-            serve(&checked, t, wal, sm, Some(handle)).await
+            let r = tcp_refusals(&t);
+            serve(&checked, t, r, wal, sm, Some(handle)).await
         }
         (TransportKind::Tcp, true) => {
             let t = tcp(&identity, &checked)?;
-            serve(&checked, t, wal, NoData::default(), None).await
+            let r = tcp_refusals(&t);
+            serve(&checked, t, r, wal, NoData::default(), None).await
         }
     }
 }
@@ -132,6 +138,16 @@ fn open_store(checked: &Checked) -> Result<(KvStore, StoreHandle), RunError> {
     let store = KvStore::open(&path).map_err(|e| err("the key-value store", e))?;
     let handle = store.handle();
     Ok((store, handle))
+}
+
+fn quic_refusals(t: &QuicTransport) -> RefusalSource {
+    let t = t.clone();
+    Arc::new(move || t.refusals().by_reason())
+}
+
+fn tcp_refusals(t: &TcpTransport) -> RefusalSource {
+    let t = t.clone();
+    Arc::new(move || t.refusals().by_reason())
 }
 
 fn quic(identity: &Identity, checked: &Checked) -> Result<QuicTransport, RunError> {
@@ -147,6 +163,7 @@ fn tcp(identity: &Identity, checked: &Checked) -> Result<TcpTransport, RunError>
 async fn serve<T: Transport, S: StateMachine>(
     checked: &Checked,
     transport: T,
+    refusals: RefusalSource,
     wal: Wal,
     sm: S,
     store: Option<StoreHandle>,
@@ -156,6 +173,16 @@ async fn serve<T: Transport, S: StateMachine>(
         ClusterState::New => Bootstrap::NewCluster,
         ClusterState::Existing => Bootstrap::JoinExisting,
     };
+    let events = Arc::new(EventLog::open(&file.data_dir).map_err(|e| {
+        err(
+            &format!(
+                "the event history {}",
+                file.data_dir.join(crate::events::FILE).display()
+            ),
+            e,
+        )
+    })?);
+    let wal_gauges = wal.gauges();
     let node: Node<T, Wal, S> = NodeBuilder::new(checked.config.clone())
         .transport(transport)
         .log_store(wal)
@@ -163,6 +190,15 @@ async fn serve<T: Transport, S: StateMachine>(
         .bootstrap(bootstrap)
         .build()
         .map_err(|e| err("the node", e))?;
+    // Subscribed before the start, so the history sees the first events.
+    let history = tokio::spawn(keep_history(
+        node.subscribe_observations(),
+        Arc::clone(&events),
+    ));
+    events.node(NodeEvent::NodeStarted {
+        role: format!("{:?}", file.role).to_lowercase(),
+        cluster_state: format!("{:?}", file.cluster_state).to_lowercase(),
+    });
     node.start()
         .await
         .map_err(|e| err("starting the node", e))?;
@@ -183,8 +219,43 @@ async fn serve<T: Transport, S: StateMachine>(
             )
         })
         .collect();
+    let api_node: Arc<dyn NodeApi> = Arc::new(node.clone());
+    let mode = crate::config::commit_mode_name(checked.config.commit_mode);
+    let metrics = Arc::new(ApiMetrics::new(mode));
+    let peers = checked
+        .config
+        .peers
+        .iter()
+        .map(|m| (m.id.0, m.kind))
+        .collect();
+    let sources = Sources {
+        node: Arc::clone(&api_node),
+        wal: wal_gauges,
+        store_file: store.as_ref().map(|_| file.data_dir.join("kv.redb")),
+        refusals,
+        peers,
+        info: NodeInfo {
+            node_id: checked.config.node_id.0.to_string(),
+            kind: if file.role == Role::Witness {
+                "witness"
+            } else {
+                "data"
+            },
+            transport: match file.transport {
+                TransportKind::Quic => "quic",
+                TransportKind::Tcp => "tcp",
+            },
+            commit_mode: mode,
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    };
+    let exporter = Exporter::new(&metrics, sources);
     let state = Arc::new(ApiState {
-        node: Arc::new(node.clone()),
+        node: api_node,
+        metrics,
+        exporter,
+        events: Arc::clone(&events),
+        refusal_lines: ha_core::ratelimit::Burst::default(),
         admin_token: checked.admin_token.clone(),
         members,
         request_timeout: REQUEST_TIMEOUT,
@@ -212,12 +283,15 @@ async fn serve<T: Transport, S: StateMachine>(
         "ha-node running"
     );
     let why = wait_for_stop(&node, store.as_ref()).await;
-    tracing::info!(reason = %why.as_deref().unwrap_or("signal"), "stopping");
+    let reason = why.as_deref().unwrap_or("signal").to_string();
+    tracing::info!(%reason, "stopping");
+    events.node(NodeEvent::NodeStopping { reason });
     let stopped = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
         http.shutdown().await;
         node.shutdown().await
     })
     .await;
+    history.abort();
     match stopped {
         Err(_) => tracing::error!("shutdown did not finish in time; exiting anyway"),
         Ok(Err(e)) => tracing::warn!(error = %e, "node shutdown reported an error"),
@@ -259,6 +333,23 @@ async fn wait_for_stop<T: Transport, S: StateMachine>(
                     return Some(format!("the key-value store failed: {f}"));
                 }
             }
+        }
+    }
+}
+
+/// Copies every cluster event but the routine ones (pre-vote rounds) into the
+/// history; a history that fell behind records how many it missed.
+async fn keep_history(
+    mut rx: tokio::sync::broadcast::Receiver<ha_core::observe::Observed>,
+    events: Arc<EventLog>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match rx.recv().await {
+            Ok(o) if o.observation.is_routine() => {}
+            Ok(o) => events.observed(o),
+            Err(RecvError::Lagged(count)) => events.node(NodeEvent::EventsMissed { count }),
+            Err(RecvError::Closed) => return,
         }
     }
 }
