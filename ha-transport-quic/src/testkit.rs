@@ -94,6 +94,10 @@ impl TlsStack for Quic {
         transport.refusals()
     }
 
+    fn connections(transport: &QuicTransport) -> Vec<ha_tls::PeerConnections> {
+        transport.connections()
+    }
+
     fn free_addresses(n: usize) -> Vec<SocketAddr> {
         let held: Vec<std::net::UdpSocket> = (0..n)
             .map(|_| std::net::UdpSocket::bind(loopback()).expect("bind"))

@@ -152,6 +152,9 @@ impl PeerState {
                 }
                 *slot = Some(link.clone());
                 drop(slot);
+                shared
+                    .connections
+                    .opened(self.id, ha_tls::Direction::Outbound);
                 Ok(link)
             }
             Err(e) => {

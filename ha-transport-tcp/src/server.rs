@@ -381,6 +381,7 @@ fn serve(
             return;
         }
     };
+    shared.connections.opened(peer, ha_tls::Direction::Inbound);
     let (id, stopped, earlier) = (reg.id, reg.stopped.clone(), reg.earlier);
     let conn = Conn {
         shared: shared.clone(),

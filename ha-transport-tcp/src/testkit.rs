@@ -96,6 +96,10 @@ impl TlsStack for Tcp {
         transport.refusals()
     }
 
+    fn connections(transport: &TcpTransport) -> Vec<ha_tls::PeerConnections> {
+        transport.connections()
+    }
+
     fn free_addresses(n: usize) -> Vec<SocketAddr> {
         let held: Vec<std::net::TcpListener> = (0..n)
             .map(|_| std::net::TcpListener::bind(loopback()).expect("bind"))

@@ -14,7 +14,7 @@ use ha_core::latch::Latch;
 use ha_core::transport::inbound::Inbound;
 use ha_core::transport::{RequestHandler, Transport};
 use ha_core::types::NodeId;
-use ha_tls::{Identity, Members, RefusalLog};
+use ha_tls::{ConnectionTally, Direction, Identity, Members, PeerConnections, RefusalLog};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) inbound: Inbound,
     pub(crate) refusals: RefusalLog,
+    /// Authenticated connections opened, per peer and direction.
+    pub(crate) connections: ConnectionTally,
     pub(crate) closed: Latch,
     pub(crate) peers: Mutex<HashMap<NodeId, Arc<PeerState>>>,
     /// Connections peers dialed to this node, by peer and kind.
@@ -142,6 +144,7 @@ impl TcpTransport {
                 acceptor: TlsAcceptor::from(Arc::new(server)),
                 inbound: Inbound::new(identity.node, closed.clone()),
                 refusals: RefusalLog::default(),
+                connections: ConnectionTally::default(),
                 closed,
                 peers: Mutex::new(HashMap::new()),
                 accepted: InboundConns::default(),
@@ -187,6 +190,26 @@ impl TcpTransport {
             .lock()
             .get(&peer)
             .map_or(0, |p| p.live_links())
+    }
+
+    /// Every other configured member's TCP connections with this node (control
+    /// and WAL): open now and opened since start, by who dialed them.
+    pub fn connections(&self) -> Vec<PeerConnections> {
+        let me = self.inner.me;
+        let peers = self
+            .inner
+            .opts
+            .net
+            .members
+            .iter()
+            .copied()
+            .filter(|p| *p != me);
+        self.inner
+            .connections
+            .report(peers, |peer, direction| match direction {
+                Direction::Inbound => self.accepted_connections(peer),
+                Direction::Outbound => self.dialed_connections(peer),
+            })
     }
 
     /// The log of refused handshakes (bad or missing certificates,

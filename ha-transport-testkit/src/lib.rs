@@ -93,6 +93,8 @@ pub trait TlsStack: Send + Sync + 'static {
     ) -> Result<(Self::Transport, SocketAddr), TransportError>;
     /// The log of `transport`'s refused handshakes (counts, and a signal).
     fn refusals(transport: &Self::Transport) -> &ha_tls::RefusalLog;
+    /// `transport`'s connections per peer: open now and opened since start.
+    fn connections(transport: &Self::Transport) -> Vec<ha_tls::PeerConnections>;
     /// `n` distinct free loopback addresses of the kind the transport binds
     /// (UDP or TCP), found by binding them all at once and releasing them.
     fn free_addresses(n: usize) -> Vec<SocketAddr>;

@@ -351,6 +351,77 @@ pub async fn refused_handshakes_are_logged_at_a_bounded_rate<S: TlsStack>() {
     s.server.transport.close().await;
 }
 
+/// Node 1's connection to node 2 is counted on both sides, by direction, and
+/// a reconnect after the handle was closed counts another; node 3, never
+/// reached, still has its row of zeros; a refused handshake counts nowhere.
+pub async fn connections_are_counted_per_peer_and_direction<S: TlsStack>() {
+    use ha_tls::Direction::{Inbound, Outbound};
+    let cluster = TestCluster::new(3).unwrap();
+    let (one, _, two, _) = clocked_pair::<S>(&cluster).await;
+    let row = |t: &S::Transport, peer: NodeId| {
+        let rows = S::connections(t);
+        assert_eq!(rows.len(), 2, "one row per other member: {rows:?}");
+        rows.into_iter().find(|r| r.peer == peer).unwrap()
+    };
+    let first = call_once::<S>(&one, &two, 1).await;
+    assert!(first.is_ok(), "{first:?}");
+    let dialed = row(&one.transport, NodeId(2)).opened(Outbound);
+    assert!(dialed >= 1, "node 1 counts its dial of node 2");
+    // An answered request was read from a registered connection.
+    let accepted = row(&two.transport, NodeId(1));
+    assert!(
+        accepted.opened(Inbound) >= 1,
+        "node 2 counts node 1's connection: {accepted:?}"
+    );
+    assert_eq!(
+        accepted.opened(Outbound),
+        0,
+        "node 2 dialed nobody: {accepted:?}"
+    );
+    assert_eq!(
+        row(&one.transport, NodeId(2)).open(Outbound),
+        0,
+        "closing the last handle closes node 1's connections to node 2"
+    );
+    let again = call_once::<S>(&one, &two, 2).await;
+    assert!(again.is_ok(), "{again:?}");
+    assert!(
+        row(&one.transport, NodeId(2)).opened(Outbound) > dialed,
+        "the reconnect is counted"
+    );
+    assert_eq!(
+        row(&one.transport, NodeId(3)),
+        ha_tls::PeerConnections {
+            peer: NodeId(3),
+            ..Default::default()
+        },
+        "node 3 was never reached"
+    );
+    // A handshake without a certificate is refused and not counted.
+    let before = S::connections(&two.transport);
+    let refused = raw_heartbeat::<S>(
+        two.member.addr.parse().unwrap(),
+        raw_tls(cluster.ca(), None),
+        NodeId(1),
+    )
+    .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let log = S::refusals(&two.transport);
+    let counted = tokio::task::block_in_place(|| log.wait_for(1, LIMIT));
+    assert!(counted, "the refusal is counted as a refusal");
+    let after = S::connections(&two.transport);
+    let opened = |rows: &[ha_tls::PeerConnections]| -> Vec<[u64; 2]> {
+        rows.iter().map(|r| r.opened).collect()
+    };
+    assert_eq!(
+        opened(&before),
+        opened(&after),
+        "a refused handshake was counted"
+    );
+    one.transport.close().await;
+    two.transport.close().await;
+}
+
 /// Whose clock moves past the certificates' expiry.
 #[derive(Clone, Copy, Debug)]
 enum Expired {
@@ -511,6 +582,7 @@ macro_rules! rejection_tests {
             a_silent_connection_is_closed_in_time,
             a_slow_handler_is_not_a_dead_peer,
             refused_handshakes_are_logged_at_a_bounded_rate,
+            connections_are_counted_per_peer_and_direction,
         );
     };
     (@each $stack:ty; $($name:ident),* $(,)?) => {

@@ -79,6 +79,12 @@ impl Link {
         conn: quinn::Connection,
     ) -> Arc<Link> {
         let (wal_tx, wal_rx) = mpsc::channel(shared.opts.net.wal_window.max(1));
+        let direction = if dialer == shared.me {
+            ha_tls::Direction::Outbound
+        } else {
+            ha_tls::Direction::Inbound
+        };
+        shared.connections.opened(peer.id, direction);
         let link = Arc::new(Link {
             peer: peer.id,
             dialer,

@@ -14,7 +14,7 @@ use ha_core::latch::Latch;
 use ha_core::transport::inbound::Inbound;
 use ha_core::transport::{RequestHandler, Transport};
 use ha_core::types::NodeId;
-use ha_tls::{Identity, Members, RefusalLog};
+use ha_tls::{ConnectionTally, Direction, Identity, Members, PeerConnections, RefusalLog};
 use parking_lot::Mutex;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::VarInt;
@@ -39,6 +39,8 @@ pub(super) struct Shared {
     pub(super) inbound: Inbound,
     /// Refused handshakes, logged at a bounded rate.
     pub(super) refusals: RefusalLog,
+    /// Authenticated connections opened, per peer and direction.
+    pub(super) connections: ConnectionTally,
     pub(super) peers: Mutex<HashMap<NodeId, Arc<PeerState>>>,
     pub(super) closed: Latch,
     pub(super) accepting: AtomicBool,
@@ -136,6 +138,7 @@ impl QuicTransport {
                 me: identity.node,
                 inbound: Inbound::new(identity.node, closed.clone()),
                 refusals: RefusalLog::default(),
+                connections: ConnectionTally::default(),
                 endpoint,
                 client_cfg,
                 server_cfg,
@@ -165,6 +168,27 @@ impl QuicTransport {
     /// still draining included). Once a simultaneous dial has settled, one.
     pub fn live_connections(&self, peer: NodeId) -> usize {
         self.dialers(peer).len()
+    }
+
+    /// Every other configured member's connections with this node: open now
+    /// (retired ones still draining included) and opened since start, by who
+    /// dialed them.
+    pub fn connections(&self) -> Vec<PeerConnections> {
+        let me = self.inner.me;
+        let peers = self
+            .inner
+            .opts
+            .net
+            .members
+            .iter()
+            .copied()
+            .filter(|p| *p != me);
+        self.inner.connections.report(peers, |peer, direction| {
+            self.dialers(peer)
+                .into_iter()
+                .filter(|d| (*d == me) == (direction == Direction::Outbound))
+                .count()
+        })
     }
 
     /// Who dialed each open connection with `peer` (for tests of the pair's
