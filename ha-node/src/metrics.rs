@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ha_core::histogram::HistogramReading;
 use ha_core::{MemberKind, Role};
-use ha_tls::RefusalReason;
+use ha_tls::{Direction, PeerConnections, RefusalReason};
 use ha_wal::WalGauges;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
@@ -151,8 +151,13 @@ impl ApiMetrics {
     }
 }
 
-/// Reads the transport's refused handshakes, by reason.
-pub type RefusalSource = Arc<dyn Fn() -> [(RefusalReason, u64); 4] + Send + Sync>;
+/// What the metrics read from the transport at scrape time.
+pub trait TransportReadings: Send + Sync {
+    /// Refused handshakes since start, by reason.
+    fn refusals(&self) -> [(RefusalReason, u64); 4];
+    /// Every other member's connections: open now and opened since start.
+    fn connections(&self) -> Vec<PeerConnections>;
+}
 
 /// What [`NodeCollector`] reads on each scrape.
 pub struct Sources {
@@ -162,8 +167,8 @@ pub struct Sources {
     pub wal: WalGauges,
     /// The key-value store's file (none on a witness).
     pub store_file: Option<PathBuf>,
-    /// The transport's refusals.
-    pub refusals: RefusalSource,
+    /// The transport's refusals and connections.
+    pub transport: Arc<dyn TransportReadings>,
     /// Every member but this node: id and kind.
     pub peers: Vec<(u64, MemberKind)>,
     /// This node's id, kind, transport and commit mode, for `ha_node_info`.
@@ -220,6 +225,12 @@ impl Exporter {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerDirection {
+    peer: String,
+    direction: &'static str,
 }
 
 /// One label of a given name.
@@ -619,9 +630,35 @@ impl NodeCollector {
             e,
             "ha_tls_handshakes_refused",
             "Peer connections refused, by reason (handshake, identity, timeout, overload)",
-            (self.0.refusals)()
+            self.0
+                .transport
+                .refusals()
                 .into_iter()
                 .map(|(r, n)| (one("reason", r.as_str()), n)),
+        )?;
+        let conns = self.0.transport.connections();
+        let by_direction = |read: fn(&PeerConnections, Direction) -> u64| {
+            conns.iter().flat_map(move |c| {
+                Direction::ALL.map(|d| {
+                    let labels = PeerDirection {
+                        peer: c.peer.0.to_string(),
+                        direction: d.as_str(),
+                    };
+                    (labels, read(c, d))
+                })
+            })
+        };
+        counters(
+            e,
+            "ha_peer_connections_opened",
+            "Authenticated connections opened with each peer, by who dialed (inbound, outbound)",
+            by_direction(PeerConnections::opened),
+        )?;
+        gauges(
+            e,
+            "ha_peer_connections",
+            "Connections open with each peer now, by who dialed (QUIC: one per pair once settled; TCP: control and WAL)",
+            by_direction(PeerConnections::open).map(|(l, n)| (l, n as f64)),
         )?;
         let w = self.0.wal.metrics();
         counter(

@@ -23,7 +23,7 @@ use crate::client::Client;
 use crate::config::{Checked, ClusterState, Kind, Role, TransportKind};
 use crate::events::{EventLog, NodeEvent};
 use crate::http::{HttpLimits, HttpServer};
-use crate::metrics::{ApiMetrics, Exporter, NodeInfo, RefusalSource, Sources};
+use crate::metrics::{ApiMetrics, Exporter, NodeInfo, Sources, TransportReadings};
 use crate::store::{KvStore, StoreHandle};
 
 /// How long a write or a linearizable read may wait before the API answers.
@@ -111,24 +111,20 @@ pub async fn run(checked: Checked) -> Result<(), RunError> {
         (TransportKind::Quic, false) => {
             let (sm, handle) = open_store(&checked)?;
             let t = quic(&identity, &checked)?;
-            let r = quic_refusals(&t);
-            serve(&checked, t, r, wal, sm, Some(handle)).await
+            serve(&checked, t, wal, sm, Some(handle)).await
         }
         (TransportKind::Quic, true) => {
             let t = quic(&identity, &checked)?;
-            let r = quic_refusals(&t);
-            serve(&checked, t, r, wal, NoData::default(), None).await
+            serve(&checked, t, wal, NoData::default(), None).await
         }
         (TransportKind::Tcp, false) => {
             let (sm, handle) = open_store(&checked)?;
             let t = tcp(&identity, &checked)?;
-            let r = tcp_refusals(&t);
-            serve(&checked, t, r, wal, sm, Some(handle)).await
+            serve(&checked, t, wal, sm, Some(handle)).await
         }
         (TransportKind::Tcp, true) => {
             let t = tcp(&identity, &checked)?;
-            let r = tcp_refusals(&t);
-            serve(&checked, t, r, wal, NoData::default(), None).await
+            serve(&checked, t, wal, NoData::default(), None).await
         }
     }
 }
@@ -140,14 +136,24 @@ fn open_store(checked: &Checked) -> Result<(KvStore, StoreHandle), RunError> {
     Ok((store, handle))
 }
 
-fn quic_refusals(t: &QuicTransport) -> RefusalSource {
-    let t = t.clone();
-    Arc::new(move || t.refusals().by_reason())
+impl TransportReadings for QuicTransport {
+    fn refusals(&self) -> [(ha_tls::RefusalReason, u64); 4] {
+        QuicTransport::refusals(self).by_reason()
+    }
+
+    fn connections(&self) -> Vec<ha_tls::PeerConnections> {
+        QuicTransport::connections(self)
+    }
 }
 
-fn tcp_refusals(t: &TcpTransport) -> RefusalSource {
-    let t = t.clone();
-    Arc::new(move || t.refusals().by_reason())
+impl TransportReadings for TcpTransport {
+    fn refusals(&self) -> [(ha_tls::RefusalReason, u64); 4] {
+        TcpTransport::refusals(self).by_reason()
+    }
+
+    fn connections(&self) -> Vec<ha_tls::PeerConnections> {
+        TcpTransport::connections(self)
+    }
 }
 
 fn quic(identity: &Identity, checked: &Checked) -> Result<QuicTransport, RunError> {
@@ -160,10 +166,9 @@ fn tcp(identity: &Identity, checked: &Checked) -> Result<TcpTransport, RunError>
     TcpTransport::new(identity, opts).map_err(|e| err("the TCP transport", e))
 }
 
-async fn serve<T: Transport, S: StateMachine>(
+async fn serve<T: Transport + TransportReadings + Clone, S: StateMachine>(
     checked: &Checked,
     transport: T,
-    refusals: RefusalSource,
     wal: Wal,
     sm: S,
     store: Option<StoreHandle>,
@@ -183,6 +188,7 @@ async fn serve<T: Transport, S: StateMachine>(
         )
     })?);
     let wal_gauges = wal.gauges();
+    let readings: Arc<dyn TransportReadings> = Arc::new(transport.clone());
     let node: Node<T, Wal, S> = NodeBuilder::new(checked.config.clone())
         .transport(transport)
         .log_store(wal)
@@ -232,7 +238,7 @@ async fn serve<T: Transport, S: StateMachine>(
         node: Arc::clone(&api_node),
         wal: wal_gauges,
         store_file: store.as_ref().map(|_| file.data_dir.join("kv.redb")),
-        refusals,
+        transport: readings,
         peers,
         info: NodeInfo {
             node_id: checked.config.node_id.0.to_string(),

@@ -64,6 +64,14 @@ fn must(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     value(s, name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
 }
 
+/// `name`'s samples for `peer`, summed over both directions.
+fn both_ways(s: &Scrape, name: &str, peer: &str) -> f64 {
+    ["inbound", "outbound"]
+        .iter()
+        .map(|d| must(s, name, &[("peer", peer), ("direction", d)]))
+        .sum()
+}
+
 /// The metric families a scrape documents (its HELP lines).
 fn families(s: &Scrape) -> BTreeSet<String> {
     s.docs.keys().cloned().collect()
@@ -215,6 +223,9 @@ fn metrics_events_and_logs_of_a_cluster_through_a_failover() {
         assert_eq!(lag, 0.0);
     }
     assert_eq!(must(&before_p, "ha_peer_healthy", &[("peer", &ss)]), 1.0);
+    // The pair talks over an open QUIC connection, counted on both sides.
+    assert!(both_ways(&before_p, "ha_peer_connections", &ss) >= 1.0);
+    assert!(both_ways(&before_s, "ha_peer_connections_opened_total", &ps) >= 1.0);
     // Every metric exported is documented, and every documented one exported
     // by some member.
     let exported: BTreeSet<String> = families(&before_p)
@@ -336,6 +347,11 @@ fn metrics_events_and_logs_of_a_cluster_through_a_failover() {
         )
         .expect("matched");
     let now = scrape(&anon, &sa);
+    assert!(
+        both_ways(&now, "ha_peer_connections_opened_total", &ps)
+            > both_ways(&after_s, "ha_peer_connections_opened_total", &ps),
+        "the rejoined node's connection is counted"
+    );
     if must(&now, "ha_last_index", &[]) == at.last_index as f64 {
         assert_eq!(must(&now, "ha_peer_lag_entries", &[("peer", &ps)]), 0.0);
         assert_eq!(must(&now, "ha_peer_lag_bytes", &[("peer", &ps)]), 0.0);
