@@ -103,9 +103,8 @@ fn steps(c: &mut LocalCluster, opts: &DemoOptions) -> Result<(), String> {
     println!("working directory: {}", c.dir().display());
     c.start_all()?;
     t.mark("started nodes 1, 2 (data) and 3 (witness)");
-    let first = c.wait_for(&[1, 2], STEP, "a writable primary", |s| s.writable)?;
+    let (first, s) = c.wait_for_primary(STEP)?;
     let p = first.node_id;
-    let s = if p == 1 { 2 } else { 1 };
     t.mark(format!(
         "node {p} is primary (term {}), node {s} standby",
         first.term

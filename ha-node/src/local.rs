@@ -278,6 +278,14 @@ impl LocalCluster {
         self.client.status(self.api(id))
     }
 
+    /// Waits (up to `limit`) for a data member to be a writable primary;
+    /// returns its status and the other data member's id (the standby).
+    pub fn wait_for_primary(&self, limit: Duration) -> Result<(StatusJson, u64), String> {
+        let primary = self.wait_for(&[1, 2], limit, "a writable primary", |s| s.writable)?;
+        let standby = if primary.node_id == 1 { 2 } else { 1 };
+        Ok((primary, standby))
+    }
+
     /// Polls members' statuses (every 20 ms, up to `limit`) until `pred`
     /// holds for one; returns it.
     pub fn wait_for(

@@ -150,11 +150,8 @@ fn metrics_events_and_logs_of_a_cluster_through_a_failover() {
     )
     .expect("cluster");
     c.start_all().expect("start");
-    let first = c
-        .wait_for(&[1, 2], STEP, "a writable primary", |s| s.writable)
-        .expect("primary");
+    let (first, s) = c.wait_for_primary(STEP).expect("primary");
     let p = first.node_id;
-    let s = if p == 1 { 2 } else { 1 };
     let (pa, sa, wa) = (
         c.api(p).to_string(),
         c.api(s).to_string(),

@@ -74,17 +74,20 @@ impl ConnectionTally {
         self.opened.lock().entry(peer).or_default()[direction.index()] += 1;
     }
 
-    /// One row per peer in `peers` (every configured member but this node,
-    /// so a peer never reached still has its zeros), its open connections
-    /// from `open(peer, direction)`.
+    /// One row per member in `members` other than `me` (so a peer never
+    /// reached still has its zeros), its open connections from
+    /// `open(peer, direction)`.
     pub fn report(
         &self,
-        peers: impl IntoIterator<Item = NodeId>,
+        me: NodeId,
+        members: &[NodeId],
         open: impl Fn(NodeId, Direction) -> usize,
     ) -> Vec<PeerConnections> {
         let opened = self.opened.lock().clone();
-        peers
-            .into_iter()
+        members
+            .iter()
+            .copied()
+            .filter(|p| *p != me)
             .map(|peer| PeerConnections {
                 peer,
                 open: Direction::ALL.map(|d| open(peer, d) as u64),
@@ -104,10 +107,10 @@ mod tests {
         tally.opened(NodeId(2), Direction::Outbound);
         tally.opened(NodeId(2), Direction::Outbound);
         tally.opened(NodeId(2), Direction::Inbound);
-        let rows = tally.report([NodeId(2), NodeId(3)], |peer, d| {
+        let rows = tally.report(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)], |peer, d| {
             usize::from(peer == NodeId(2) && d == Direction::Inbound)
         });
-        assert_eq!(rows.len(), 2, "a row for every peer asked about");
+        assert_eq!(rows.len(), 2, "a row for every member but this node");
         assert_eq!(rows[0].peer, NodeId(2));
         assert_eq!(rows[0].opened(Direction::Outbound), 2);
         assert_eq!(rows[0].opened(Direction::Inbound), 1);

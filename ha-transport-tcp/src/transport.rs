@@ -195,18 +195,10 @@ impl TcpTransport {
     /// Every other configured member's TCP connections with this node (control
     /// and WAL): open now and opened since start, by who dialed them.
     pub fn connections(&self) -> Vec<PeerConnections> {
-        let me = self.inner.me;
-        let peers = self
-            .inner
-            .opts
-            .net
-            .members
-            .iter()
-            .copied()
-            .filter(|p| *p != me);
+        let (me, members) = (self.inner.me, &self.inner.opts.net.members);
         self.inner
             .connections
-            .report(peers, |peer, direction| match direction {
+            .report(me, members, |peer, direction| match direction {
                 Direction::Inbound => self.accepted_connections(peer),
                 Direction::Outbound => self.dialed_connections(peer),
             })

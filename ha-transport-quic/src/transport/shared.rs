@@ -174,21 +174,15 @@ impl QuicTransport {
     /// (retired ones still draining included) and opened since start, by who
     /// dialed them.
     pub fn connections(&self) -> Vec<PeerConnections> {
-        let me = self.inner.me;
-        let peers = self
-            .inner
-            .opts
-            .net
-            .members
-            .iter()
-            .copied()
-            .filter(|p| *p != me);
-        self.inner.connections.report(peers, |peer, direction| {
-            self.dialers(peer)
-                .into_iter()
-                .filter(|d| (*d == me) == (direction == Direction::Outbound))
-                .count()
-        })
+        let (me, members) = (self.inner.me, &self.inner.opts.net.members);
+        self.inner
+            .connections
+            .report(me, members, |peer, direction| {
+                self.dialers(peer)
+                    .into_iter()
+                    .filter(|d| (*d == me) == (direction == Direction::Outbound))
+                    .count()
+            })
     }
 
     /// Who dialed each open connection with `peer` (for tests of the pair's
